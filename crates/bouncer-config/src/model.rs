@@ -1,0 +1,170 @@
+//! The validated configuration. Every value here has been checked: addresses are parsed, durations
+//! are `Duration`s, and every name that refers to something else refers to something that exists.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this config was read from, for messages and reloads.
+    pub source: PathBuf,
+    pub admin: Option<AdminConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// Upstreams in the order the file names them.
+    pub upstreams: Vec<UpstreamConfig>,
+    pub server: ServerConfig,
+    pub access_log: AccessLogConfig,
+}
+
+impl Config {
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|upstream| upstream.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Request-Id` headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Whether connections start with a PROXY protocol (v1 or v2) header.
+    pub proxy_protocol: bool,
+}
+
+impl ListenerConfig {
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = canonical_ip(peer);
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is the IPv4 address it carries.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Empty means any host.
+    pub hosts: Vec<HostPattern>,
+    /// Always starts with `/`; never ends with `/` unless it is exactly `/`.
+    pub path_prefix: String,
+    /// Empty means every listener.
+    pub listeners: Vec<String>,
+    pub upstream: String,
+}
+
+/// A host a route answers for: an exact name, or `*.suffix` for any name below the suffix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Lower-case, without a trailing dot.
+    Exact(String),
+    /// The suffix with its leading dot, such as `.app.example` for `*.app.example`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(name) => name == host,
+            HostPattern::Wildcard(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub servers: Vec<ServerAddress>,
+    pub connect_timeout: Duration,
+    /// Until the response headers arrive.
+    pub response_timeout: Duration,
+    /// The longest silence allowed inside a response body.
+    pub read_timeout: Duration,
+    /// Idle keep-alive connections kept per backend.
+    pub pool_max_idle: usize,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+/// A backend address: an IP or a host name, and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Limits on the client side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// To receive a request's headers once it has started.
+    pub header_timeout: Duration,
+    /// Keep-alive silence allowed between requests.
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 65536,
+            max_body_bytes: 100 << 20,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    /// The Common Log Format with the request id, route, backend and times appended.
+    Common,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessLogConfig {
+    pub format: AccessLogFormat,
+}

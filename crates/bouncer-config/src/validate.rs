@@ -1,0 +1,595 @@
+//! The walk over the TOML tree that builds a [`Config`] and collects every problem on the way.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml_edit::Document;
+
+use crate::diagnostics::{ConfigProblems, Diagnostics};
+use crate::model::*;
+use crate::section::{Section, Span, expected};
+
+/// The smallest header buffer hyper accepts; smaller values would make it panic.
+const MIN_HEADER_BYTES: u64 = 8192;
+
+pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems> {
+    let mut d = Diagnostics::new(file, text);
+    let document = match Document::parse(text) {
+        Ok(document) => document,
+        Err(error) => {
+            d.report(
+                error.span(),
+                "",
+                format!("invalid TOML: {}", error.message()),
+            );
+            return Err(ConfigProblems(d.into_problems()));
+        }
+    };
+    let mut root = Section::new(document.as_table(), String::new(), Some(0..0));
+
+    let admin = root
+        .table(&mut d, "admin")
+        .map(|section| read_admin(&mut d, section));
+    let listeners = read_listeners(&mut d, &mut root);
+    let upstreams = read_upstreams(&mut d, &mut root);
+    let routes = read_routes(&mut d, &mut root, &listeners, &upstreams);
+    let server = match root.table(&mut d, "server") {
+        Some(section) => read_server(&mut d, section),
+        None => ServerConfig::default(),
+    };
+    let access_log = match root.table(&mut d, "access_log") {
+        Some(section) => read_access_log(&mut d, section),
+        None => AccessLogConfig::default(),
+    };
+    check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
+    root.finish(&mut d);
+
+    let problems = d.into_problems();
+    if !problems.is_empty() {
+        return Err(ConfigProblems(problems));
+    }
+    Ok(Config {
+        source: file.to_path_buf(),
+        admin,
+        listeners: listeners
+            .into_iter()
+            .map(|(listener, _)| listener)
+            .collect(),
+        routes,
+        upstreams,
+        server,
+        access_log,
+    })
+}
+
+fn read_admin(d: &mut Diagnostics, mut section: Section) -> AdminConfig {
+    let bind =
+        socket_address(d, &mut section, "bind").unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9900)));
+    section.finish(d);
+    AdminConfig { bind }
+}
+
+fn read_listeners(d: &mut Diagnostics, root: &mut Section) -> Vec<(ListenerConfig, Span)> {
+    let sections = root.tables(d, "listeners");
+    if sections.is_empty() {
+        d.report(
+            None,
+            "listeners",
+            "at least one [[listeners]] section is required",
+        );
+    }
+    let mut listeners: Vec<(ListenerConfig, Span)> = Vec::new();
+    for mut section in sections {
+        let span = section.span();
+        let name = match section.string(d, "name") {
+            Some((name, name_span)) => {
+                if name.is_empty() {
+                    d.report(
+                        name_span,
+                        section.key_path("name"),
+                        "a listener name cannot be empty",
+                    );
+                } else if listeners.iter().any(|(other, _)| other.name == name) {
+                    d.report(
+                        name_span,
+                        section.key_path("name"),
+                        format!("another listener is already named \"{name}\""),
+                    );
+                }
+                name
+            }
+            None => {
+                d.report(
+                    span.clone(),
+                    section.key_path("name"),
+                    "every listener needs a name",
+                );
+                String::new()
+            }
+        };
+        let bind = socket_address(d, &mut section, "bind");
+        if bind.is_none() && section.item("bind").is_none() {
+            d.report(
+                span.clone(),
+                section.key_path("bind"),
+                "every listener needs a bind address such as \"127.0.0.1:8080\"",
+            );
+        }
+        let trusted_proxies = networks(d, &mut section, "trusted_proxies");
+        let proxy_protocol = section.bool(d, "proxy_protocol").unwrap_or(false);
+        if proxy_protocol && trusted_proxies.is_empty() {
+            d.report(
+                span.clone(),
+                section.key_path("proxy_protocol"),
+                "a PROXY protocol header is only accepted from trusted peers: list them in trusted_proxies",
+            );
+        }
+        section.finish(d);
+        listeners.push((
+            ListenerConfig {
+                name,
+                bind: bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+                trusted_proxies,
+                proxy_protocol,
+            },
+            span,
+        ));
+    }
+    listeners
+}
+
+fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig> {
+    let Some(section) = root.table(d, "upstreams") else {
+        d.report(
+            None,
+            "upstreams",
+            "at least one [upstreams.NAME] section is required",
+        );
+        return Vec::new();
+    };
+    let mut upstreams = Vec::new();
+    for (name, item, span) in section.entries() {
+        let path = section.key_path(name);
+        let Some(table) = item.as_table_like() else {
+            d.report(span, path, expected("a table", item));
+            continue;
+        };
+        let mut upstream = Section::new(table, path, span.clone());
+        let servers = read_servers(d, &mut upstream);
+        let connect_timeout = upstream.duration(
+            d,
+            "connect_timeout",
+            Duration::from_secs(2),
+            Duration::from_millis(1),
+        );
+        let response_timeout = upstream.duration(
+            d,
+            "response_timeout",
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+        );
+        let read_timeout = upstream.duration(
+            d,
+            "read_timeout",
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+        );
+        let pool_max_idle = upstream
+            .integer(d, "pool_max_idle", 0, 100_000)
+            .unwrap_or(256);
+        let pool_idle_timeout = upstream.duration(
+            d,
+            "pool_idle_timeout",
+            Duration::from_secs(60),
+            Duration::from_millis(1),
+        );
+        upstream.finish(d);
+        upstreams.push(UpstreamConfig {
+            name: name.to_string(),
+            servers,
+            connect_timeout,
+            response_timeout,
+            read_timeout,
+            pool_max_idle: usize::try_from(pool_max_idle).unwrap_or(256),
+            pool_idle_timeout,
+        });
+    }
+    if upstreams.is_empty() {
+        d.report(
+            section.span(),
+            section.path(),
+            "at least one [upstreams.NAME] section is required",
+        );
+    }
+    upstreams
+}
+
+fn read_servers(d: &mut Diagnostics, upstream: &mut Section) -> Vec<ServerAddress> {
+    let path = upstream.key_path("servers");
+    let Some(entries) = upstream.strings(d, "servers") else {
+        d.report(
+            upstream.span(),
+            path,
+            "every upstream needs servers = [\"host:port\", ...]",
+        );
+        return Vec::new();
+    };
+    if entries.is_empty() {
+        d.report(upstream.span(), path.clone(), "servers cannot be empty");
+    }
+    let mut servers = Vec::with_capacity(entries.len());
+    for (index, (text, span)) in entries.into_iter().enumerate() {
+        match parse_server_address(&text) {
+            Ok(address) if servers.contains(&address) => {
+                d.report(
+                    span,
+                    format!("{path}[{index}]"),
+                    format!("\"{text}\" is listed twice"),
+                );
+            }
+            Ok(address) => servers.push(address),
+            Err(reason) => d.report(
+                span,
+                format!("{path}[{index}]"),
+                format!("\"{text}\": {reason}"),
+            ),
+        }
+    }
+    servers
+}
+
+fn parse_server_address(text: &str) -> Result<ServerAddress, String> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(ServerAddress {
+            host: address.ip().to_string(),
+            port: address.port(),
+        });
+    }
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or("expected host:port, such as \"127.0.0.1:3001\" or \"app.internal:8080\"")?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("\"{port}\" is not a port number"))?;
+    if port == 0 {
+        return Err("port 0 is not a backend port".to_string());
+    }
+    if !is_host_name(host) {
+        return Err(format!(
+            "\"{host}\" is neither an IP address nor a valid host name"
+        ));
+    }
+    Ok(ServerAddress {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+fn is_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn read_routes(
+    d: &mut Diagnostics,
+    root: &mut Section,
+    listeners: &[(ListenerConfig, Span)],
+    upstreams: &[UpstreamConfig],
+) -> Vec<RouteConfig> {
+    let sections = root.tables(d, "routes");
+    if sections.is_empty() {
+        d.report(
+            None,
+            "routes",
+            "at least one [[routes]] section is required",
+        );
+    }
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    let mut names: HashMap<String, ()> = HashMap::new();
+    for (index, mut section) in sections.into_iter().enumerate() {
+        let name = match section.string(d, "name") {
+            Some((name, span)) if name.is_empty() => {
+                d.report(
+                    span,
+                    section.key_path("name"),
+                    "a route name cannot be empty",
+                );
+                name
+            }
+            Some((name, span)) => {
+                if names.insert(name.clone(), ()).is_some() {
+                    d.report(
+                        span,
+                        section.key_path("name"),
+                        format!("another route is already named \"{name}\""),
+                    );
+                }
+                name
+            }
+            None => index.to_string(),
+        };
+        let hosts = section
+            .strings(d, "hosts")
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter_map(
+                |(host_index, (text, span))| match parse_host_pattern(&text) {
+                    Ok(pattern) => Some(pattern),
+                    Err(reason) => {
+                        d.report(
+                            span,
+                            format!("{}[{host_index}]", section.key_path("hosts")),
+                            format!("\"{text}\": {reason}"),
+                        );
+                        None
+                    }
+                },
+            )
+            .collect();
+        let path_prefix = match section.string(d, "path_prefix") {
+            Some((prefix, span)) => normalise_prefix(&prefix).unwrap_or_else(|reason| {
+                d.report(
+                    span,
+                    section.key_path("path_prefix"),
+                    format!("\"{prefix}\": {reason}"),
+                );
+                "/".to_string()
+            }),
+            None => "/".to_string(),
+        };
+        let route_listeners = section
+            .strings(d, "listeners")
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(listener_index, (listener, span))| {
+                if listeners.iter().any(|(known, _)| known.name == listener) {
+                    Some(listener)
+                } else {
+                    let names: Vec<&str> = listeners
+                        .iter()
+                        .map(|(known, _)| known.name.as_str())
+                        .collect();
+                    d.report(
+                        span,
+                        format!("{}[{listener_index}]", section.key_path("listeners")),
+                        format!(
+                            "no listener is named \"{listener}\"{}",
+                            did_you_mean(&listener, &names)
+                        ),
+                    );
+                    None
+                }
+            })
+            .collect();
+        let upstream = match section.string(d, "upstream") {
+            Some((upstream, span)) => {
+                if !upstreams.iter().any(|known| known.name == upstream) {
+                    let names: Vec<&str> =
+                        upstreams.iter().map(|known| known.name.as_str()).collect();
+                    d.report(
+                        span,
+                        section.key_path("upstream"),
+                        format!(
+                            "no upstream is named \"{upstream}\"{}",
+                            did_you_mean(&upstream, &names)
+                        ),
+                    );
+                }
+                upstream
+            }
+            None => {
+                d.report(
+                    section.span(),
+                    section.key_path("upstream"),
+                    "every route needs an upstream",
+                );
+                String::new()
+            }
+        };
+        section.finish(d);
+        routes.push(RouteConfig {
+            name,
+            hosts,
+            path_prefix,
+            listeners: route_listeners,
+            upstream,
+        });
+    }
+    routes
+}
+
+fn did_you_mean(word: &str, candidates: &[&str]) -> String {
+    candidates
+        .iter()
+        .map(|candidate| (strsim::damerau_levenshtein(word, candidate), candidate))
+        .filter(|(distance, _)| *distance <= 2)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| format!("; did you mean \"{candidate}\"?"))
+        .unwrap_or_default()
+}
+
+fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
+    let lower = text.trim_end_matches('.').to_ascii_lowercase();
+    if let Some(suffix) = lower.strip_prefix("*.") {
+        if !is_host_name(suffix) {
+            return Err("the part after \"*.\" must be a valid host name".to_string());
+        }
+        return Ok(HostPattern::Wildcard(format!(".{suffix}")));
+    }
+    if lower.parse::<IpAddr>().is_ok() || is_host_name(&lower) {
+        return Ok(HostPattern::Exact(lower));
+    }
+    if lower.contains(':') {
+        return Err("write the host without a port".to_string());
+    }
+    Err("expected a host name (\"app.example\") or a wildcard (\"*.app.example\")".to_string())
+}
+
+/// A route prefix must be a normalised absolute path; a trailing slash is dropped so that
+/// `/api/` and `/api` mean the same segment-bounded prefix.
+fn normalise_prefix(prefix: &str) -> Result<String, String> {
+    if !prefix.starts_with('/') {
+        return Err("a path prefix must start with \"/\"".to_string());
+    }
+    if prefix.contains(['?', '#']) || prefix.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(
+            "a path prefix cannot hold a query, a fragment, spaces or control characters"
+                .to_string(),
+        );
+    }
+    if prefix
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(
+            "a path prefix cannot hold \".\" or \"..\" segments (requests are normalised first)"
+                .to_string(),
+        );
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
+    let defaults = ServerConfig::default();
+    let header_timeout = section.duration(
+        d,
+        "header_timeout",
+        defaults.header_timeout,
+        Duration::from_millis(1),
+    );
+    let idle_timeout = section.duration(
+        d,
+        "idle_timeout",
+        defaults.idle_timeout,
+        Duration::from_millis(1),
+    );
+    let max_header_bytes = section.size(
+        d,
+        "max_header_bytes",
+        defaults.max_header_bytes as u64,
+        MIN_HEADER_BYTES,
+        16 << 20,
+    );
+    let max_body_bytes = section.size(d, "max_body_bytes", defaults.max_body_bytes, 0, u64::MAX);
+    let shutdown_grace =
+        section.duration(d, "shutdown_grace", defaults.shutdown_grace, Duration::ZERO);
+    section.finish(d);
+    ServerConfig {
+        header_timeout,
+        idle_timeout,
+        max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(defaults.max_header_bytes),
+        max_body_bytes,
+        shutdown_grace,
+    }
+}
+
+fn read_access_log(d: &mut Diagnostics, mut section: Section) -> AccessLogConfig {
+    let format = match section.string(d, "format") {
+        Some((format, span)) => match format.as_str() {
+            "json" => AccessLogFormat::Json,
+            "common" => AccessLogFormat::Common,
+            "off" => AccessLogFormat::Off,
+            other => {
+                d.report(
+                    span,
+                    section.key_path("format"),
+                    format!("\"{other}\" is not a format: use \"json\", \"common\" or \"off\""),
+                );
+                AccessLogFormat::default()
+            }
+        },
+        None => AccessLogFormat::default(),
+    };
+    section.finish(d);
+    AccessLogConfig { format }
+}
+
+fn socket_address(
+    d: &mut Diagnostics,
+    section: &mut Section,
+    key: &'static str,
+) -> Option<SocketAddr> {
+    let (text, span) = section.string(d, key)?;
+    match text.parse::<SocketAddr>() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            d.report(span, section.key_path(key), format!("\"{text}\" is not an IP address with a port, such as \"127.0.0.1:8080\" or \"[::1]:8080\""));
+            None
+        }
+    }
+}
+
+fn networks(d: &mut Diagnostics, section: &mut Section, key: &'static str) -> Vec<IpNet> {
+    let path = section.key_path(key);
+    section
+        .strings(d, key)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, (text, span))| {
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => Some(net.trunc()),
+                Err(_) => {
+                    d.report(
+                        span,
+                        format!("{path}[{index}]"),
+                        format!(
+                            "\"{text}\" is not an address or a CIDR block such as \"10.0.0.0/8\""
+                        ),
+                    );
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Two listeners (or a listener and the admin API) on one address would fail at bind time; say so now.
+fn check_bind_conflicts(
+    d: &mut Diagnostics,
+    root: &Section,
+    admin: Option<&AdminConfig>,
+    listeners: &[(ListenerConfig, Span)],
+) {
+    let mut seen: HashSet<SocketAddr> = HashSet::new();
+    if let Some(admin) = admin {
+        seen.insert(admin.bind);
+    }
+    for (index, (listener, span)) in listeners.iter().enumerate() {
+        if listener.bind.port() != 0 && !seen.insert(listener.bind) {
+            d.report(
+                span.clone(),
+                format!("{}listeners[{index}].bind", root.path()),
+                format!(
+                    "{} is already used by another listener or the admin API",
+                    listener.bind
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
