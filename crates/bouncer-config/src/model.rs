@@ -141,6 +141,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Worker threads; 0 means one per CPU core.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +153,7 @@ impl Default for ServerConfig {
             max_header_bytes: 65536,
             max_body_bytes: 100 << 20,
             shutdown_grace: Duration::from_secs(30),
+            workers: 0,
         }
     }
 }

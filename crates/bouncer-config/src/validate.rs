@@ -492,6 +492,7 @@ fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
     let max_body_bytes = section.size(d, "max_body_bytes", defaults.max_body_bytes, 0, u64::MAX);
     let shutdown_grace =
         section.duration(d, "shutdown_grace", defaults.shutdown_grace, Duration::ZERO);
+    let workers = section.integer(d, "workers", 0, 1024).unwrap_or(0);
     section.finish(d);
     ServerConfig {
         header_timeout,
@@ -499,6 +500,7 @@ fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(defaults.max_header_bytes),
         max_body_bytes,
         shutdown_grace,
+        workers: usize::try_from(workers).unwrap_or(0),
     }
 }
 

@@ -1,0 +1,263 @@
+//! Bodies that stream through the proxy: frames are passed on as they come, with backpressure, and
+//! nothing is buffered whole.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::pipeline::Exchange;
+
+/// Why a client's request body could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error("the request body is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("reading the request body from the client failed")]
+    Client(#[source] hyper::Error),
+}
+
+/// How far a request body has got, shared between the body (which the upstream client consumes)
+/// and the pipeline (which starts the response clock once the body is sent, and logs its size).
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    pub bytes: AtomicU64,
+    pub finished: AtomicBool,
+    pub finished_signal: Notify,
+}
+
+impl BodyProgress {
+    /// Waits until the whole body has been handed to the backend connection.
+    pub async fn wait_finished(&self) {
+        loop {
+            let notified = self.finished_signal.notified();
+            if self.finished.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn finish(&self) {
+        if !self.finished.swap(true, Ordering::AcqRel) {
+            self.finished_signal.notify_waiters();
+        }
+    }
+}
+
+/// A client's request body on its way to a backend, cut off at the configured size limit.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    received: u64,
+    progress: Option<Arc<BodyProgress>>,
+}
+
+impl RequestBody {
+    /// Wraps a body that may have content; `progress` is told about every byte and the end.
+    pub fn streaming(inner: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
+        Self {
+            inner: Some(inner),
+            limit,
+            received: 0,
+            progress: Some(progress),
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self {
+            inner: None,
+            limit: 0,
+            received: 0,
+            progress: None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                    if let Some(progress) = &this.progress {
+                        progress.bytes.store(this.received, Ordering::Relaxed);
+                    }
+                    if this.received > this.limit {
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
+                            limit: this.limit,
+                        })));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(error)) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(RequestBodyError::Client(error))))
+            }
+            None => {
+                this.inner = None;
+                if let Some(progress) = &this.progress {
+                    progress.finish();
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// Why a response body broke off after its headers were sent; the client connection is then
+/// aborted, because the response cannot be completed honestly.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    #[error("the backend sent nothing for {0:?} inside a response body")]
+    ReadTimeout(Duration),
+    #[error("the backend's response body failed")]
+    Upstream(#[source] hyper::Error),
+}
+
+pin_project! {
+    /// A response on its way to the client: a backend's streamed body or a short local answer. It
+    /// carries the request's [`Exchange`], which logs and counts the request when the body is done.
+    pub struct ResponseBody {
+        upstream: Option<Incoming>,
+        fixed: Option<Bytes>,
+        read_timeout: Duration,
+        last_progress: Instant,
+        #[pin]
+        silence: Option<Sleep>,
+        exchange: Option<Exchange>,
+    }
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming, read_timeout: Duration, exchange: Exchange) -> Self {
+        Self {
+            upstream: Some(body),
+            fixed: None,
+            read_timeout,
+            last_progress: Instant::now(),
+            silence: None,
+            exchange: Some(exchange),
+        }
+    }
+
+    pub fn fixed(text: impl Into<Bytes>, exchange: Option<Exchange>) -> Self {
+        let text = text.into();
+        Self {
+            upstream: None,
+            fixed: (!text.is_empty()).then_some(text),
+            read_timeout: Duration::ZERO,
+            last_progress: Instant::now(),
+            silence: None,
+            exchange,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        if let Some(text) = this.fixed.take() {
+            if let Some(exchange) = this.exchange.as_mut() {
+                exchange.bytes_out += text.len() as u64;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(text))));
+        }
+        let Some(upstream) = this.upstream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(upstream).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.last_progress = Instant::now();
+                if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut()) {
+                    exchange.bytes_out += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                *this.upstream = None;
+                if let Some(exchange) = this.exchange.as_mut() {
+                    exchange.upstream_body_failed = true;
+                }
+                Poll::Ready(Some(Err(ResponseBodyError::Upstream(error))))
+            }
+            Poll::Ready(None) => {
+                *this.upstream = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                // The clock is checked lazily: it is set once, and only moved when it fires early.
+                let deadline = *this.last_progress + *this.read_timeout;
+                if this.silence.is_none() {
+                    this.silence.set(Some(tokio::time::sleep_until(deadline)));
+                }
+                let Some(mut silence) = this.silence.as_mut().as_pin_mut() else {
+                    return Poll::Pending;
+                };
+                loop {
+                    ready!(silence.as_mut().poll(cx));
+                    let deadline = *this.last_progress + *this.read_timeout;
+                    if Instant::now() >= deadline {
+                        *this.upstream = None;
+                        if let Some(exchange) = this.exchange.as_mut() {
+                            exchange.upstream_body_failed = true;
+                        }
+                        return Poll::Ready(Some(Err(ResponseBodyError::ReadTimeout(
+                            *this.read_timeout,
+                        ))));
+                    }
+                    silence.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.fixed.is_none() && self.upstream.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.fixed, &self.upstream) {
+            (Some(text), _) => SizeHint::with_exact(text.len() as u64),
+            (None, Some(upstream)) => upstream.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
+        }
+    }
+}

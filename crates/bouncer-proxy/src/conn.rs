@@ -1,0 +1,227 @@
+//! A client connection's socket, wrapped to enforce the two client-side silences hyper cannot tell
+//! apart: the keep-alive idle time between requests and the time to send a request's headers.
+//!
+//! hyper's own header timeout starts as soon as a connection waits for a request, so it would cut
+//! idle keep-alive connections at the header timeout. Instead the request pipeline tells this
+//! wrapper when a request is in flight, and the wrapper's reads run the right clock: while idle,
+//! the idle timeout (then a clean EOF); once the first byte of a new request arrives, the header
+//! timeout (then a 408 and close).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::Refusal;
+use crate::metrics::ListenerMetrics;
+
+const PHASE_IDLE: u8 = 0;
+const PHASE_HEAD: u8 = 1;
+const PHASE_BUSY: u8 = 2;
+
+const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 26\r\n\r\nrequest headers too slow.\n";
+
+/// What the request pipeline tells a connection's socket about requests in flight.
+#[derive(Debug)]
+pub struct ConnectionActivity {
+    started: Instant,
+    phase: AtomicU8,
+    in_flight: AtomicU32,
+    /// Milliseconds after `started` when the current phase began.
+    phase_since_ms: AtomicU64,
+    is_http2: AtomicBool,
+}
+
+impl ConnectionActivity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            phase: AtomicU8::new(PHASE_IDLE),
+            in_flight: AtomicU32::new(0),
+            phase_since_ms: AtomicU64::new(0),
+            is_http2: AtomicBool::new(false),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn enter(&self, phase: u8) {
+        self.phase_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.phase.store(phase, Ordering::Release);
+    }
+
+    /// Told by the pipeline once it sees an HTTP/2 request: HTTP/2 never gets a raw 408.
+    pub fn mark_http2(&self) {
+        self.is_http2.store(true, Ordering::Relaxed);
+    }
+
+    fn request_finished(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.enter(PHASE_IDLE);
+        }
+    }
+
+    fn deadline(&self, idle_timeout: Duration, header_timeout: Duration) -> Option<(Instant, u8)> {
+        let phase = self.phase.load(Ordering::Acquire);
+        let since =
+            self.started + Duration::from_millis(self.phase_since_ms.load(Ordering::Relaxed));
+        match phase {
+            PHASE_IDLE => Some((since + idle_timeout, PHASE_IDLE)),
+            PHASE_HEAD => Some((since + header_timeout, PHASE_HEAD)),
+            _ => None,
+        }
+    }
+}
+
+/// Holds a connection busy while a request is in flight; dropping it lets the idle clock run again.
+#[derive(Debug)]
+pub struct RequestGuard {
+    activity: Option<Arc<ConnectionActivity>>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            activity.request_finished();
+        }
+    }
+}
+
+/// Starts tracking a request on `activity`.
+pub fn request_started(activity: &Arc<ConnectionActivity>) -> RequestGuard {
+    if activity.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+        activity.phase.store(PHASE_BUSY, Ordering::Release);
+    }
+    RequestGuard {
+        activity: Some(Arc::clone(activity)),
+    }
+}
+
+/// The client socket, wrapped (hyper sees it through `TokioIo`).
+pub struct ClientIo {
+    io: TcpStream,
+    activity: Arc<ConnectionActivity>,
+    idle_timeout: Duration,
+    header_timeout: Duration,
+    timer: Pin<Box<Sleep>>,
+    timer_deadline: Option<Instant>,
+    /// Whether part of the next request's head has arrived (then a timeout earns a 408).
+    head_bytes_seen: bool,
+    metrics: ListenerMetrics,
+}
+
+impl ClientIo {
+    pub fn new(
+        stream: TcpStream,
+        idle_timeout: Duration,
+        header_timeout: Duration,
+        metrics: ListenerMetrics,
+    ) -> (Self, Arc<ConnectionActivity>) {
+        let activity = ConnectionActivity::new();
+        // A new connection is waiting for its first request's headers straight away.
+        activity.enter(PHASE_HEAD);
+        let io = Self {
+            io: stream,
+            activity: Arc::clone(&activity),
+            idle_timeout,
+            header_timeout,
+            timer: Box::pin(tokio::time::sleep(header_timeout)),
+            timer_deadline: None,
+            head_bytes_seen: false,
+            metrics,
+        };
+        (io, activity)
+    }
+
+    /// Runs the clock of the current phase; `Ready` means the phase's time is up.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<u8> {
+        let Some((deadline, phase)) = self
+            .activity
+            .deadline(self.idle_timeout, self.header_timeout)
+        else {
+            return Poll::Pending;
+        };
+        if self.timer_deadline != Some(deadline) {
+            self.timer.as_mut().reset(deadline);
+            self.timer_deadline = Some(deadline);
+        }
+        ready!(self.timer.as_mut().poll(cx));
+        Poll::Ready(phase)
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let waiting_for_request = this.activity.phase.load(Ordering::Acquire) != PHASE_BUSY;
+        if waiting_for_request && let Poll::Ready(phase) = this.poll_deadline(cx) {
+            let http2 = this.activity.is_http2.load(Ordering::Relaxed);
+            if phase == PHASE_HEAD && !http2 && this.head_bytes_seen {
+                this.metrics.refused(Refusal::HeaderTimeout);
+                // Best effort: the socket is about to close whether or not the client reads this.
+                let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT_RESPONSE);
+                tracing::debug!("closing a connection whose request headers were too slow");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request headers too slow",
+                )));
+            }
+            // An idle connection (or one that never sent a byte) simply ends, like a clean close.
+            return Poll::Ready(Ok(()));
+        }
+        let filled_before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let read_something = buf.filled().len() > filled_before;
+        if !waiting_for_request {
+            this.head_bytes_seen = false;
+        } else if read_something {
+            this.head_bytes_seen = true;
+            if this.activity.phase.load(Ordering::Acquire) == PHASE_IDLE {
+                this.activity.enter(PHASE_HEAD);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}

@@ -1,0 +1,205 @@
+//! The one error type of the request path: what failed, on which side, whether a retry is safe,
+//! and its cause. Errors of hyper and the OS are classified into these kinds once, where they arrive.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Which party a failure is attributed to, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the method is not supported by this proxy")]
+    MethodNotAllowed,
+    #[error("the client's request body failed")]
+    ClientBody {
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot connect to backend {backend}")]
+    ConnectFailed {
+        backend: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("connecting to backend {backend} timed out")]
+    ConnectTimeout { backend: String },
+    #[error("backend {backend} sent no response headers within {timeout:?}")]
+    ResponseTimeout { backend: String, timeout: Duration },
+    #[error("backend {backend} closed or reset the connection before answering")]
+    UpstreamReset {
+        backend: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("backend {backend} failed while answering")]
+    UpstreamFailed {
+        backend: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::BadRequest(_)
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::NoRoute
+            | ProxyError::MethodNotAllowed
+            | ProxyError::ClientBody { .. } => Side::Client,
+            ProxyError::ConnectFailed { .. }
+            | ProxyError::ConnectTimeout { .. }
+            | ProxyError::ResponseTimeout { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamFailed { .. } => Side::Upstream,
+        }
+    }
+
+    /// Whether the request certainly never reached a backend, so that any method may be retried.
+    pub fn never_reached_backend(&self) -> bool {
+        match self {
+            ProxyError::ConnectFailed { .. } | ProxyError::ConnectTimeout { .. } => true,
+            ProxyError::BadRequest(_)
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::NoRoute
+            | ProxyError::MethodNotAllowed
+            | ProxyError::ClientBody { .. }
+            | ProxyError::ResponseTimeout { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamFailed { .. } => false,
+        }
+    }
+
+    /// The status and the short plain body the client gets, and the reason label for metrics.
+    pub fn answer(&self) -> (StatusCode, &'static str, Refusal) {
+        match self {
+            ProxyError::BadRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "bad request\n",
+                Refusal::BadRequest,
+            ),
+            ProxyError::BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+                Refusal::BodyTooLarge,
+            ),
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no route\n", Refusal::NoRoute),
+            ProxyError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n",
+                Refusal::MethodNotAllowed,
+            ),
+            ProxyError::ClientBody { .. } => (
+                StatusCode::BAD_REQUEST,
+                "request body incomplete\n",
+                Refusal::ClientBody,
+            ),
+            ProxyError::ConnectFailed { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "backend unavailable\n",
+                Refusal::UpstreamConnect,
+            ),
+            ProxyError::ConnectTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend connect timeout\n",
+                Refusal::UpstreamTimeout,
+            ),
+            ProxyError::ResponseTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend timeout\n",
+                Refusal::UpstreamTimeout,
+            ),
+            ProxyError::UpstreamReset { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "backend closed the connection\n",
+                Refusal::UpstreamReset,
+            ),
+            ProxyError::UpstreamFailed { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "backend error\n",
+                Refusal::UpstreamReset,
+            ),
+        }
+    }
+}
+
+/// Why a request or connection was refused or failed, as counted in `bouncer_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    UriTooLong,
+    HeaderTimeout,
+    NoRoute,
+    MethodNotAllowed,
+    ClientBody,
+    UpstreamConnect,
+    UpstreamTimeout,
+    UpstreamReset,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 11] = [
+        Refusal::BadRequest,
+        Refusal::BodyTooLarge,
+        Refusal::HeadersTooLarge,
+        Refusal::UriTooLong,
+        Refusal::HeaderTimeout,
+        Refusal::NoRoute,
+        Refusal::MethodNotAllowed,
+        Refusal::ClientBody,
+        Refusal::UpstreamConnect,
+        Refusal::UpstreamTimeout,
+        Refusal::UpstreamReset,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::BodyTooLarge => "body_too_large",
+            Refusal::HeadersTooLarge => "headers_too_large",
+            Refusal::UriTooLong => "uri_too_long",
+            Refusal::HeaderTimeout => "header_timeout",
+            Refusal::NoRoute => "no_route",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::ClientBody => "client_body",
+            Refusal::UpstreamConnect => "upstream_connect",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::UpstreamReset => "upstream_reset",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Finds an error of type `T` anywhere in `error`'s chain of causes.
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(inner) = current {
+        if let Some(found) = inner.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = inner.source();
+    }
+    None
+}

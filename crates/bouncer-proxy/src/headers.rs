@@ -1,0 +1,367 @@
+//! Header work at the proxy boundary: hop-by-hop removal, the forwarding headers, the request id,
+//! and the one place that decides which address the client has.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use bouncer_config::{ListenerConfig, canonical_ip};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Removes the headers that describe one hop (RFC 9110 section 7.6.1), including every header the
+/// `Connection` header names. `keep_upgrade` keeps `Upgrade` and `Connection: upgrade` for a
+/// WebSocket handshake; `TE: trailers` is kept because it is end-to-end in meaning (gRPC needs it).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(header::TRANSFER_ENCODING);
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    let te_is_trailers = headers
+        .get(header::TE)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_is_trailers {
+        headers.remove(header::TE);
+    }
+    let has_proxy_headers = headers
+        .keys()
+        .any(|name| name.as_str().starts_with("proxy-"));
+    if has_proxy_headers {
+        let proxy_headers: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy_headers {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Who the client is, decided once per request from the socket peer, the listener's trusted
+/// proxies and the forwarding headers; every later feature (logs, limits, bans) uses this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddress {
+    /// The client as best known: the socket peer, or what a trusted proxy reported.
+    pub ip: IpAddr,
+    /// The TCP peer the request came from.
+    pub peer: SocketAddr,
+    /// Whether the peer is a trusted proxy whose forwarding headers are believed.
+    pub peer_trusted: bool,
+}
+
+impl ClientAddress {
+    pub fn resolve(peer: SocketAddr, listener: &ListenerConfig, headers: &HeaderMap) -> Self {
+        let peer_ip = canonical_ip(peer.ip());
+        let peer_trusted = !listener.trusted_proxies.is_empty() && listener.trusts(peer_ip);
+        let ip = if peer_trusted {
+            client_from_forwarded_for(listener, headers).unwrap_or(peer_ip)
+        } else {
+            peer_ip
+        };
+        Self {
+            ip,
+            peer,
+            peer_trusted,
+        }
+    }
+}
+
+/// Walks `X-Forwarded-For` from the right, skipping trusted proxies; the first untrusted address is
+/// the client. Addresses further left were written by that client and cannot be believed.
+fn client_from_forwarded_for(listener: &ListenerConfig, headers: &HeaderMap) -> Option<IpAddr> {
+    let mut last_trusted = None;
+    let mut values: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .collect();
+    values.reverse();
+    for entry in values {
+        let ip = parse_forwarded_ip(entry.trim())?;
+        let ip = canonical_ip(ip);
+        if !listener.trusts(ip) {
+            return Some(ip);
+        }
+        last_trusted = Some(ip);
+    }
+    last_trusted
+}
+
+/// Accepts `1.2.3.4`, `1.2.3.4:5678`, `::1` and `[::1]:5678`.
+fn parse_forwarded_ip(text: &str) -> Option<IpAddr> {
+    let text = text.trim_matches('"');
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Some(address.ip());
+    }
+    text.strip_prefix('[')
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|inner| inner.parse().ok())
+}
+
+/// What the forwarding headers say about this hop.
+pub struct ForwardingFacts<'a> {
+    pub client: &'a ClientAddress,
+    pub host: &'a str,
+    pub scheme: &'static str,
+    pub version: http::Version,
+}
+
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded` and `Via`. From a trusted peer the chain
+/// is extended; from anyone else whatever the client sent is dropped, so that it cannot forge its
+/// address.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'_>) {
+    let peer_ip = canonical_ip(facts.client.peer.ip());
+    let mut peer_text = String::with_capacity(40);
+    let _ = write!(peer_text, "{peer_ip}");
+
+    if facts.client.peer_trusted {
+        append_comma_separated(headers, &X_FORWARDED_FOR, &peer_text);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            insert_text(headers, &X_FORWARDED_PROTO, facts.scheme);
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            insert_text(headers, &X_FORWARDED_HOST, facts.host);
+        }
+    } else {
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(&X_FORWARDED_PROTO);
+        headers.remove(&X_FORWARDED_HOST);
+        headers.remove(header::FORWARDED);
+        insert_text(headers, &X_FORWARDED_FOR, &peer_text);
+        insert_text(headers, &X_FORWARDED_PROTO, facts.scheme);
+        insert_text(headers, &X_FORWARDED_HOST, facts.host);
+    }
+
+    let mut forwarded = String::with_capacity(64);
+    // RFC 7239 section 6: IPv6 addresses are quoted and bracketed.
+    match peer_ip {
+        IpAddr::V4(v4) => {
+            let _ = write!(forwarded, "for={v4}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(forwarded, "for=\"[{v6}]\"");
+        }
+    }
+    if is_token(facts.host) {
+        let _ = write!(forwarded, ";host={}", facts.host);
+    } else {
+        let _ = write!(forwarded, ";host=\"{}\"", facts.host);
+    }
+    let _ = write!(forwarded, ";proto={}", facts.scheme);
+    append_comma_separated(headers, &header::FORWARDED, &forwarded);
+
+    let via = match facts.version {
+        http::Version::HTTP_2 => "2 bouncer",
+        http::Version::HTTP_10 => "1.0 bouncer",
+        _ => "1.1 bouncer",
+    };
+    append_comma_separated(headers, &header::VIA, via);
+}
+
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn insert_text(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name.clone(), value);
+    }
+}
+
+/// Joins every existing value of `name` and `addition` into one comma-separated value.
+fn append_comma_separated(headers: &mut HeaderMap, name: &HeaderName, addition: &str) {
+    let mut joined = String::new();
+    for value in headers.get_all(name) {
+        if let Ok(text) = value.to_str() {
+            joined.push_str(text);
+            joined.push_str(", ");
+        }
+    }
+    if joined.is_empty() {
+        insert_text(headers, name, addition);
+        return;
+    }
+    joined.push_str(addition);
+    insert_text(headers, name, &joined);
+}
+
+/// A request id as sent by a trusted peer is kept when it is sane; otherwise a fresh one is made.
+pub fn request_id(headers: &HeaderMap, peer_trusted: bool) -> HeaderValue {
+    if peer_trusted
+        && let Some(existing) = headers.get(&X_REQUEST_ID)
+        && !existing.is_empty()
+        && existing.len() <= 200
+        && existing.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return existing.clone();
+    }
+    new_request_id()
+}
+
+fn new_request_id() -> HeaderValue {
+    let id: u128 = rand::random();
+    let mut text = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (index, byte) in text.iter_mut().enumerate() {
+        let nibble = (id >> (124 - 4 * index)) & 0xf;
+        *byte = HEX[nibble as usize];
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(trusted: &[&str]) -> ListenerConfig {
+        ListenerConfig {
+            name: "public".into(),
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            trusted_proxies: trusted
+                .iter()
+                .map(|net| net.parse().expect("net"))
+                .collect(),
+            proxy_protocol: false,
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(map.len(), 1, "{map:?}");
+        assert_eq!(map["x-kept"], "yes");
+
+        let mut map = headers(&[("te", "trailers")]);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(map["te"], "trailers");
+    }
+
+    #[test]
+    fn an_untrusted_client_cannot_forge_its_address() {
+        let peer: SocketAddr = "203.0.113.9:4000".parse().expect("addr");
+        let mut map = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("forwarded", "for=1.1.1.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let client = ClientAddress::resolve(peer, &listener(&["10.0.0.0/8"]), &map);
+        assert_eq!(client.ip, peer.ip());
+        set_forwarding_headers(
+            &mut map,
+            &ForwardingFacts {
+                client: &client,
+                host: "app.example",
+                scheme: "http",
+                version: http::Version::HTTP_11,
+            },
+        );
+        assert_eq!(map["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(map["x-forwarded-proto"], "http");
+        assert_eq!(map["x-forwarded-host"], "app.example");
+        assert_eq!(
+            map["forwarded"],
+            "for=203.0.113.9;host=app.example;proto=http"
+        );
+        assert_eq!(map["via"], "1.1 bouncer");
+    }
+
+    #[test]
+    fn a_trusted_proxy_extends_the_chain() {
+        let peer: SocketAddr = "10.0.0.2:4000".parse().expect("addr");
+        let mut map = headers(&[
+            ("x-forwarded-for", "198.51.100.7, 10.0.0.5"),
+            ("forwarded", "for=198.51.100.7"),
+        ]);
+        let client = ClientAddress::resolve(peer, &listener(&["10.0.0.0/8"]), &map);
+        assert_eq!(client.ip, "198.51.100.7".parse::<IpAddr>().expect("ip"));
+        assert!(client.peer_trusted);
+        set_forwarding_headers(
+            &mut map,
+            &ForwardingFacts {
+                client: &client,
+                host: "h",
+                scheme: "https",
+                version: http::Version::HTTP_2,
+            },
+        );
+        assert_eq!(map["x-forwarded-for"], "198.51.100.7, 10.0.0.5, 10.0.0.2");
+        assert_eq!(
+            map["forwarded"],
+            "for=198.51.100.7, for=10.0.0.2;host=h;proto=https"
+        );
+        assert_eq!(map["via"], "2 bouncer");
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_address_is_the_client() {
+        let peer: SocketAddr = "10.0.0.2:4000".parse().expect("addr");
+        let map = headers(&[("x-forwarded-for", "6.6.6.6, 198.51.100.7")]);
+        let client = ClientAddress::resolve(peer, &listener(&["10.0.0.0/8"]), &map);
+        assert_eq!(client.ip, "198.51.100.7".parse::<IpAddr>().expect("ip"));
+        let garbage = headers(&[("x-forwarded-for", "not-an-ip")]);
+        let client = ClientAddress::resolve(peer, &listener(&["10.0.0.0/8"]), &garbage);
+        assert_eq!(client.ip, peer.ip());
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_from_trusted_peers() {
+        let map = headers(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&map, true), "abc-123");
+        let fresh = request_id(&map, false);
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(fresh, request_id(&map, false));
+    }
+}

@@ -1,0 +1,214 @@
+//! Bouncer's I/O: listeners, the request pipeline, upstream pools, metrics and the admin API.
+//!
+//! [`start`] binds every socket of a validated config and serves it until [`RunningProxy::shutdown`].
+
+mod access_log;
+mod admin;
+mod body;
+mod conn;
+pub mod demo;
+mod error;
+mod headers;
+mod listener;
+mod metrics;
+mod pipeline;
+mod routing;
+mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use bouncer_config::Config;
+
+pub use error::{ProxyError, Refusal, Side};
+pub use metrics::Metrics;
+
+use crate::access_log::AccessLog;
+use crate::listener::{Lifecycle, ListenerRuntime};
+use crate::routing::{Route, RouteTable};
+use crate::upstream::Upstream;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {address} (listener \"{listener}\")")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream \"{upstream}\" has a server address that is not a valid URI authority")]
+    BadServerAddress {
+        upstream: String,
+        #[source]
+        source: http::Error,
+    },
+    #[error("cannot start the access log writer")]
+    AccessLog(#[source] std::io::Error),
+}
+
+/// A proxy serving its listeners. Dropping it without [`RunningProxy::shutdown`] closes everything.
+pub struct RunningProxy {
+    listeners: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    lifecycle: watch::Sender<Lifecycle>,
+    grace: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Whether every connection finished within the grace period.
+    pub drained: bool,
+}
+
+impl RunningProxy {
+    /// The bound address of the named listener (useful with port 0).
+    pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(listener, _)| listener == name)
+            .map(|(_, address)| *address)
+    }
+
+    pub fn listener_addresses(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, then closes what
+    /// is left.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.lifecycle.send_replace(Lifecycle::Draining);
+        let drained = tokio::time::timeout(self.grace, self.lifecycle.closed())
+            .await
+            .is_ok();
+        self.lifecycle.send_replace(Lifecycle::Closing);
+        ShutdownReport { drained }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.lifecycle.send_replace(Lifecycle::Closing);
+    }
+}
+
+/// Binds every listener of `config` and starts serving. Must run inside a Tokio runtime.
+pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
+    let metrics = Metrics::new();
+    let access_log = AccessLog::start(
+        config.access_log.format,
+        metrics.access_log_dropped().clone(),
+    )
+    .map_err(StartError::AccessLog)?;
+    let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
+    for upstream in &config.upstreams {
+        let pool =
+            Upstream::new(upstream, &metrics).map_err(|source| StartError::BadServerAddress {
+                upstream: upstream.name.clone(),
+                source,
+            })?;
+        upstreams.insert(upstream.name.as_str(), Arc::new(pool));
+    }
+
+    let (lifecycle, lifecycle_receiver) = watch::channel(Lifecycle::Running);
+    let mut bound = Vec::with_capacity(config.listeners.len());
+    let mut runtimes = Vec::with_capacity(config.listeners.len());
+    for listener_config in &config.listeners {
+        let socket = listener::bind(listener_config.bind).map_err(|source| StartError::Bind {
+            listener: listener_config.name.clone(),
+            address: listener_config.bind,
+            source,
+        })?;
+        let address = socket.local_addr().map_err(|source| StartError::Bind {
+            listener: listener_config.name.clone(),
+            address: listener_config.bind,
+            source,
+        })?;
+        let routes = config
+            .routes
+            .iter()
+            .filter(|route| {
+                route.listeners.is_empty() || route.listeners.contains(&listener_config.name)
+            })
+            .filter_map(|route| {
+                let upstream = upstreams.get(route.upstream.as_str())?;
+                Some(Arc::new(Route::new(
+                    route,
+                    Arc::clone(upstream),
+                    metrics.route(&listener_config.name, &route.name),
+                )))
+            })
+            .collect();
+        let runtime = Arc::new(ListenerRuntime {
+            name: listener_config.name.as_str().into(),
+            config: listener_config.clone(),
+            routes: RouteTable::new(routes),
+            server: config.server.clone(),
+            metrics: metrics.listener(&listener_config.name),
+            access_log: access_log.clone(),
+        });
+        bound.push((listener_config.name.clone(), address));
+        runtimes.push((socket, runtime));
+    }
+    let admin = match &config.admin {
+        Some(admin) => {
+            let socket = listener::bind(admin.bind).map_err(|source| StartError::Bind {
+                listener: "admin".into(),
+                address: admin.bind,
+                source,
+            })?;
+            let address = socket.local_addr().map_err(|source| StartError::Bind {
+                listener: "admin".into(),
+                address: admin.bind,
+                source,
+            })?;
+            tokio::spawn(admin::serve(
+                socket,
+                Arc::clone(&metrics),
+                lifecycle_receiver.clone(),
+            ));
+            Some(address)
+        }
+        None => None,
+    };
+    // Sockets are all bound before any is served, so that a bad address fails the start cleanly.
+    for (socket, runtime) in runtimes {
+        tokio::spawn(listener::accept_loop(
+            socket,
+            runtime,
+            lifecycle_receiver.clone(),
+        ));
+    }
+    drop(lifecycle_receiver);
+
+    for (name, address) in &bound {
+        tracing::info!(listener = %name, %address, "listening");
+    }
+    Ok(RunningProxy {
+        listeners: bound,
+        admin,
+        lifecycle,
+        grace: config.server.shutdown_grace,
+        metrics,
+    })
+}
+
+/// Raises the soft limit on open files to the hard limit and returns the new soft limit.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}

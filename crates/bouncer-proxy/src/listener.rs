@@ -1,0 +1,213 @@
+//! Listening sockets: the accept loop, which survives every accept error, and the serving of one
+//! client connection with HTTP/1.1 or HTTP/2 (h2c with prior knowledge).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+use bouncer_config::{ListenerConfig, ServerConfig};
+
+use crate::access_log::AccessLog;
+use crate::conn::ClientIo;
+use crate::error::{Refusal, find_cause};
+use crate::metrics::ListenerMetrics;
+use crate::pipeline::{ConnectionContext, handle};
+use crate::routing::RouteTable;
+
+/// Running: serve. Draining: finish what is in flight, accept nothing. Closing: drop everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Lifecycle {
+    Running,
+    Draining,
+    Closing,
+}
+
+/// Everything a listener's connections need, built once from the config.
+pub struct ListenerRuntime {
+    pub name: Arc<str>,
+    pub config: ListenerConfig,
+    pub routes: RouteTable,
+    pub server: ServerConfig,
+    pub metrics: ListenerMetrics,
+    pub access_log: AccessLog,
+}
+
+/// Binds a listening socket with a deep accept queue, as a busy proxy needs.
+pub(crate) fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(4096)
+}
+
+pub(crate) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The connection wrapper runs the header and idle clocks; hyper's own header clock would
+        // also run while a keep-alive connection is idle.
+        .header_read_timeout(None)
+        .max_buf_size(server.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    builder
+}
+
+/// Accepts connections until told to stop. Errors such as running out of file descriptors are
+/// counted and waited out with a growing pause; they never end the loop.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    runtime: Arc<ListenerRuntime>,
+    mut lifecycle: watch::Receiver<Lifecycle>,
+) {
+    const MIN_PAUSE: Duration = Duration::from_millis(5);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    let builder = Arc::new(http_builder(&runtime.server));
+    let mut pause = MIN_PAUSE;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = lifecycle.wait_for(|state| *state != Lifecycle::Running) => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                pause = MIN_PAUSE;
+                runtime.metrics.connections_accepted.inc();
+                tokio::spawn(serve_connection(
+                    stream,
+                    peer,
+                    Arc::clone(&runtime),
+                    Arc::clone(&builder),
+                    lifecycle.clone(),
+                ));
+            }
+            Err(error) => {
+                runtime.metrics.accept_errors.inc();
+                if is_transient_peer_error(&error) {
+                    continue;
+                }
+                tracing::warn!(listener = %runtime.name, %error, pause_ms = pause.as_millis() as u64, "accept failed; pausing before accepting again");
+                tokio::select! {
+                    _ = lifecycle.wait_for(|state| *state != Lifecycle::Running) => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
+        }
+    }
+}
+
+/// Errors about one connection that went away before it was accepted; the next accept is fine.
+fn is_transient_peer_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    runtime: Arc<ListenerRuntime>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut lifecycle: watch::Receiver<Lifecycle>,
+) {
+    let _ = stream.set_nodelay(true);
+    let metrics = runtime.metrics.clone();
+    metrics.connections_open.inc();
+    let _open = OpenConnection(metrics.clone());
+    let (io, activity) = ClientIo::new(
+        stream,
+        runtime.server.idle_timeout,
+        runtime.server.header_timeout,
+        metrics.clone(),
+    );
+    let context = Arc::new(ConnectionContext {
+        runtime,
+        peer,
+        activity,
+        scheme: "http",
+    });
+    let service = service_fn(move |request| {
+        let context = Arc::clone(&context);
+        async move { Ok::<_, Infallible>(handle(&context, request).await) }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            changed = lifecycle.changed() => {
+                let state = if changed.is_ok() { *lifecycle.borrow_and_update() } else { Lifecycle::Closing };
+                match state {
+                    Lifecycle::Running => {}
+                    Lifecycle::Draining if !draining => {
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    Lifecycle::Draining => {}
+                    Lifecycle::Closing => break Ok(()),
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        record_connection_error(&metrics, peer, error.as_ref());
+    }
+}
+
+/// Counts and logs what hyper refused or failed on by itself, before a request reached the pipeline.
+fn record_connection_error(
+    metrics: &ListenerMetrics,
+    peer: SocketAddr,
+    error: &(dyn std::error::Error + 'static),
+) {
+    if let Some(hyper_error) = find_cause::<hyper::Error>(error) {
+        if hyper_error.is_parse_too_large() {
+            metrics.refused(Refusal::HeadersTooLarge);
+            tracing::info!(%peer, error = %hyper_error, "refused a request whose headers are too large");
+            return;
+        }
+        if hyper_error.is_parse() || hyper_error.is_parse_status() {
+            metrics.refused(Refusal::BadRequest);
+            tracing::info!(%peer, error = %hyper_error, "refused a malformed request");
+            return;
+        }
+    }
+    let header_timeout =
+        find_cause::<io::Error>(error).is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+    // A header timeout was counted where it happened; anything else is a client going away.
+    if !header_timeout {
+        tracing::debug!(%peer, %error, "client connection ended with an error");
+    }
+}
+
+/// Keeps the open-connections gauge right however the connection task ends.
+struct OpenConnection(ListenerMetrics);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
+}

@@ -1,0 +1,246 @@
+//! Prometheus metrics. Handles for the hot path are looked up once, when a route or listener is
+//! built, so that counting a request touches atomics only.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::Refusal;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: String,
+    route: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    listener: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+    backend: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 105 s in factors of two: fine enough for a proxy, coarse enough to stay small.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+/// Every metric Bouncer exports, registered once per process.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RouteLabels>,
+    upstream_duration: HistogramFamily<UpstreamLabels>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    upstream_failures: Family<UpstreamLabels, Counter>,
+    connections_open: Family<ListenerLabels, Gauge>,
+    connections_accepted: Family<ListenerLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
+    access_log_dropped: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("bouncer");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by listener, route and status class",
+            requests.clone(),
+        );
+        let request_duration = HistogramFamily::<RouteLabels>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request headers to the end of the response body",
+            prometheus_client::registry::Unit::Seconds,
+            request_duration.clone(),
+        );
+        let upstream_duration = HistogramFamily::<UpstreamLabels>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "upstream_response_duration",
+            "Time from sending a request to a backend to receiving its response headers",
+            prometheus_client::registry::Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Requests sent to each backend",
+            upstream_requests.clone(),
+        );
+        let upstream_failures = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_failures",
+            "Requests to each backend that failed (connect, reset, timeout)",
+            upstream_failures.clone(),
+        );
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections_open.clone(),
+        );
+        let connections_accepted = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted",
+            connections_accepted.clone(),
+        );
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_errors",
+            "Errors from accept(), such as running out of file descriptors",
+            accept_errors.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Requests and connections refused or failed, by reason",
+            refusals.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            upstream_requests,
+            upstream_failures,
+            connections_open,
+            connections_accepted,
+            accept_errors,
+            refusals,
+            access_log_dropped,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    pub fn route(&self, listener: &str, route: &str) -> RouteMetrics {
+        let requests_by_class = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|status_class| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                listener: listener.to_string(),
+                route: route.to_string(),
+                status_class,
+            })
+        });
+        RouteMetrics {
+            requests_by_class,
+            duration: self.request_duration.get_or_create_owned(&RouteLabels {
+                listener: listener.to_string(),
+                route: route.to_string(),
+            }),
+        }
+    }
+
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        let labels = ListenerLabels {
+            listener: listener.to_string(),
+        };
+        ListenerMetrics {
+            connections_open: self.connections_open.get_or_create_owned(&labels),
+            connections_accepted: self.connections_accepted.get_or_create_owned(&labels),
+            accept_errors: self.accept_errors.get_or_create_owned(&labels),
+            refusals: Refusal::ALL.map(|reason| {
+                self.refusals.get_or_create_owned(&RefusalLabels {
+                    listener: listener.to_string(),
+                    reason: reason.label(),
+                })
+            }),
+            no_route: self.route(listener, "none"),
+        }
+    }
+
+    pub fn backend(&self, upstream: &str, backend: &str) -> BackendMetrics {
+        let labels = UpstreamLabels {
+            upstream: upstream.to_string(),
+            backend: backend.to_string(),
+        };
+        BackendMetrics {
+            requests: self.upstream_requests.get_or_create_owned(&labels),
+            failures: self.upstream_failures.get_or_create_owned(&labels),
+            response_duration: self.upstream_duration.get_or_create_owned(&labels),
+        }
+    }
+
+    pub fn access_log_dropped(&self) -> &Counter {
+        &self.access_log_dropped
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    requests_by_class: [Counter; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests_by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    pub accept_errors: Counter,
+    refusals: [Counter; Refusal::ALL.len()],
+    /// Requests that matched no route are counted under the route label `none`.
+    pub no_route: RouteMetrics,
+}
+
+impl ListenerMetrics {
+    pub fn refused(&self, reason: Refusal) {
+        self.refusals[reason.index()].inc();
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendMetrics {
+    pub requests: Counter,
+    pub failures: Counter,
+    pub response_duration: Histogram,
+}

@@ -1,0 +1,470 @@
+//! The life of one request, top to bottom: check it, route it, forward it, answer.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
+
+use bouncer_rules::normalise_path;
+
+use crate::body::{BodyProgress, RequestBody, ResponseBody};
+use crate::conn::{ConnectionActivity, RequestGuard, request_started};
+use crate::error::{ProxyError, Refusal, Side};
+use crate::headers::{
+    ClientAddress, ForwardingFacts, X_REQUEST_ID, remove_hop_by_hop, request_id,
+    set_forwarding_headers,
+};
+use crate::listener::ListenerRuntime;
+use crate::routing::Route;
+use crate::upstream::Upstream;
+
+/// What a connection knows that every request on it needs.
+pub struct ConnectionContext {
+    pub runtime: Arc<ListenerRuntime>,
+    pub peer: SocketAddr,
+    pub activity: Arc<ConnectionActivity>,
+    pub scheme: &'static str,
+}
+
+/// Handles one request from a client and produces the response to send back.
+pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Response<ResponseBody> {
+    let in_flight = request_started(&ctx.activity);
+    if request.version() == Version::HTTP_2 {
+        ctx.activity.mark_http2();
+    }
+    let client = ClientAddress::resolve(ctx.peer, &ctx.runtime.config, request.headers());
+    let mut exchange = Exchange {
+        runtime: Arc::clone(&ctx.runtime),
+        _in_flight: in_flight,
+        started: Instant::now(),
+        request_id: request_id(request.headers(), client.peer_trusted),
+        client: client.ip,
+        method: request.method().clone(),
+        host: None,
+        uri: request.uri().clone(),
+        normalised_path: None,
+        status: 0,
+        body_progress: None,
+        bytes_out: 0,
+        route: None,
+        backend: None,
+        upstream_time: None,
+        upstream_body_failed: false,
+    };
+    match forward(ctx, &client, &mut exchange, request).await {
+        Ok(forwarded) => respond(exchange, forwarded),
+        Err(error) => answer_error(&error, exchange),
+    }
+}
+
+/// A backend's answer, with what is needed to pass it on.
+struct Forwarded {
+    response: Response<Incoming>,
+    read_timeout: Duration,
+    client_upgrade: Option<OnUpgrade>,
+}
+
+async fn forward(
+    ctx: &ConnectionContext,
+    client: &ClientAddress,
+    exchange: &mut Exchange,
+    mut request: Request<Incoming>,
+) -> Result<Forwarded, ProxyError> {
+    check_framing(&request)?;
+    let host_source = request_host(&request)?;
+    let host = normalise_host(host_source.as_str())?;
+    exchange.host = Some(host_source.clone());
+
+    let path =
+        normalise_path(request.uri().path()).map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    let path_changed = matches!(path, Cow::Owned(_));
+    let route = Arc::clone(
+        ctx.runtime
+            .routes
+            .find(&host, &path)
+            .ok_or(ProxyError::NoRoute)?,
+    );
+    exchange.route = Some(Arc::clone(&route));
+
+    let max_body = ctx.runtime.server.max_body_bytes;
+    if declared_length(&request).is_some_and(|length| length > max_body) {
+        return Err(ProxyError::BodyTooLarge { limit: max_body });
+    }
+
+    let path_and_query = if path_changed {
+        let text = match request.uri().query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_string(),
+        };
+        exchange.normalised_path = Some(path.into_owned());
+        PathAndQuery::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))?
+    } else {
+        request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    };
+
+    let websocket = is_websocket_upgrade(&request);
+    let client_upgrade: Option<OnUpgrade> = websocket.then(|| hyper::upgrade::on(&mut request));
+
+    let upstream = &route.upstream;
+    let backend = upstream.pick();
+    exchange.backend = Some(Arc::clone(&backend.label));
+
+    let (mut parts, incoming) = request.into_parts();
+    let version = parts.version;
+    remove_hop_by_hop(&mut parts.headers, websocket);
+    // This proxy answers `Expect: 100-continue` itself when it starts reading the body.
+    parts.headers.remove(header::EXPECT);
+    set_forwarding_headers(
+        &mut parts.headers,
+        &ForwardingFacts {
+            client,
+            host: &host,
+            scheme: ctx.scheme,
+            version,
+        },
+    );
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+    if let HostSource::Authority(authority) = &host_source {
+        // An absolute-form target (or HTTP/2's :authority) names the host; Host must agree with it.
+        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    parts.uri = Upstream::uri_for(backend, path_and_query)
+        .map_err(|_| ProxyError::BadRequest("invalid target"))?;
+    parts.version = Version::HTTP_11;
+
+    let (body, progress) = if incoming.is_end_stream() {
+        (RequestBody::empty(), None)
+    } else {
+        let progress = Arc::new(BodyProgress::default());
+        exchange.body_progress = Some(Arc::clone(&progress));
+        (
+            RequestBody::streaming(incoming, max_body, Arc::clone(&progress)),
+            Some(progress),
+        )
+    };
+
+    let (response, upstream_time) = upstream
+        .send(backend, Request::from_parts(parts, body), progress)
+        .await?;
+    exchange.upstream_time = Some(upstream_time);
+    Ok(Forwarded {
+        response,
+        read_timeout: upstream.read_timeout,
+        client_upgrade,
+    })
+}
+
+/// Passes a backend's response on to the client, its body streaming.
+fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBody> {
+    let Forwarded {
+        mut response,
+        read_timeout,
+        client_upgrade,
+    } = forwarded;
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        let backend = exchange.backend.clone().unwrap_or_else(|| "".into());
+        let Some(client_upgrade) = client_upgrade else {
+            let error = ProxyError::UpstreamFailed {
+                backend: backend.to_string(),
+                source: "the backend switched protocols without being asked to".into(),
+            };
+            return answer_error(&error, exchange);
+        };
+        let backend_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(client_upgrade, backend_upgrade, backend));
+    }
+    let (mut parts, incoming) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers, switching);
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+    exchange.status = parts.status.as_u16();
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(incoming, read_timeout, exchange),
+    )
+}
+
+/// Copies bytes both ways between a client and a backend after a WebSocket handshake.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, backend_label: Arc<str>) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(backend = %backend_label, %error, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut backend = hyper_util::rt::TokioIo::new(backend);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!(backend = %backend_label, %error, "tunnel closed with an error");
+    }
+}
+
+fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<ResponseBody> {
+    let (status, text, refusal) = error.answer();
+    exchange.runtime.metrics.refused(refusal);
+    match error.side() {
+        Side::Upstream | Side::Proxy => {
+            tracing::warn!(request_id = ?exchange.request_id, error = %ErrorChain(error), "request failed")
+        }
+        Side::Client => {
+            tracing::debug!(request_id = ?exchange.request_id, error = %ErrorChain(error), "request refused")
+        }
+    }
+    exchange.status = status.as_u16();
+    let request_id = exchange.request_id.clone();
+    let mut response = Response::new(ResponseBody::fixed(text, Some(exchange)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(X_REQUEST_ID.clone(), request_id);
+    // After a malformed request, or one whose body was not read, the connection cannot be trusted
+    // to be in step with the client any more.
+    if matches!(
+        refusal,
+        Refusal::BadRequest | Refusal::BodyTooLarge | Refusal::ClientBody
+    ) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Displays an error with its chain of causes on one line.
+struct ErrorChain<'a>(&'a ProxyError);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = std::error::Error::source(self.0);
+        while let Some(inner) = cause {
+            write!(f, ": {inner}")?;
+            cause = inner.source();
+        }
+        Ok(())
+    }
+}
+
+/// Refuses requests whose framing is ambiguous (RFC 9112 sections 6.1 and 6.3).
+fn check_framing(request: &Request<Incoming>) -> Result<(), ProxyError> {
+    if request.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let headers = request.headers();
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next()
+        && (lengths.any(|other| other != first) || parse_length(first).is_none())
+    {
+        return Err(ProxyError::BadRequest("invalid Content-Length"));
+    }
+    Ok(())
+}
+
+fn parse_length(value: &HeaderValue) -> Option<u64> {
+    let text = value.to_str().ok()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+fn declared_length(request: &Request<Incoming>) -> Option<u64> {
+    request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(parse_length)
+}
+
+fn is_websocket_upgrade(request: &Request<Incoming>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.method() == Method::GET
+        && request
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Where a request names its host: the `Host` header, or the target's authority (absolute-form
+/// targets and HTTP/2's `:authority`). Both are cheap reference-counted clones.
+#[derive(Clone, Debug)]
+pub enum HostSource {
+    Header(HeaderValue),
+    Authority(Authority),
+}
+
+impl HostSource {
+    fn as_str(&self) -> &str {
+        match self {
+            HostSource::Header(value) => value.to_str().unwrap_or(""),
+            HostSource::Authority(authority) => authority.as_str(),
+        }
+    }
+}
+
+fn request_host(request: &Request<Incoming>) -> Result<HostSource, ProxyError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(authority) = request.uri().authority() {
+        return Ok(HostSource::Authority(authority.clone()));
+    }
+    match first {
+        Some(value) if value.to_str().is_ok() => Ok(HostSource::Header(value.clone())),
+        Some(_) => Err(ProxyError::BadRequest("invalid Host header")),
+        None if request.version() == Version::HTTP_10 => {
+            Ok(HostSource::Header(HeaderValue::from_static("")))
+        }
+        None => Err(ProxyError::BadRequest("missing Host header")),
+    }
+}
+
+/// Lower-cases the host and strips its port and any trailing dot; borrows when nothing changes.
+fn normalise_host(raw: &str) -> Result<Cow<'_, str>, ProxyError> {
+    let without_port = if let Some(rest) = raw.strip_prefix('[') {
+        let end = rest
+            .find(']')
+            .ok_or(ProxyError::BadRequest("invalid Host header"))?;
+        &raw[..end + 2]
+    } else {
+        match raw.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return Err(ProxyError::BadRequest("invalid Host header")),
+            None => raw,
+        }
+    };
+    let name = without_port.strip_suffix('.').unwrap_or(without_port);
+    let valid = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'));
+    if !valid {
+        return Err(ProxyError::BadRequest("invalid Host header"));
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Ok(Cow::Owned(name.to_ascii_lowercase()))
+    } else {
+        Ok(Cow::Borrowed(name))
+    }
+}
+
+/// One request's record: filled in as the request goes, then counted and logged when it is
+/// dropped, which is when its response body is done (or abandoned).
+pub struct Exchange {
+    runtime: Arc<ListenerRuntime>,
+    _in_flight: RequestGuard,
+    started: Instant,
+    request_id: HeaderValue,
+    client: IpAddr,
+    method: Method,
+    host: Option<HostSource>,
+    uri: http::Uri,
+    normalised_path: Option<String>,
+    status: u16,
+    body_progress: Option<Arc<BodyProgress>>,
+    pub(crate) bytes_out: u64,
+    route: Option<Arc<Route>>,
+    backend: Option<Arc<str>>,
+    upstream_time: Option<Duration>,
+    pub(crate) upstream_body_failed: bool,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.status == 0 {
+            return;
+        }
+        let total = self.started.elapsed();
+        let runtime = &self.runtime;
+        match &self.route {
+            Some(route) => route.metrics.record(self.status, total.as_secs_f64()),
+            None => runtime
+                .metrics
+                .no_route
+                .record(self.status, total.as_secs_f64()),
+        }
+        if self.upstream_body_failed {
+            runtime.metrics.refused(Refusal::UpstreamReset);
+        }
+        if !runtime.access_log.enabled() {
+            return;
+        }
+        let path = self
+            .normalised_path
+            .as_deref()
+            .unwrap_or_else(|| self.uri.path());
+        runtime.access_log.write(&crate::access_log::AccessRecord {
+            request_id: self.request_id.to_str().unwrap_or("-"),
+            client: self.client,
+            method: self.method.as_str(),
+            host: self.host.as_ref().map_or("", HostSource::as_str),
+            path,
+            status: self.status,
+            bytes_in: self.body_progress.as_ref().map_or(0, |progress| {
+                progress.bytes.load(std::sync::atomic::Ordering::Relaxed)
+            }),
+            bytes_out: self.bytes_out,
+            listener: &runtime.name,
+            route: self.route.as_ref().map_or("-", |route| &route.name),
+            backend: self.backend.as_deref().unwrap_or(""),
+            total,
+            upstream: self.upstream_time,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_lower_cased_without_port_or_trailing_dot() {
+        assert_eq!(
+            normalise_host("App.Example:8080").ok().as_deref(),
+            Some("app.example")
+        );
+        assert_eq!(
+            normalise_host("app.example.").ok().as_deref(),
+            Some("app.example")
+        );
+        assert_eq!(normalise_host("[::1]:80").ok().as_deref(), Some("[::1]"));
+        assert!(matches!(
+            normalise_host("app.example"),
+            Ok(Cow::Borrowed(_))
+        ));
+        assert!(normalise_host("bad host").is_err());
+        assert!(normalise_host("a:b").is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! The `bouncer` command: parses the command line, sets up logging and the runtime, and hands
+//! over to `bouncer-proxy`. No proxy logic lives here.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Bouncer: a reverse proxy with load balancing, TLS termination, DDoS mitigation and caching.
+#[derive(Parser, Debug)]
+#[command(
+    name = "bouncer",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  bouncer demo                      start demo backends and a proxy on 127.0.0.1:8080\n  bouncer check -c bouncer.toml     validate a config file\n  bouncer run -c bouncer.toml       run the proxy (same as: bouncer -c bouncer.toml)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Run the proxy with this config file (short for `bouncer run --config FILE`).
+    #[arg(short, long, value_name = "FILE", global = false)]
+    config: Option<PathBuf>,
+
+    /// Log filter, such as `info` or `bouncer_proxy=debug` (RUST_LOG works too).
+    #[arg(long, value_name = "FILTER", global = true)]
+    log: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// The config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file: print every problem, exit 0 if it is valid and 1 if not.
+    Check {
+        /// The config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Start three demo backends and a proxy in front of them, with no files needed.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+        /// Where the demo's admin API (metrics) listens.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let command = match (cli.command, cli.config) {
+        (Some(command), _) => command,
+        (None, Some(config)) => Command::Run { config },
+        (None, None) => {
+            eprintln!(
+                "bouncer: say what to do: `bouncer demo`, `bouncer check -c FILE` or `bouncer run -c FILE` (see --help)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
+        Command::Check { config } => return check(&config),
+        Command::Run { config } => run(&config),
+        Command::Demo { bind, admin } => demo(bind, admin),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bouncer: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = filter
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // Diagnostics go to stderr; stdout belongs to the access log.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn check(path: &Path) -> ExitCode {
+    match bouncer_config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} listeners, {} routes, {} upstreams)",
+                path.display(),
+                config.listeners.len(),
+                config.routes.len(),
+                config.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            let problems = error.problems();
+            for problem in &problems {
+                eprintln!("{problem}");
+            }
+            eprintln!("{}: {} problem(s) found", path.display(), problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let runtime = if workers == 1 {
+        // One worker runs fastest on a plain current-thread runtime: no work stealing, no wakeups
+        // across threads.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            builder.worker_threads(workers);
+        }
+        builder.enable_all().build()
+    };
+    runtime.context("cannot start the async runtime")
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = bouncer_config::load(path)
+        .map_err(|error| anyhow::anyhow!("{}", error.problems().join("\n")))?;
+    report_open_file_limit();
+    runtime(config.server.workers)?.block_on(async {
+        let proxy = bouncer_proxy::start(&config).await?;
+        wait_for_shutdown_signal().await?;
+        tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: finishing in-flight requests");
+        let report = proxy.shutdown().await;
+        if report.drained {
+            tracing::info!("all connections finished; exiting");
+        } else {
+            tracing::warn!("grace period over; closing the connections left");
+        }
+        Ok(())
+    })
+}
+
+fn demo(bind: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+    runtime(0)?.block_on(async {
+        let demo = bouncer_proxy::demo::start(bind, admin).await?;
+        let backends: Vec<String> = demo.backends.iter().map(ToString::to_string).collect();
+        println!(
+            "Bouncer demo: a proxy on http://{bind} in front of three backends ({}).",
+            backends.join(", ")
+        );
+        println!();
+        println!("Its config:\n");
+        for line in demo.config_text.lines() {
+            println!("    {line}");
+        }
+        println!();
+        println!("Load balancing at work, six requests through the proxy:");
+        for answer in demo.sample_requests(6).await {
+            println!("    {answer}");
+        }
+        println!();
+        println!("Try it yourself:");
+        println!("    curl -i http://{bind}/hello          # round robin over the three backends");
+        println!("    curl --http2-prior-knowledge http://{bind}/h2   # HTTP/2 without TLS");
+        println!(
+            "    curl -s http://{admin}/metrics | grep bouncer_requests   # Prometheus metrics"
+        );
+        println!();
+        println!("The access log follows below. Press Ctrl-C to stop.");
+        wait_for_shutdown_signal().await?;
+        demo.proxy.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+fn report_open_file_limit() {
+    // Each proxied request can hold two descriptors: the client's and the backend's.
+    const COMFORTABLE: u64 = 16_384;
+    match bouncer_proxy::raise_open_file_limit() {
+        Ok(limit) if limit < COMFORTABLE => tracing::warn!(
+            limit,
+            "the open-file limit is low: at most about {} connections can be proxied at once; raise it with `ulimit -n` or LimitNOFILE=",
+            limit / 2
+        ),
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+}
