@@ -263,20 +263,15 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Refuses requests whose framing is ambiguous (RFC 9112 sections 6.1 and 6.3).
+/// Refuses CONNECT and requests whose framing is ambiguous (RFC 9112 section 6).
 fn check_framing(request: &Request<Incoming>) -> Result<(), ProxyError> {
     if request.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
     }
-    let headers = request.headers();
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(ProxyError::BadRequest(
-            "both Content-Length and Transfer-Encoding",
-        ));
-    }
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    // A request with both Content-Length and Transfer-Encoding never gets here with both: hyper
+    // drops the length, reads the chunked framing and closes the connection after the response
+    // (RFC 9112 section 6.3), and Transfer-Encoding itself is not forwarded.
+    let mut lengths = request.headers().get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next()
         && (lengths.any(|other| other != first) || parse_length(first).is_none())
     {

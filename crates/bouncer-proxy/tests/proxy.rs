@@ -1,0 +1,14 @@
+//! Integration tests: the real proxy, real backends and real clients on loopback sockets.
+
+#![allow(clippy::unwrap_used)]
+
+mod proxy_tests {
+    pub mod bodies;
+    pub mod errors;
+    pub mod headers;
+    pub mod metrics;
+    pub mod protocols;
+    pub mod routing;
+    pub mod shutdown;
+    pub mod timeouts;
+}

@@ -1,0 +1,114 @@
+use std::time::Duration;
+
+use bouncer_testkit::{Backend, Clients, TestProxy, config_for, raw_exchange};
+use http::Request;
+
+#[tokio::test]
+async fn an_untrusted_client_cannot_forge_forwarding_headers() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "").await;
+    let request = Request::get(proxy.url("/"))
+        .header("host", "app.example")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-request-id", "forged-id")
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    let answer = Clients::new().send(request).await;
+    let seen = backends[0].last_request().headers;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "app.example");
+    assert_eq!(
+        seen["forwarded"],
+        "for=127.0.0.1;host=app.example;proto=http"
+    );
+    assert_eq!(seen["via"], "1.1 bouncer");
+    assert_eq!(seen["host"], "app.example");
+    let request_id = answer.header("x-request-id").unwrap();
+    assert_ne!(request_id, "forged-id");
+    assert_eq!(seen["x-request-id"], request_id);
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_extends_the_chain_and_keeps_its_request_id() {
+    let backends = Backend::start_many(1).await;
+    let config = config_for(&backends, "").replace(
+        "name = \"public\"\nbind = \"127.0.0.1:0\"",
+        "name = \"public\"\nbind = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    );
+    let proxy = TestProxy::start(&config).await;
+    let request = Request::get(proxy.url("/"))
+        .header("host", "app.example")
+        .header("x-forwarded-for", "198.51.100.7")
+        .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=198.51.100.7;proto=https")
+        .header("x-request-id", "edge-42")
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    let answer = Clients::new().send(request).await;
+    let seen = backends[0].last_request().headers;
+    assert_eq!(seen["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert_eq!(
+        seen["forwarded"],
+        "for=198.51.100.7;proto=https, for=127.0.0.1;host=app.example;proto=http"
+    );
+    assert_eq!(answer.header("x-request-id"), Some("edge-42"));
+    assert_eq!(seen["x-request-id"], "edge-42");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stop_at_the_proxy() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "").await;
+    let request = Request::get(proxy.url("/"))
+        .header("connection", "x-private, keep-alive")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "gzip")
+        .header("x-end-to-end", "kept")
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    Clients::new().send(request).await;
+    let seen = backends[0].last_request().headers;
+    for name in [
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            !seen.contains_key(name),
+            "{name} reached the backend: {seen:?}"
+        );
+    }
+    assert_eq!(seen["x-end-to-end"], "kept");
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_never_tunnelled() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "").await;
+    let reply = raw_exchange(
+        proxy.address,
+        b"GET /plain HTTP/1.1\r\nHost: app\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nGET /second HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(!reply.contains("101"), "{reply}");
+    let requests = backends[0].requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "both requests were forwarded as plain HTTP/1.1"
+    );
+    assert!(!requests[0].headers.contains_key("upgrade"));
+    assert!(!requests[0].headers.contains_key("http2-settings"));
+    assert_eq!(requests[1].uri.path(), "/second");
+}

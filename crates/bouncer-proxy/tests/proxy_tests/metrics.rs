@@ -1,0 +1,81 @@
+use std::time::Duration;
+
+use bouncer_testkit::{Backend, Clients, TestProxy, metric, raw_exchange};
+
+#[tokio::test]
+async fn metrics_count_requests_and_refusals_exactly() {
+    let backends = Backend::start_many(2).await;
+    let proxy = TestProxy::for_backends(&backends, "").await;
+    let clients = Clients::new();
+    for _ in 0..7 {
+        clients.get(&proxy.url("/")).await;
+    }
+    for _ in 0..3 {
+        clients.get(&proxy.url("/status/503")).await;
+    }
+    clients.get(&proxy.url("/status/404")).await;
+    raw_exchange(
+        proxy.address,
+        b"GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    raw_exchange(
+        proxy.address,
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    raw_exchange(proxy.address, b"GARBAGE\r\n\r\n", Duration::from_secs(5)).await;
+
+    let text = proxy.scrape().await;
+    let requests = |class: &str| {
+        metric(
+            &text,
+            &format!(
+                "bouncer_requests_total{{listener=\"public\",route=\"app\",status_class=\"{class}\"}}"
+            ),
+        )
+    };
+    assert_eq!(requests("2xx"), Some(7.0), "{text}");
+    assert_eq!(requests("5xx"), Some(3.0));
+    assert_eq!(requests("4xx"), Some(1.0));
+    assert_eq!(
+        metric(
+            &text,
+            "bouncer_requests_total{listener=\"public\",route=\"none\",status_class=\"4xx\"}"
+        ),
+        Some(2.0)
+    );
+    // Two refused by the pipeline, one by the HTTP parser itself.
+    assert_eq!(
+        metric(
+            &text,
+            "bouncer_refusals_total{listener=\"public\",reason=\"bad_request\"}"
+        ),
+        Some(3.0)
+    );
+    let backend_requests: f64 = backends
+        .iter()
+        .map(|backend| {
+            metric(
+                &text,
+                &format!(
+                    "bouncer_upstream_requests_total{{upstream=\"app\",backend=\"{}\"}}",
+                    backend.address
+                ),
+            )
+            .unwrap()
+        })
+        .sum();
+    assert_eq!(backend_requests, 11.0);
+    assert_eq!(
+        metric(
+            &text,
+            "bouncer_request_duration_seconds_count{listener=\"public\",route=\"app\"}"
+        ),
+        Some(11.0)
+    );
+    assert!(text.contains("# TYPE bouncer_connections_open gauge"));
+    assert!(text.trim_end().ends_with("# EOF"));
+}

@@ -1,0 +1,63 @@
+use std::time::{Duration, Instant};
+
+use bouncer_testkit::{Backend, TestProxy, read_head};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_headers_gets_408_and_is_disconnected() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "[server]\nheader_timeout = \"200ms\"").await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut reply))
+        .await
+        .expect("the proxy closed the slow connection")
+        .ok();
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert_eq!(backends[0].count(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_outlives_the_header_timeout_then_closes_at_the_idle_timeout()
+{
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(
+        &backends,
+        "[server]\nheader_timeout = \"100ms\"\nidle_timeout = \"600ms\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = [0u8; 10];
+    stream.read_exact(&mut body).await.unwrap();
+    let idle_since = Instant::now();
+
+    // Silence three times longer than the header timeout: the connection must still serve.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.write_all(request).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream.read_exact(&mut body).await.unwrap();
+    let idle_since_second = Instant::now();
+    assert!(idle_since_second - idle_since >= Duration::from_millis(300));
+
+    // Then the idle timeout closes it cleanly.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection was closed")
+        .unwrap();
+    assert!(
+        rest.is_empty(),
+        "nothing is sent on an idle close: {rest:?}"
+    );
+    assert!(idle_since_second.elapsed() >= Duration::from_millis(550));
+}

@@ -1,0 +1,365 @@
+//! Real HTTP backends on loopback port 0 whose behaviour is chosen by the request path, and which
+//! record every request they receive.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/status/{code}` | that status |
+//! | `/delay/{ms}` | 200 after the delay |
+//! | `/hang` | never answers |
+//! | `/reset` | closes the connection without an answer |
+//! | `/bytes/{n}` | `n` bytes, streamed in 64 KiB chunks |
+//! | `/partial/{n}` | promises `2n` bytes, sends `n`, then stalls |
+//! | `/echo` | the request body, streamed back |
+//! | `/count` | the number of request body bytes, after reading them all |
+//! | `/trailers` | a chunked body followed by a `x-checksum` trailer |
+//! | `/ws` | a WebSocket-style upgrade whose tunnel echoes bytes |
+//! | anything else | `backend {index}` |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// Body bytes read, for the paths that read the body (`/echo`, `/count`).
+    pub body_bytes: u64,
+}
+
+struct Shared {
+    index: usize,
+    requests: Mutex<Vec<RecordedRequest>>,
+    count: AtomicUsize,
+    connections: AtomicUsize,
+}
+
+/// A running test backend. Dropping it stops it.
+pub struct Backend {
+    pub address: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+impl Backend {
+    /// Starts backend number `index` on 127.0.0.1, port 0.
+    pub async fn start(index: usize) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a test backend");
+        Self::serve(listener, index)
+    }
+
+    /// Serves on an already bound listener (to bring a backend back on the same port).
+    pub fn serve(listener: TcpListener, index: usize) -> Backend {
+        let address = listener.local_addr().expect("backend address");
+        let shared = Arc::new(Shared {
+            index,
+            requests: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
+        Backend {
+            address,
+            shared,
+            stop,
+        }
+    }
+
+    /// Starts `count` backends numbered from 0.
+    pub async fn start_many(count: usize) -> Vec<Backend> {
+        let mut backends = Vec::with_capacity(count);
+        for index in 0..count {
+            backends.push(Backend::start(index).await);
+        }
+        backends
+    }
+
+    /// Requests received so far.
+    pub fn count(&self) -> usize {
+        self.shared.count.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.requests.lock().expect("requests lock").clone()
+    }
+
+    pub fn last_request(&self) -> RecordedRequest {
+        self.requests()
+            .pop()
+            .expect("the backend received a request")
+    }
+
+    /// Stops accepting and closes every connection at once, like a crashed server.
+    pub fn kill(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped.wait_for(|stop| *stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let shared = Arc::clone(&shared);
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| answer(Arc::clone(&shared), request));
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = stopped.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+}
+
+#[derive(Debug)]
+struct DeliberateReset;
+
+impl std::fmt::Display for DeliberateReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the test backend resets this connection on purpose")
+    }
+}
+
+impl std::error::Error for DeliberateReset {}
+
+async fn answer(
+    shared: Arc<Shared>,
+    mut request: Request<Incoming>,
+) -> Result<Response<BoxBody>, DeliberateReset> {
+    shared.count.fetch_add(1, Ordering::SeqCst);
+    let record = RecordedRequest {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        version: request.version(),
+        headers: request.headers().clone(),
+        body_bytes: 0,
+    };
+    let path = request.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let response = match segments.as_slice() {
+        ["status", code] => {
+            shared.requests.lock().expect("lock").push(record);
+            let status = code
+                .parse()
+                .ok()
+                .and_then(|code| StatusCode::from_u16(code).ok())
+                .unwrap_or(StatusCode::OK);
+            with_status(text(format!("status {status}\n")), status)
+        }
+        ["delay", ms] => {
+            shared.requests.lock().expect("lock").push(record);
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            text(format!("backend {} after {ms} ms\n", shared.index))
+        }
+        ["hang"] => {
+            shared.requests.lock().expect("lock").push(record);
+            std::future::pending::<()>().await;
+            unreachable!("pending never completes")
+        }
+        ["reset"] => {
+            shared.requests.lock().expect("lock").push(record);
+            return Err(DeliberateReset);
+        }
+        ["bytes", n] => {
+            shared.requests.lock().expect("lock").push(record);
+            let total: u64 = n.parse().unwrap_or(0);
+            let mut response = Response::new(PatternBody { remaining: total }.boxed());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+            response
+        }
+        ["partial", n] => {
+            shared.requests.lock().expect("lock").push(record);
+            let sent: u64 = n.parse().unwrap_or(0);
+            let (mut sender, body) =
+                http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
+            tokio::spawn(async move {
+                let _ = sender
+                    .send_data(Bytes::from(vec![b'x'; sent as usize]))
+                    .await;
+                std::future::pending::<()>().await;
+                drop(sender);
+            });
+            let mut response = Response::new(body.boxed());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(2 * sent));
+            response
+        }
+        ["echo"] => {
+            shared.requests.lock().expect("lock").push(record);
+            let body = request.into_body().map_err(std::io::Error::other).boxed();
+            Response::new(body)
+        }
+        ["count"] => {
+            let mut received = 0u64;
+            let mut body = request.into_body();
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => received += frame.data_ref().map_or(0, |data| data.len() as u64),
+                    Err(_) => return Err(DeliberateReset),
+                }
+            }
+            let mut record = record;
+            record.body_bytes = received;
+            shared.requests.lock().expect("lock").push(record);
+            text(format!("{received}"))
+        }
+        ["trailers"] => {
+            shared.requests.lock().expect("lock").push(record);
+            let (sender, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(4);
+            tokio::spawn(async move {
+                let mut sender = sender;
+                let _ = sender.send_data(Bytes::from_static(b"part one, ")).await;
+                let _ = sender.send_data(Bytes::from_static(b"part two")).await;
+                let mut trailers = HeaderMap::new();
+                trailers.insert("x-checksum", HeaderValue::from_static("abc123"));
+                let _ = sender.send_trailers(trailers).await;
+            });
+            let mut response = Response::new(body.boxed());
+            response
+                .headers_mut()
+                .insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+            response
+        }
+        ["ws"] => {
+            shared.requests.lock().expect("lock").push(record);
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let mut io = TokioIo::new(upgraded);
+                let mut buffer = [0u8; 4096];
+                loop {
+                    match io.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if io.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            let mut response = with_status(empty(), StatusCode::SWITCHING_PROTOCOLS);
+            response
+                .headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            response
+        }
+        _ => {
+            shared.requests.lock().expect("lock").push(record);
+            text(format!("backend {}\n", shared.index))
+        }
+    };
+    Ok(response)
+}
+
+fn text(body: String) -> Response<BoxBody> {
+    Response::new(
+        http_body_util::Full::new(Bytes::from(body))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    )
+}
+
+fn empty() -> Response<BoxBody> {
+    text(String::new())
+}
+
+fn with_status(mut response: Response<BoxBody>, status: StatusCode) -> Response<BoxBody> {
+    *response.status_mut() = status;
+    response
+}
+
+/// A body of `remaining` bytes of a repeating pattern, made as it is read.
+struct PatternBody {
+    remaining: u64,
+}
+
+const CHUNK: usize = 64 * 1024;
+
+fn pattern_chunk() -> Bytes {
+    static PATTERN: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    PATTERN
+        .get_or_init(|| Bytes::from((0..CHUNK).map(|i| (i % 251) as u8).collect::<Vec<u8>>()))
+        .clone()
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let size = self.remaining.min(CHUNK as u64) as usize;
+        self.remaining -= size as u64;
+        Poll::Ready(Some(Ok(Frame::data(pattern_chunk().slice(..size)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A request body of `total` bytes of the same pattern, for uploads.
+pub fn pattern_body(total: u64) -> BoxBody {
+    PatternBody { remaining: total }.boxed()
+}
