@@ -199,6 +199,9 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
     for (name, address) in &bound {
         tracing::info!(listener = %name, %address, "listening");
     }
+    if let Some(address) = admin {
+        tracing::info!(listener = "admin", %address, "admin API listening");
+    }
     Ok(RunningProxy {
         listeners: bound,
         admin,

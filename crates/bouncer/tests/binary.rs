@@ -1,0 +1,368 @@
+//! Tests of the `bouncer` binary itself: exit codes, `check`, signals, memory, descriptor exhaustion.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bouncer_testkit::{Backend, Clients, eventually, metric, pattern_body};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_bouncer");
+
+/// A config file in a fresh directory of its own, removed when dropped.
+struct ConfigFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "bouncer-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bouncer.toml");
+        std::fs::write(&path, text).unwrap();
+        ConfigFile { dir, path }
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn proxy_config(backends: &[Backend], extra: &str) -> String {
+    let servers: Vec<String> = backends
+        .iter()
+        .map(|backend| format!("\"{}\"", backend.address))
+        .collect();
+    format!(
+        r#"
+[admin]
+bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = [{}]
+
+[access_log]
+format = "off"
+{extra}
+"#,
+        servers.join(", ")
+    )
+}
+
+/// The proxy binary running with a config; killed when dropped.
+struct RunningBinary {
+    child: Child,
+    public: SocketAddr,
+    admin: SocketAddr,
+    _config: ConfigFile,
+}
+
+impl RunningBinary {
+    /// Starts `bouncer run` (through `wrapper` such as prlimit, if given) and waits until it
+    /// reports both listening addresses on stderr.
+    fn start(config: ConfigFile, wrapper: &[&str]) -> Self {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BINARY);
+                command
+            }
+            None => Command::new(BINARY),
+        };
+        let mut child = command
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let mut public = None;
+        let mut admin = None;
+        // Reading stderr blocks until the proxy writes; it writes these lines right after binding.
+        while public.is_none() || admin.is_none() {
+            let line = lines
+                .next()
+                .expect("the proxy reported its addresses")
+                .unwrap();
+            if let Some(address) = line.split("address=").nth(1) {
+                let address: SocketAddr = address.trim().parse().unwrap();
+                if line.contains("listener=public") {
+                    public = Some(address);
+                } else if line.contains("admin") {
+                    admin = Some(address);
+                }
+            }
+        }
+        // Keep draining stderr so that the proxy never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        RunningBinary {
+            child,
+            public: public.unwrap(),
+            admin: admin.unwrap(),
+            _config: config,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_for_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < deadline, "the proxy did not exit in time");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn peak_memory_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for RunningBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let config = ConfigFile::new(
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:8080\"\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nservers = [\"127.0.0.1:3001\"]\n",
+    );
+    let output = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ok (1 listeners, 1 routes, 1 upstreams)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_lists_every_problem_with_its_place_and_exits_1() {
+    let config = ConfigFile::new(
+        "[[listeners]]\nname = \"a\"\nbind = \"nowhere\"\n[[routes]]\nupstream = \"u2\"\n[upstreams.u]\nservers = [\"127.0.0.1:3001\"]\nconect_timeout = \"1s\"\n",
+    );
+    let output = Command::new(BINARY)
+        .args(["check", "-c"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let file = config.path.display().to_string();
+    for expected in [
+        format!("{file}:3:8: listeners[0].bind: \"nowhere\" is not an IP address with a port"),
+        format!(
+            "{file}:5:12: routes[0].upstream: no upstream is named \"u2\"; did you mean \"u\"?"
+        ),
+        format!(
+            "{file}:8:1: upstreams.u.conect_timeout: unknown key \"conect_timeout\"; did you mean \"connect_timeout\"?"
+        ),
+        "3 problem(s) found".to_string(),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn run_refuses_a_bad_config_and_a_missing_file() {
+    let config = ConfigFile::new("[[listeners]]\n");
+    let output = Command::new(BINARY)
+        .args(["run", "-c"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("listeners[0]"));
+
+    let output = Command::new(BINARY)
+        .args(["-c", "/nonexistent/bouncer.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/bouncer.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help_read_well() {
+    let output = Command::new(BINARY).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("bouncer {}", env!("CARGO_PKG_VERSION"))
+    );
+    let output = Command::new(BINARY).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for word in ["run", "check", "demo", "Examples:"] {
+        assert!(help.contains(word), "{help}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
+    let backends = Backend::start_many(1).await;
+    let mut proxy = RunningBinary::start(
+        ConfigFile::new(&proxy_config(
+            &backends,
+            "[server]\nshutdown_grace = \"10s\"",
+        )),
+        &[],
+    );
+    let url = format!("http://{}/delay/500", proxy.public);
+    let in_flight = tokio::spawn(async move { Clients::new().get(&url).await });
+    eventually(
+        Duration::from_secs(5),
+        "the request reached the backend",
+        || async { backends[0].count() == 1 },
+    )
+    .await;
+    proxy.signal("TERM");
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    let status = tokio::task::block_in_place(|| proxy.wait_for_exit(Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_each_way_streams_through_in_bounded_memory() {
+    const GIB: u64 = 1 << 30;
+    let backends = Backend::start_many(1).await;
+    let proxy = RunningBinary::start(
+        ConfigFile::new(&proxy_config(
+            &backends,
+            "[server]\nmax_body_bytes = \"2GiB\"",
+        )),
+        &[],
+    );
+    let clients = Clients::new();
+    assert_eq!(
+        clients
+            .get(&format!("http://{}/", proxy.public))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let before = proxy.peak_memory_kib();
+
+    let upload = Request::post(format!("http://{}/count", proxy.public))
+        .body(pattern_body(GIB))
+        .unwrap();
+    assert_eq!(clients.send(upload).await.text(), GIB.to_string());
+
+    let response = clients
+        .http1
+        .request(
+            Request::get(format!("http://{}/bytes/{GIB}", proxy.public))
+                .body(bouncer_testkit::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        received += frame
+            .unwrap()
+            .data_ref()
+            .map_or(0, |data| data.len() as u64);
+    }
+    assert_eq!(received, GIB);
+
+    let growth_kib = proxy.peak_memory_kib().saturating_sub(before);
+    eprintln!("peak resident memory: {before} KiB before, grew by {growth_kib} KiB");
+    assert!(
+        growth_kib < 64 * 1024,
+        "peak memory grew by {growth_kib} KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accept_loop_survives_running_out_of_descriptors() {
+    let backends = Backend::start_many(1).await;
+    // With a hard limit of 64 descriptors the proxy cannot raise its own limit.
+    let proxy = RunningBinary::start(
+        ConfigFile::new(&proxy_config(&backends, "")),
+        &["prlimit", "--nofile=64:64"],
+    );
+    let mut hogs = Vec::new();
+    for _ in 0..100 {
+        hogs.push(tokio::net::TcpStream::connect(proxy.public).await.unwrap());
+    }
+    let clients = Clients::new();
+    // Every descriptor is taken: accept() fails with EMFILE, and the proxy keeps trying.
+    drop(hogs);
+    let url = format!("http://{}/", proxy.public);
+    eventually(
+        Duration::from_secs(10),
+        "the proxy serves again once descriptors are free",
+        || {
+            let clients = clients.clone();
+            let url = url.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    clients.http1.get(url.parse().unwrap()),
+                )
+                .await
+                .is_ok_and(|result| {
+                    result.is_ok_and(|response| response.status() == StatusCode::OK)
+                })
+            }
+        },
+    )
+    .await;
+    let scrape = format!("http://{}/metrics", proxy.admin);
+    let text = clients.get(&scrape).await.text();
+    let errors = metric(&text, "bouncer_accept_errors_total{listener=\"public\"}").unwrap();
+    assert!(errors > 0.0, "accept errors were counted:\n{text}");
+}
