@@ -108,6 +108,8 @@ pub fn request_started(activity: &Arc<ConnectionActivity>) -> RequestGuard {
 /// The client socket, wrapped (hyper sees it through `TokioIo`).
 pub struct ClientIo {
     io: TcpStream,
+    /// Bytes read past a PROXY protocol header, handed to hyper before the socket's.
+    replay: bytes::Bytes,
     activity: Arc<ConnectionActivity>,
     idle_timeout: Duration,
     header_timeout: Duration,
@@ -121,6 +123,7 @@ pub struct ClientIo {
 impl ClientIo {
     pub fn new(
         stream: TcpStream,
+        replay: bytes::Bytes,
         idle_timeout: Duration,
         header_timeout: Duration,
         metrics: ListenerMetrics,
@@ -130,6 +133,7 @@ impl ClientIo {
         activity.enter(PHASE_HEAD);
         let io = Self {
             io: stream,
+            replay,
             activity: Arc::clone(&activity),
             idle_timeout,
             header_timeout,
@@ -179,6 +183,14 @@ impl AsyncRead for ClientIo {
                 )));
             }
             // An idle connection (or one that never sent a byte) simply ends, like a clean close.
+            return Poll::Ready(Ok(()));
+        }
+        if !this.replay.is_empty() {
+            let take = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(take));
+            if waiting_for_request {
+                this.head_bytes_seen = true;
+            }
             return Poll::Ready(Ok(()));
         }
         let filled_before = buf.filled().len();

@@ -152,10 +152,11 @@ pub enum Refusal {
     UpstreamConnect,
     UpstreamTimeout,
     UpstreamReset,
+    ProxyProtocol,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -167,6 +168,7 @@ impl Refusal {
         Refusal::UpstreamConnect,
         Refusal::UpstreamTimeout,
         Refusal::UpstreamReset,
+        Refusal::ProxyProtocol,
     ];
 
     pub fn label(self) -> &'static str {
@@ -182,6 +184,7 @@ impl Refusal {
             Refusal::UpstreamConnect => "upstream_connect",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::UpstreamReset => "upstream_reset",
+            Refusal::ProxyProtocol => "proxy_protocol",
         }
     }
 

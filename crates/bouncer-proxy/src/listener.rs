@@ -7,13 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use bouncer_config::{ListenerConfig, ServerConfig};
+use bouncer_rules::proxy_protocol::{MAX_HEADER_BYTES, ProxyHeaderError, parse_proxy_header};
 
 use crate::access_log::AccessLog;
 use crate::conn::ClientIo;
@@ -126,7 +129,7 @@ fn is_transient_peer_error(error: &io::Error) -> bool {
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     runtime: Arc<ListenerRuntime>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -136,8 +139,21 @@ async fn serve_connection(
     let metrics = runtime.metrics.clone();
     metrics.connections_open.inc();
     let _open = OpenConnection(metrics.clone());
+    let (peer, replay) = if runtime.config.proxy_protocol {
+        match read_proxy_header(&mut stream, peer, &runtime).await {
+            Ok(found) => found,
+            Err(reason) => {
+                metrics.refused(Refusal::ProxyProtocol);
+                tracing::info!(%peer, reason, "refused a connection without a valid PROXY protocol header");
+                return;
+            }
+        }
+    } else {
+        (peer, Bytes::new())
+    };
     let (io, activity) = ClientIo::new(
         stream,
+        replay,
         runtime.server.idle_timeout,
         runtime.server.header_timeout,
         metrics.clone(),
@@ -175,6 +191,41 @@ async fn serve_connection(
     if let Err(error) = result {
         record_connection_error(&metrics, peer, error.as_ref());
     }
+}
+
+/// Reads the PROXY protocol header a trusted load balancer sends first, and returns the client
+/// address it names (or the socket peer for `LOCAL` health checks) with any bytes read past it.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    runtime: &ListenerRuntime,
+) -> Result<(SocketAddr, Bytes), &'static str> {
+    if !runtime.config.trusts(peer.ip()) {
+        return Err("the peer is not in trusted_proxies");
+    }
+    let mut buffer = BytesMut::with_capacity(MAX_HEADER_BYTES);
+    let reading = async {
+        loop {
+            if stream
+                .read_buf(&mut buffer)
+                .await
+                .map_err(|_| "read failed")?
+                == 0
+            {
+                return Err("the connection closed inside the header");
+            }
+            match parse_proxy_header(&buffer) {
+                Ok(header) => return Ok(header),
+                Err(ProxyHeaderError::Incomplete) if buffer.len() < MAX_HEADER_BYTES => continue,
+                Err(_) => return Err("malformed header"),
+            }
+        }
+    };
+    let header = tokio::time::timeout(runtime.server.header_timeout, reading)
+        .await
+        .map_err(|_| "the header did not arrive in time")??;
+    let rest = buffer.split_off(header.length).freeze();
+    Ok((header.source.unwrap_or(peer), rest))
 }
 
 /// Counts and logs what hyper refused or failed on by itself, before a request reached the pipeline.

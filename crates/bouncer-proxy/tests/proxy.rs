@@ -8,6 +8,7 @@ mod proxy_tests {
     pub mod headers;
     pub mod metrics;
     pub mod protocols;
+    pub mod proxy_protocol;
     pub mod routing;
     pub mod shutdown;
     pub mod timeouts;

@@ -2,5 +2,7 @@
 //! matters, is passed in, so that every decision can be tested and fuzzed exactly.
 
 pub mod path;
+pub mod proxy_protocol;
 
 pub use path::{PathError, normalise_path, path_has_prefix};
+pub use proxy_protocol::{ProxyHeader, ProxyHeaderError, parse_proxy_header};
