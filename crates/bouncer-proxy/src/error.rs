@@ -144,7 +144,6 @@ pub enum Refusal {
     BadRequest,
     BodyTooLarge,
     HeadersTooLarge,
-    UriTooLong,
     HeaderTimeout,
     NoRoute,
     MethodNotAllowed,
@@ -156,11 +155,10 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 12] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
-        Refusal::UriTooLong,
         Refusal::HeaderTimeout,
         Refusal::NoRoute,
         Refusal::MethodNotAllowed,
@@ -176,7 +174,6 @@ impl Refusal {
             Refusal::BadRequest => "bad_request",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::HeadersTooLarge => "headers_too_large",
-            Refusal::UriTooLong => "uri_too_long",
             Refusal::HeaderTimeout => "header_timeout",
             Refusal::NoRoute => "no_route",
             Refusal::MethodNotAllowed => "method_not_allowed",

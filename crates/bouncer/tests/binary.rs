@@ -366,3 +366,31 @@ async fn the_accept_loop_survives_running_out_of_descriptors() {
     let errors = metric(&text, "bouncer_accept_errors_total{listener=\"public\"}").unwrap();
     assert!(errors > 0.0, "accept errors were counted:\n{text}");
 }
+
+#[test]
+fn every_example_config_is_valid() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .extension()
+            .is_some_and(|extension| extension == "toml")
+        {
+            let output = Command::new(BINARY)
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(0),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} examples found");
+}
