@@ -2,6 +2,8 @@
 //! and the one place that decides which address the client has.
 
 use std::fmt::Write as _;
+
+use bytes::BytesMut;
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -129,40 +131,44 @@ fn parse_forwarded_ip(text: &str) -> Option<IpAddr> {
 /// What the forwarding headers say about this hop.
 pub struct ForwardingFacts<'a> {
     pub client: &'a ClientAddress,
-    pub host: &'a str,
+    /// The socket peer's address as a header value (made once per connection).
+    pub peer: &'a HeaderValue,
+    /// The host as the client sent it (`Host` or `:authority`), port included.
+    pub host: &'a HeaderValue,
     pub scheme: &'static str,
     pub version: http::Version,
+}
+
+/// The socket peer's address as it appears in `X-Forwarded-For`.
+pub fn peer_header(peer: SocketAddr) -> HeaderValue {
+    let ip = canonical_ip(peer.ip());
+    // An IP address's text is always a valid header value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded` and `Via`. From a trusted peer the chain
 /// is extended; from anyone else whatever the client sent is dropped, so that it cannot forge its
 /// address.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'_>) {
-    let peer_ip = canonical_ip(facts.client.peer.ip());
-    let mut peer_text = String::with_capacity(40);
-    let _ = write!(peer_text, "{peer_ip}");
-
+    let scheme = HeaderValue::from_static(facts.scheme);
     if facts.client.peer_trusted {
-        append_comma_separated(headers, &X_FORWARDED_FOR, &peer_text);
+        append_comma_separated(headers, &X_FORWARDED_FOR, facts.peer);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            insert_text(headers, &X_FORWARDED_PROTO, facts.scheme);
+            headers.insert(X_FORWARDED_PROTO.clone(), scheme);
         }
         if !headers.contains_key(&X_FORWARDED_HOST) {
-            insert_text(headers, &X_FORWARDED_HOST, facts.host);
+            headers.insert(X_FORWARDED_HOST.clone(), facts.host.clone());
         }
     } else {
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&X_FORWARDED_PROTO);
-        headers.remove(&X_FORWARDED_HOST);
         headers.remove(header::FORWARDED);
-        insert_text(headers, &X_FORWARDED_FOR, &peer_text);
-        insert_text(headers, &X_FORWARDED_PROTO, facts.scheme);
-        insert_text(headers, &X_FORWARDED_HOST, facts.host);
+        headers.insert(X_FORWARDED_FOR.clone(), facts.peer.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), scheme);
+        headers.insert(X_FORWARDED_HOST.clone(), facts.host.clone());
     }
 
-    let mut forwarded = String::with_capacity(64);
+    let mut forwarded = BytesMut::with_capacity(96);
     // RFC 7239 section 6: IPv6 addresses are quoted and bracketed.
-    match peer_ip {
+    match canonical_ip(facts.client.peer.ip()) {
         IpAddr::V4(v4) => {
             let _ = write!(forwarded, "for={v4}");
         }
@@ -170,20 +176,23 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
             let _ = write!(forwarded, "for=\"[{v6}]\"");
         }
     }
-    if is_token(facts.host) {
-        let _ = write!(forwarded, ";host={}", facts.host);
+    let host = facts.host.to_str().unwrap_or("");
+    if is_token(host) {
+        let _ = write!(forwarded, ";host={host}");
     } else {
-        let _ = write!(forwarded, ";host=\"{}\"", facts.host);
+        let _ = write!(forwarded, ";host=\"{host}\"");
     }
     let _ = write!(forwarded, ";proto={}", facts.scheme);
-    append_comma_separated(headers, &header::FORWARDED, &forwarded);
+    if let Ok(value) = HeaderValue::from_maybe_shared(forwarded.freeze()) {
+        append_comma_separated(headers, &header::FORWARDED, &value);
+    }
 
     let via = match facts.version {
-        http::Version::HTTP_2 => "2 bouncer",
-        http::Version::HTTP_10 => "1.0 bouncer",
-        _ => "1.1 bouncer",
+        http::Version::HTTP_2 => HeaderValue::from_static("2 bouncer"),
+        http::Version::HTTP_10 => HeaderValue::from_static("1.0 bouncer"),
+        _ => HeaderValue::from_static("1.1 bouncer"),
     };
-    append_comma_separated(headers, &header::VIA, via);
+    append_comma_separated(headers, &header::VIA, &via);
 }
 
 fn is_token(text: &str) -> bool {
@@ -193,27 +202,22 @@ fn is_token(text: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn insert_text(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(name.clone(), value);
-    }
-}
-
-/// Joins every existing value of `name` and `addition` into one comma-separated value.
-fn append_comma_separated(headers: &mut HeaderMap, name: &HeaderName, addition: &str) {
-    let mut joined = String::new();
-    for value in headers.get_all(name) {
-        if let Ok(text) = value.to_str() {
-            joined.push_str(text);
-            joined.push_str(", ");
-        }
-    }
-    if joined.is_empty() {
-        insert_text(headers, name, addition);
+/// Joins every existing value of `name` and `addition` into one comma-separated value; when
+/// there is none, `addition` is inserted as it is, without copying.
+fn append_comma_separated(headers: &mut HeaderMap, name: &HeaderName, addition: &HeaderValue) {
+    if !headers.contains_key(name) {
+        headers.insert(name.clone(), addition.clone());
         return;
     }
-    joined.push_str(addition);
-    insert_text(headers, name, &joined);
+    let mut joined = BytesMut::with_capacity(128);
+    for value in headers.get_all(name) {
+        joined.extend_from_slice(value.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(addition.as_bytes());
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(name.clone(), value);
+    }
 }
 
 /// A request id as sent by a trusted peer is kept when it is sane; otherwise a fresh one is made.
@@ -303,7 +307,8 @@ mod tests {
             &mut map,
             &ForwardingFacts {
                 client: &client,
-                host: "app.example",
+                peer: &peer_header(peer),
+                host: &HeaderValue::from_static("app.example"),
                 scheme: "http",
                 version: http::Version::HTTP_11,
             },
@@ -332,7 +337,8 @@ mod tests {
             &mut map,
             &ForwardingFacts {
                 client: &client,
-                host: "h",
+                peer: &peer_header(peer),
+                host: &HeaderValue::from_static("h"),
                 scheme: "https",
                 version: http::Version::HTTP_2,
             },

@@ -21,6 +21,7 @@ use bouncer_rules::proxy_protocol::{MAX_HEADER_BYTES, ProxyHeaderError, parse_pr
 use crate::access_log::AccessLog;
 use crate::conn::ClientIo;
 use crate::error::{Refusal, find_cause};
+use crate::headers::peer_header;
 use crate::metrics::ListenerMetrics;
 use crate::pipeline::{ConnectionContext, handle};
 use crate::routing::RouteTable;
@@ -161,6 +162,7 @@ async fn serve_connection(
     let context = Arc::new(ConnectionContext {
         runtime,
         peer,
+        peer_header: peer_header(peer),
         activity,
         scheme: "http",
     });

@@ -30,6 +30,8 @@ pub struct ConnectionContext {
     pub peer: SocketAddr,
     pub activity: Arc<ConnectionActivity>,
     pub scheme: &'static str,
+    /// The peer's address as a header value, made once for all the connection's requests.
+    pub peer_header: HeaderValue,
 }
 
 /// Handles one request from a client and produces the response to send back.
@@ -124,11 +126,23 @@ async fn forward(
     remove_hop_by_hop(&mut parts.headers, websocket);
     // This proxy answers `Expect: 100-continue` itself when it starts reading the body.
     parts.headers.remove(header::EXPECT);
+    // The host as the client sent it; an absolute-form target (or HTTP/2's :authority) names the
+    // host, and Host must agree with it.
+    let host_header = match &host_source {
+        HostSource::Header(value) => value.clone(),
+        HostSource::Authority(authority) => {
+            let value = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+            parts.headers.insert(header::HOST, value.clone());
+            value
+        }
+    };
     set_forwarding_headers(
         &mut parts.headers,
         &ForwardingFacts {
             client,
-            host: &host,
+            peer: &ctx.peer_header,
+            host: &host_header,
             scheme: ctx.scheme,
             version,
         },
@@ -136,12 +150,6 @@ async fn forward(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
-    if let HostSource::Authority(authority) = &host_source {
-        // An absolute-form target (or HTTP/2's :authority) names the host; Host must agree with it.
-        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(header::HOST, value);
-        }
-    }
     parts.uri = Upstream::uri_for(backend, path_and_query)
         .map_err(|_| ProxyError::BadRequest("invalid target"))?;
     parts.version = Version::HTTP_11;
