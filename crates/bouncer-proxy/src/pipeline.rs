@@ -404,10 +404,13 @@ pub struct Exchange {
     pub(crate) upstream_body_failed: bool,
 }
 
+/// What the log and metrics say when the client went away before it was answered (as nginx does).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 impl Drop for Exchange {
     fn drop(&mut self) {
         if self.status == 0 {
-            return;
+            self.status = CLIENT_CLOSED_REQUEST;
         }
         let total = self.started.elapsed();
         let runtime = &self.runtime;

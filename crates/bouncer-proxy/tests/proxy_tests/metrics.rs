@@ -79,3 +79,25 @@ async fn metrics_count_requests_and_refusals_exactly() {
     assert!(text.contains("# TYPE bouncer_connections_open gauge"));
     assert!(text.trim_end().ends_with("# EOF"));
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_answer_is_counted_as_499() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "").await;
+    let url = proxy.url("/hang");
+    let waiting = tokio::spawn(async move { Clients::new().get(&url).await });
+    bouncer_testkit::eventually(
+        Duration::from_secs(5),
+        "the request reached the backend",
+        || async { backends[0].count() == 1 },
+    )
+    .await;
+    waiting.abort();
+    let sample = "bouncer_requests_total{listener=\"public\",route=\"app\",status_class=\"4xx\"}";
+    bouncer_testkit::eventually(
+        Duration::from_secs(5),
+        "the abandoned request was counted",
+        || async { metric(&proxy.scrape().await, sample) == Some(1.0) },
+    )
+    .await;
+}
