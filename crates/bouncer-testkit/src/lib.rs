@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod backend;
+pub mod certificates;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 
 pub use backend::{Backend, BoxBody, RecordedRequest, pattern_body};
 pub use bouncer_proxy::RunningProxy;
+pub use certificates::{TestCa, TestCertificate};
 
 /// A proxy started in this process from a TOML config.
 pub struct TestProxy {
