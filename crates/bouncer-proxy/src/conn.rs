@@ -21,13 +21,16 @@ use tokio::time::{Instant, Sleep};
 use crate::error::Refusal;
 use crate::metrics::ListenerMetrics;
 
+/// Waiting between requests: the idle clock runs.
 const PHASE_IDLE: u8 = 0;
+/// Part of a request head has arrived (or a new connection waits for its first): the header clock runs.
 const PHASE_HEAD: u8 = 1;
-const PHASE_BUSY: u8 = 2;
 
 const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 26\r\n\r\nrequest headers too slow.\n";
 
-/// What the request pipeline tells a connection's socket about requests in flight.
+/// What the request pipeline tells a connection's socket about requests in flight. While any is in
+/// flight no clock runs here; `phase` only says which clock runs when none is. HTTP/2 requests run
+/// on tasks of their own, so every change is a single atomic step that another thread cannot undo.
 #[derive(Debug)]
 pub struct ConnectionActivity {
     started: Instant,
@@ -69,14 +72,33 @@ impl ConnectionActivity {
         }
     }
 
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// The first bytes of a new request arrived while idle: start the header clock.
+    fn head_started(&self) {
+        let since = self.now_ms();
+        if self
+            .phase
+            .compare_exchange(PHASE_IDLE, PHASE_HEAD, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.phase_since_ms.store(since, Ordering::Release);
+        }
+    }
+
     fn deadline(&self, idle_timeout: Duration, header_timeout: Duration) -> Option<(Instant, u8)> {
+        if self.busy() {
+            return None;
+        }
         let phase = self.phase.load(Ordering::Acquire);
         let since =
             self.started + Duration::from_millis(self.phase_since_ms.load(Ordering::Relaxed));
-        match phase {
-            PHASE_IDLE => Some((since + idle_timeout, PHASE_IDLE)),
-            PHASE_HEAD => Some((since + header_timeout, PHASE_HEAD)),
-            _ => None,
+        if phase == PHASE_HEAD {
+            Some((since + header_timeout, PHASE_HEAD))
+        } else {
+            Some((since + idle_timeout, PHASE_IDLE))
         }
     }
 }
@@ -97,9 +119,7 @@ impl Drop for RequestGuard {
 
 /// Starts tracking a request on `activity`.
 pub fn request_started(activity: &Arc<ConnectionActivity>) -> RequestGuard {
-    if activity.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-        activity.phase.store(PHASE_BUSY, Ordering::Release);
-    }
+    activity.in_flight.fetch_add(1, Ordering::AcqRel);
     RequestGuard {
         activity: Some(Arc::clone(activity)),
     }
@@ -169,7 +189,7 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let waiting_for_request = this.activity.phase.load(Ordering::Acquire) != PHASE_BUSY;
+        let waiting_for_request = !this.activity.busy();
         if waiting_for_request && let Poll::Ready(phase) = this.poll_deadline(cx) {
             let http2 = this.activity.is_http2.load(Ordering::Relaxed);
             if phase == PHASE_HEAD && !http2 && this.head_bytes_seen {
@@ -198,11 +218,10 @@ impl AsyncRead for ClientIo {
         let read_something = buf.filled().len() > filled_before;
         if !waiting_for_request {
             this.head_bytes_seen = false;
-        } else if read_something {
+        } else if read_something && !this.activity.is_http2.load(Ordering::Relaxed) {
+            // On HTTP/2, bytes between streams (pings, window updates) are not a request head.
             this.head_bytes_seen = true;
-            if this.activity.phase.load(Ordering::Acquire) == PHASE_IDLE {
-                this.activity.enter(PHASE_HEAD);
-            }
+            this.activity.head_started();
         }
         Poll::Ready(Ok(()))
     }

@@ -61,3 +61,22 @@ async fn an_idle_keep_alive_connection_outlives_the_header_timeout_then_closes_a
     );
     assert!(idle_since_second.elapsed() >= Duration::from_millis(550));
 }
+
+#[tokio::test]
+async fn requests_slower_than_the_client_clocks_are_not_cut_off() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(
+        &backends,
+        "[server]\nheader_timeout = \"100ms\"\nidle_timeout = \"150ms\"",
+    )
+    .await;
+    let clients = bouncer_testkit::Clients::new();
+    for version in [http::Version::HTTP_11, http::Version::HTTP_2] {
+        let request = http::Request::get(proxy.url("/delay/400"))
+            .version(version)
+            .body(bouncer_testkit::empty())
+            .unwrap();
+        let answer = clients.send(request).await;
+        assert_eq!(answer.status, http::StatusCode::OK, "{version:?}");
+    }
+}
