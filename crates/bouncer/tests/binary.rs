@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bouncer_testkit::{Backend, Clients, eventually, metric, pattern_body};
+use bouncer_testkit::{Backend, Clients, config_for, eventually, metric, pattern_body};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
@@ -40,34 +40,6 @@ impl Drop for ConfigFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn proxy_config(backends: &[Backend], extra: &str) -> String {
-    let servers: Vec<String> = backends
-        .iter()
-        .map(|backend| format!("\"{}\"", backend.address))
-        .collect();
-    format!(
-        r#"
-[admin]
-bind = "127.0.0.1:0"
-
-[[listeners]]
-name = "public"
-bind = "127.0.0.1:0"
-
-[[routes]]
-upstream = "app"
-
-[upstreams.app]
-servers = [{}]
-
-[access_log]
-format = "off"
-{extra}
-"#,
-        servers.join(", ")
-    )
 }
 
 /// The proxy binary running with a config; killed when dropped.
@@ -252,10 +224,7 @@ fn version_and_help_read_well() {
 async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     let backends = Backend::start_many(1).await;
     let mut proxy = RunningBinary::start(
-        ConfigFile::new(&proxy_config(
-            &backends,
-            "[server]\nshutdown_grace = \"10s\"",
-        )),
+        ConfigFile::new(&config_for(&backends, "[server]\nshutdown_grace = \"10s\"")),
         &[],
     );
     let url = format!("http://{}/delay/500", proxy.public);
@@ -278,7 +247,7 @@ async fn a_gigabyte_each_way_streams_through_in_bounded_memory() {
     const GIB: u64 = 1 << 30;
     let backends = Backend::start_many(1).await;
     let proxy = RunningBinary::start(
-        ConfigFile::new(&proxy_config(
+        ConfigFile::new(&config_for(
             &backends,
             "[server]\nmax_body_bytes = \"2GiB\"",
         )),
@@ -331,7 +300,7 @@ async fn the_accept_loop_survives_running_out_of_descriptors() {
     let backends = Backend::start_many(1).await;
     // With a hard limit of 64 descriptors the proxy cannot raise its own limit.
     let proxy = RunningBinary::start(
-        ConfigFile::new(&proxy_config(&backends, "")),
+        ConfigFile::new(&config_for(&backends, "")),
         &["prlimit", "--nofile=64:64"],
     );
     let mut hogs = Vec::new();
