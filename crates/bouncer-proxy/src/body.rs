@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::pipeline::Exchange;
+use crate::pool::Lease;
 
 /// Why a client's request body could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +152,7 @@ pin_project! {
     /// carries the request's [`Exchange`], which logs and counts the request when the body is done.
     pub struct ResponseBody {
         upstream: Option<Incoming>,
+        lease: Option<Lease>,
         fixed: Option<Bytes>,
         read_timeout: Duration,
         last_progress: Instant,
@@ -161,9 +163,15 @@ pin_project! {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, read_timeout: Duration, exchange: Exchange) -> Self {
+    pub fn upstream(
+        body: Incoming,
+        lease: Option<Lease>,
+        read_timeout: Duration,
+        exchange: Exchange,
+    ) -> Self {
         Self {
             upstream: Some(body),
+            lease,
             fixed: None,
             read_timeout,
             last_progress: Instant::now(),
@@ -176,6 +184,7 @@ impl ResponseBody {
         let text = text.into();
         Self {
             upstream: None,
+            lease: None,
             fixed: (!text.is_empty()).then_some(text),
             read_timeout: Duration::ZERO,
             last_progress: Instant::now(),
@@ -203,8 +212,15 @@ impl Body for ResponseBody {
         let Some(upstream) = this.upstream.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(upstream).poll_frame(cx) {
+        match Pin::new(&mut *upstream).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                // The server may stop polling once the body says it is complete, so the
+                // connection is given back at its last frame rather than at the end of the stream.
+                if upstream.is_end_stream()
+                    && let Some(lease) = this.lease.take()
+                {
+                    lease.release();
+                }
                 *this.last_progress = Instant::now();
                 if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut()) {
                     exchange.bytes_out += data.len() as u64;
@@ -220,6 +236,9 @@ impl Body for ResponseBody {
             }
             Poll::Ready(None) => {
                 *this.upstream = None;
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => {

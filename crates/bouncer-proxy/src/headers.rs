@@ -1,8 +1,6 @@
 //! Header work at the proxy boundary: hop-by-hop removal, the forwarding headers, the request id,
 //! and the one place that decides which address the client has.
 
-use std::fmt::Write as _;
-
 use bytes::BytesMut;
 use std::net::{IpAddr, SocketAddr};
 
@@ -20,6 +18,10 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// `Connection` header names. `keep_upgrade` keeps `Upgrade` and `Connection: upgrade` for a
 /// WebSocket handshake; `TE: trailers` is kept because it is end-to-end in meaning (gRPC needs it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names settles that without hashing.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -61,6 +63,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name.as_str().starts_with("proxy-")
 }
 
 /// Who the client is, decided once per request from the socket peer, the listener's trusted
@@ -133,6 +144,8 @@ pub struct ForwardingFacts<'a> {
     pub client: &'a ClientAddress,
     /// The socket peer's address as a header value (made once per connection).
     pub peer: &'a HeaderValue,
+    /// The socket peer as a `Forwarded` node, `for=...` (made once per connection).
+    pub forwarded_for: &'a [u8],
     /// The host as the client sent it (`Host` or `:authority`), port included.
     pub host: &'a HeaderValue,
     pub scheme: &'static str,
@@ -144,6 +157,15 @@ pub fn peer_header(peer: SocketAddr) -> HeaderValue {
     let ip = canonical_ip(peer.ip());
     // An IP address's text is always a valid header value.
     HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// The socket peer as the `for=` parameter of `Forwarded`; RFC 7239 section 6 wants IPv6 addresses
+/// quoted and bracketed.
+pub fn forwarded_for(peer: SocketAddr) -> bytes::Bytes {
+    match canonical_ip(peer.ip()) {
+        IpAddr::V4(v4) => format!("for={v4}").into(),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\"").into(),
+    }
 }
 
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded` and `Via`. From a trusted peer the chain
@@ -166,23 +188,19 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
         headers.insert(X_FORWARDED_HOST.clone(), facts.host.clone());
     }
 
-    let mut forwarded = BytesMut::with_capacity(96);
-    // RFC 7239 section 6: IPv6 addresses are quoted and bracketed.
-    match canonical_ip(facts.client.peer.ip()) {
-        IpAddr::V4(v4) => {
-            let _ = write!(forwarded, "for={v4}");
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(forwarded, "for=\"[{v6}]\"");
-        }
-    }
-    let host = facts.host.to_str().unwrap_or("");
+    let host = facts.host.as_bytes();
+    let mut forwarded = BytesMut::with_capacity(facts.forwarded_for.len() + host.len() + 24);
+    forwarded.extend_from_slice(facts.forwarded_for);
     if is_token(host) {
-        let _ = write!(forwarded, ";host={host}");
+        forwarded.extend_from_slice(b";host=");
+        forwarded.extend_from_slice(host);
     } else {
-        let _ = write!(forwarded, ";host=\"{host}\"");
+        forwarded.extend_from_slice(b";host=\"");
+        forwarded.extend_from_slice(host);
+        forwarded.extend_from_slice(b"\"");
     }
-    let _ = write!(forwarded, ";proto={}", facts.scheme);
+    forwarded.extend_from_slice(b";proto=");
+    forwarded.extend_from_slice(facts.scheme.as_bytes());
     if let Ok(value) = HeaderValue::from_maybe_shared(forwarded.freeze()) {
         append_comma_separated(headers, &header::FORWARDED, &value);
     }
@@ -195,11 +213,11 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
     append_comma_separated(headers, &header::VIA, &via);
 }
 
-fn is_token(text: &str) -> bool {
+fn is_token(text: &[u8]) -> bool {
     !text.is_empty()
         && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Joins every existing value of `name` and `addition` into one comma-separated value; when
@@ -308,6 +326,7 @@ mod tests {
             &ForwardingFacts {
                 client: &client,
                 peer: &peer_header(peer),
+                forwarded_for: &forwarded_for(peer),
                 host: &HeaderValue::from_static("app.example"),
                 scheme: "http",
                 version: http::Version::HTTP_11,
@@ -338,6 +357,7 @@ mod tests {
             &ForwardingFacts {
                 client: &client,
                 peer: &peer_header(peer),
+                forwarded_for: &forwarded_for(peer),
                 host: &HeaderValue::from_static("h"),
                 scheme: "https",
                 version: http::Version::HTTP_2,

@@ -12,6 +12,7 @@ mod headers;
 mod listener;
 mod metrics;
 mod pipeline;
+mod pool;
 mod routing;
 mod upstream;
 

@@ -21,7 +21,7 @@ use bouncer_rules::proxy_protocol::{MAX_HEADER_BYTES, ProxyHeaderError, parse_pr
 use crate::access_log::AccessLog;
 use crate::conn::ClientIo;
 use crate::error::{Refusal, find_cause};
-use crate::headers::peer_header;
+use crate::headers::{forwarded_for, peer_header};
 use crate::metrics::ListenerMetrics;
 use crate::pipeline::{ConnectionContext, handle};
 use crate::routing::RouteTable;
@@ -163,6 +163,7 @@ async fn serve_connection(
         runtime,
         peer,
         peer_header: peer_header(peer),
+        forwarded_for: forwarded_for(peer),
         activity,
         scheme: "http",
     });

@@ -21,8 +21,8 @@ use crate::headers::{
     set_forwarding_headers,
 };
 use crate::listener::ListenerRuntime;
+use crate::pool::Lease;
 use crate::routing::Route;
-use crate::upstream::Upstream;
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -32,6 +32,8 @@ pub struct ConnectionContext {
     pub scheme: &'static str,
     /// The peer's address as a header value, made once for all the connection's requests.
     pub peer_header: HeaderValue,
+    /// The peer as a `Forwarded` node, made once for all the connection's requests.
+    pub forwarded_for: bytes::Bytes,
 }
 
 /// Handles one request from a client and produces the response to send back.
@@ -68,6 +70,8 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
 /// A backend's answer, with what is needed to pass it on.
 struct Forwarded {
     response: Response<Incoming>,
+    /// The backend connection, which goes back to its pool once the response body has been read.
+    lease: Lease,
     read_timeout: Duration,
     client_upgrade: Option<OnUpgrade>,
 }
@@ -142,6 +146,7 @@ async fn forward(
         &ForwardingFacts {
             client,
             peer: &ctx.peer_header,
+            forwarded_for: &ctx.forwarded_for,
             host: &host_header,
             scheme: ctx.scheme,
             version,
@@ -150,8 +155,13 @@ async fn forward(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
-    parts.uri = Upstream::uri_for(backend, path_and_query)
-        .map_err(|_| ProxyError::BadRequest("invalid target"))?;
+    if !parts.headers.contains_key(header::HOST) {
+        let authority = HeaderValue::from_str(backend.authority.as_str())
+            .map_err(|_| ProxyError::BadRequest("invalid target"))?;
+        parts.headers.insert(header::HOST, authority);
+    }
+    // Backends get the origin form (`/path?query`); the host travels in `Host`.
+    parts.uri = http::Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
 
     let (body, progress) = if incoming.is_end_stream() {
@@ -165,12 +175,13 @@ async fn forward(
         )
     };
 
-    let (response, upstream_time) = upstream
+    let (response, lease, upstream_time) = upstream
         .send(backend, Request::from_parts(parts, body), progress)
         .await?;
     exchange.upstream_time = Some(upstream_time);
     Ok(Forwarded {
         response,
+        lease,
         read_timeout: upstream.read_timeout,
         client_upgrade,
     })
@@ -180,6 +191,7 @@ async fn forward(
 fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBody> {
     let Forwarded {
         mut response,
+        lease,
         read_timeout,
         client_upgrade,
     } = forwarded;
@@ -197,6 +209,15 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
         tokio::spawn(tunnel(client_upgrade, backend_upgrade, backend));
     }
     let (mut parts, incoming) = response.into_parts();
+    // A connection that switched protocols belongs to the tunnel now.
+    let lease = if switching {
+        None
+    } else if incoming.is_end_stream() {
+        lease.release();
+        None
+    } else {
+        Some(lease)
+    };
     remove_hop_by_hop(&mut parts.headers, switching);
     parts
         .headers
@@ -204,7 +225,7 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
     exchange.status = parts.status.as_u16();
     Response::from_parts(
         parts,
-        ResponseBody::upstream(incoming, read_timeout, exchange),
+        ResponseBody::upstream(incoming, lease, read_timeout, exchange),
     )
 }
 

@@ -7,6 +7,7 @@ mod proxy_tests {
     pub mod errors;
     pub mod headers;
     pub mod metrics;
+    pub mod pooling;
     pub mod protocols;
     pub mod proxy_protocol;
     pub mod routing;

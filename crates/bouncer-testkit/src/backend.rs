@@ -7,6 +7,7 @@
 //! | `/delay/{ms}` | 200 after the delay |
 //! | `/hang` | never answers |
 //! | `/reset` | closes the connection without an answer |
+//! | `/close` | 200 with `Connection: close`, then closes the connection |
 //! | `/bytes/{n}` | `n` bytes, streamed in 64 KiB chunks |
 //! | `/partial/{n}` | promises `2n` bytes, sends `n`, then stalls |
 //! | `/echo` | the request body, streamed back |
@@ -53,6 +54,7 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     count: AtomicUsize,
     connections: AtomicUsize,
+    open_connections: AtomicUsize,
 }
 
 /// A running test backend. Dropping it stops it.
@@ -79,6 +81,7 @@ impl Backend {
             requests: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            open_connections: AtomicUsize::new(0),
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
@@ -106,6 +109,11 @@ impl Backend {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open_connections.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
@@ -142,9 +150,11 @@ async fn accept_loop(
         };
         let Ok((stream, _)) = accepted else { continue };
         shared.connections.fetch_add(1, Ordering::SeqCst);
+        shared.open_connections.fetch_add(1, Ordering::SeqCst);
         let shared = Arc::clone(&shared);
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
+            let counted = Arc::clone(&shared);
             let service = service_fn(move |request| answer(Arc::clone(&shared), request));
             let builder = auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -152,6 +162,7 @@ async fn accept_loop(
                 _ = connection => {}
                 _ = stopped.wait_for(|stop| *stop) => {}
             }
+            counted.open_connections.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
@@ -200,6 +211,14 @@ async fn answer(
             shared.requests.lock().expect("lock").push(record);
             std::future::pending::<()>().await;
             unreachable!("pending never completes")
+        }
+        ["close"] => {
+            shared.requests.lock().expect("lock").push(record);
+            let mut response = text("closing\n".to_string());
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
         }
         ["reset"] => {
             shared.requests.lock().expect("lock").push(record);

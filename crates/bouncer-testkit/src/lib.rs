@@ -71,6 +71,11 @@ impl TestProxy {
 /// upstream `app` made of `backends`, and `extra` appended (more sections, or keys of `[server]`
 /// when `extra` starts with `[server]`).
 pub fn config_for(backends: &[Backend], extra: &str) -> String {
+    config_with_upstream_keys(backends, "", extra)
+}
+
+/// Like [`config_for`], with `upstream_keys` added to `[upstreams.app]`.
+pub fn config_with_upstream_keys(backends: &[Backend], upstream_keys: &str, extra: &str) -> String {
     let servers: Vec<String> = backends
         .iter()
         .map(|backend| format!("\"{}\"", backend.address))
@@ -93,6 +98,7 @@ servers = [{servers}]
 connect_timeout = "1s"
 response_timeout = "5s"
 read_timeout = "5s"
+{upstream_keys}
 
 [access_log]
 format = "off"
