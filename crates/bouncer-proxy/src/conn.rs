@@ -173,12 +173,21 @@ impl ClientIo {
         else {
             return Poll::Pending;
         };
-        if self.timer_deadline != Some(deadline) {
+        // The timer is moved only to an earlier deadline. Moving it costs more than letting it
+        // fire early now and then and setting it again, and under steady traffic the deadline
+        // moves later with every request.
+        if self.timer_deadline.is_none_or(|armed| deadline < armed) {
             self.timer.as_mut().reset(deadline);
             self.timer_deadline = Some(deadline);
         }
-        ready!(self.timer.as_mut().poll(cx));
-        Poll::Ready(phase)
+        loop {
+            ready!(self.timer.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                return Poll::Ready(phase);
+            }
+            self.timer.as_mut().reset(deadline);
+            self.timer_deadline = Some(deadline);
+        }
     }
 }
 

@@ -18,19 +18,32 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// `Connection` header names. `keep_upgrade` keeps `Upgrade` and `Connection: upgrade` for a
 /// WebSocket handshake; `TE: trailers` is kept because it is end-to-end in meaning (gRPC needs it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of them: one pass over the names settles that without hashing.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names tells which are present; most messages carry none, or only
+    // `Connection: keep-alive`, and then nothing is hashed or allocated.
+    let mut present = HopByHop::default();
+    for name in headers.keys() {
+        present.note(name);
+    }
+    if present == HopByHop::default() {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-            .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-            .collect();
+    if present.connection {
+        // Names listed in `Connection` other than those removed below anyway. `close` and
+        // `keep-alive` are options, not names, and the usual case.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                let usual = token.is_empty()
+                    || token.eq_ignore_ascii_case(b"close")
+                    || token.eq_ignore_ascii_case(b"keep-alive")
+                    || token.eq_ignore_ascii_case(b"upgrade")
+                    || token.eq_ignore_ascii_case(b"te");
+                if !usual && let Ok(name) = HeaderName::from_bytes(token) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }
@@ -39,21 +52,24 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(header::TRANSFER_ENCODING);
-    if !keep_upgrade {
+    if present.keep_alive {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present.transfer_encoding {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present.upgrade && !keep_upgrade {
         headers.remove(header::UPGRADE);
     }
-    let te_is_trailers = headers
-        .get(header::TE)
-        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_is_trailers {
-        headers.remove(header::TE);
+    if present.te {
+        let te_is_trailers = headers
+            .get(header::TE)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !te_is_trailers {
+            headers.remove(header::TE);
+        }
     }
-    let has_proxy_headers = headers
-        .keys()
-        .any(|name| name.as_str().starts_with("proxy-"));
-    if has_proxy_headers {
+    if present.proxy {
         let proxy_headers: Vec<HeaderName> = headers
             .keys()
             .filter(|name| name.as_str().starts_with("proxy-"))
@@ -65,13 +81,33 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name.as_str().starts_with("proxy-")
+/// Which hop-by-hop headers a message has.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HopByHop {
+    connection: bool,
+    keep_alive: bool,
+    transfer_encoding: bool,
+    upgrade: bool,
+    te: bool,
+    proxy: bool,
+}
+
+impl HopByHop {
+    fn note(&mut self, name: &HeaderName) {
+        if name == header::CONNECTION {
+            self.connection = true;
+        } else if name == KEEP_ALIVE {
+            self.keep_alive = true;
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == header::UPGRADE {
+            self.upgrade = true;
+        } else if name == header::TE {
+            self.te = true;
+        } else if name.as_str().starts_with("proxy-") {
+            self.proxy = true;
+        }
+    }
 }
 
 /// Who the client is, decided once per request from the socket peer, the listener's trusted
@@ -182,7 +218,6 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
             headers.insert(X_FORWARDED_HOST.clone(), facts.host.clone());
         }
     } else {
-        headers.remove(header::FORWARDED);
         headers.insert(X_FORWARDED_FOR.clone(), facts.peer.clone());
         headers.insert(X_FORWARDED_PROTO.clone(), scheme);
         headers.insert(X_FORWARDED_HOST.clone(), facts.host.clone());
@@ -202,7 +237,12 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
     forwarded.extend_from_slice(b";proto=");
     forwarded.extend_from_slice(facts.scheme.as_bytes());
     if let Ok(value) = HeaderValue::from_maybe_shared(forwarded.freeze()) {
-        append_comma_separated(headers, &header::FORWARDED, &value);
+        if facts.client.peer_trusted {
+            append_comma_separated(headers, &header::FORWARDED, &value);
+        } else {
+            // Whatever an untrusted client sent is replaced.
+            headers.insert(header::FORWARDED, value);
+        }
     }
 
     let via = match facts.version {
@@ -223,18 +263,21 @@ fn is_token(text: &[u8]) -> bool {
 /// Joins every existing value of `name` and `addition` into one comma-separated value; when
 /// there is none, `addition` is inserted as it is, without copying.
 fn append_comma_separated(headers: &mut HeaderMap, name: &HeaderName, addition: &HeaderValue) {
-    if !headers.contains_key(name) {
-        headers.insert(name.clone(), addition.clone());
-        return;
-    }
+    let mut existing = match headers.entry(name) {
+        header::Entry::Vacant(vacant) => {
+            vacant.insert(addition.clone());
+            return;
+        }
+        header::Entry::Occupied(occupied) => occupied,
+    };
     let mut joined = BytesMut::with_capacity(128);
-    for value in headers.get_all(name) {
+    for value in existing.iter() {
         joined.extend_from_slice(value.as_bytes());
         joined.extend_from_slice(b", ");
     }
     joined.extend_from_slice(addition.as_bytes());
     if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
-        headers.insert(name.clone(), value);
+        existing.insert(value);
     }
 }
 

@@ -126,6 +126,8 @@ async fn forward(
     exchange.backend = Some(Arc::clone(&backend.label));
 
     let (mut parts, incoming) = request.into_parts();
+    // Room for the headers added below, so that the map grows once rather than step by step.
+    parts.headers.reserve(6);
     let version = parts.version;
     remove_hop_by_hop(&mut parts.headers, websocket);
     // This proxy answers `Expect: 100-continue` itself when it starts reading the body.
