@@ -255,9 +255,26 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
 
 fn is_token(text: &[u8]) -> bool {
     !text.is_empty()
-        && text
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && text.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
 }
 
 /// Joins every existing value of `name` and `addition` into one comma-separated value; when
@@ -294,6 +311,15 @@ pub fn request_id(headers: &HeaderMap, peer_trusted: bool) -> HeaderValue {
     new_request_id()
 }
 
+/// Request ids are cut from a per-thread block of memory: one allocation serves many requests, and
+/// each id is a shared slice, so the copies in the request, the response and the log are free.
+const REQUEST_ID_BLOCK: usize = 32 * 128;
+
+thread_local! {
+    static REQUEST_ID_BUFFER: std::cell::RefCell<BytesMut> =
+        std::cell::RefCell::new(BytesMut::new());
+}
+
 fn new_request_id() -> HeaderValue {
     let id: u128 = rand::random();
     let mut text = [0u8; 32];
@@ -302,8 +328,15 @@ fn new_request_id() -> HeaderValue {
         let nibble = (id >> (124 - 4 * index)) & 0xf;
         *byte = HEX[nibble as usize];
     }
+    let shared = REQUEST_ID_BUFFER.with_borrow_mut(|buffer| {
+        if buffer.capacity() < text.len() {
+            *buffer = BytesMut::with_capacity(REQUEST_ID_BLOCK);
+        }
+        buffer.extend_from_slice(&text);
+        buffer.split_to(text.len()).freeze()
+    });
     // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    HeaderValue::from_maybe_shared(shared).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -423,6 +456,19 @@ mod tests {
         let garbage = headers(&[("x-forwarded-for", "not-an-ip")]);
         let client = ClientAddress::resolve(peer, &listener(&["10.0.0.0/8"]), &garbage);
         assert_eq!(client.ip, peer.ip());
+    }
+
+    #[test]
+    fn fresh_request_ids_are_distinct_hex_across_buffer_blocks() {
+        let count = 3 * REQUEST_ID_BLOCK / 32 + 5;
+        let ids: std::collections::HashSet<Vec<u8>> = (0..count)
+            .map(|_| new_request_id().as_bytes().to_vec())
+            .collect();
+        assert_eq!(ids.len(), count);
+        assert!(
+            ids.iter()
+                .all(|id| id.len() == 32 && id.iter().all(u8::is_ascii_hexdigit))
+        );
     }
 
     #[test]
