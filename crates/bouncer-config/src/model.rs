@@ -101,7 +101,10 @@ impl fmt::Display for HostPattern {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub name: String,
-    pub servers: Vec<ServerAddress>,
+    pub servers: Vec<BackendSpec>,
+    pub balance: Balance,
+    /// What `consistent_hash` hashes; `None` for the other algorithms.
+    pub hash_key: Option<HashKey>,
     pub connect_timeout: Duration,
     /// Until the response headers arrive.
     pub response_timeout: Duration,
@@ -111,6 +114,90 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+}
+
+/// One entry of `servers`: an address with its share of the traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub address: ServerAddress,
+    /// Relative share of the requests, 1 to 1000.
+    pub weight: u32,
+    /// Used only when no primary backend is available.
+    pub backup: bool,
+}
+
+/// How an upstream spreads requests over its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+    PeakEwma,
+    Random,
+    ConsistentHash,
+}
+
+impl Balance {
+    pub const NAMES: &'static str =
+        "round_robin, least_connections, peak_ewma, random, consistent_hash";
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "round_robin" => Some(Balance::RoundRobin),
+            "least_connections" => Some(Balance::LeastConnections),
+            "peak_ewma" => Some(Balance::PeakEwma),
+            "random" => Some(Balance::Random),
+            "consistent_hash" => Some(Balance::ConsistentHash),
+            _ => None,
+        }
+    }
+}
+
+/// What a consistent hash is computed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    /// A request header, by its lower-case name.
+    Header(String),
+    Cookie(String),
+    /// The normalised path, without the query.
+    Path,
+    /// The normalised path with the query.
+    Uri,
+}
+
+impl HashKey {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let nonempty = |name: &str, what: &str| {
+            if name.is_empty() {
+                Err(format!("\"{text}\" names no {what}"))
+            } else {
+                Ok(name.to_string())
+            }
+        };
+        match text {
+            "client_ip" => Ok(HashKey::ClientIp),
+            "path" => Ok(HashKey::Path),
+            "uri" => Ok(HashKey::Uri),
+            _ => {
+                if let Some(name) = text.strip_prefix("header:") {
+                    let name = nonempty(name, "header")?;
+                    let valid = name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                    if !valid {
+                        return Err(format!("\"{name}\" is not a valid header name"));
+                    }
+                    Ok(HashKey::Header(name.to_ascii_lowercase()))
+                } else if let Some(name) = text.strip_prefix("cookie:") {
+                    Ok(HashKey::Cookie(nonempty(name, "cookie")?))
+                } else {
+                    Err(format!(
+                        "\"{text}\" is not a hash key: use client_ip, header:NAME, cookie:NAME, path or uri"
+                    ))
+                }
+            }
+        }
+    }
 }
 
 /// A backend address: an IP or a host name, and a port.

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use toml_edit::Document;
+use toml_edit::{Document, Value};
 
 use crate::diagnostics::{ConfigProblems, Diagnostics};
 use crate::model::*;
@@ -159,6 +159,7 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
         };
         let mut upstream = Section::new(table, path, span.clone());
         let servers = read_servers(d, &mut upstream);
+        let (balance, hash_key) = read_balance(d, &mut upstream);
         let connect_timeout = upstream.duration(
             d,
             "connect_timeout",
@@ -190,6 +191,8 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
         upstreams.push(UpstreamConfig {
             name: name.to_string(),
             servers,
+            balance,
+            hash_key,
             connect_timeout,
             response_timeout,
             read_timeout,
@@ -207,9 +210,10 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
     upstreams
 }
 
-fn read_servers(d: &mut Diagnostics, upstream: &mut Section) -> Vec<ServerAddress> {
+/// `servers`: each entry a `"host:port"` string (weight 1) or a table `{ addr, weight, backup }`.
+fn read_servers(d: &mut Diagnostics, upstream: &mut Section) -> Vec<BackendSpec> {
     let path = upstream.key_path("servers");
-    let Some(entries) = upstream.strings(d, "servers") else {
+    let Some((item, span)) = upstream.item("servers") else {
         d.report(
             upstream.span(),
             path,
@@ -217,28 +221,142 @@ fn read_servers(d: &mut Diagnostics, upstream: &mut Section) -> Vec<ServerAddres
         );
         return Vec::new();
     };
-    if entries.is_empty() {
-        d.report(upstream.span(), path.clone(), "servers cannot be empty");
-    }
-    let mut servers = Vec::with_capacity(entries.len());
-    for (index, (text, span)) in entries.into_iter().enumerate() {
-        match parse_server_address(&text) {
-            Ok(address) if servers.contains(&address) => {
-                d.report(
-                    span,
-                    format!("{path}[{index}]"),
-                    format!("\"{text}\" is listed twice"),
-                );
-            }
-            Ok(address) => servers.push(address),
-            Err(reason) => d.report(
-                span,
-                format!("{path}[{index}]"),
-                format!("\"{text}\": {reason}"),
+    let Some(array) = item.as_array() else {
+        d.report(
+            span,
+            path,
+            expected(
+                "an array of \"host:port\" strings or { addr = ... } tables",
+                item,
             ),
+        );
+        return Vec::new();
+    };
+    if array.is_empty() {
+        d.report(span.clone(), path.clone(), "servers cannot be empty");
+    }
+    let mut servers: Vec<BackendSpec> = Vec::with_capacity(array.len());
+    for (index, value) in array.iter().enumerate() {
+        let entry_path = format!("{path}[{index}]");
+        let spec = match value {
+            Value::String(text) => parse_server_address(text.value())
+                .map(|address| BackendSpec {
+                    address,
+                    weight: 1,
+                    backup: false,
+                })
+                .map_err(|reason| {
+                    (
+                        value.span(),
+                        entry_path.clone(),
+                        format!("\"{}\": {reason}", text.value()),
+                    )
+                }),
+            Value::InlineTable(table) => {
+                let mut entry = Section::new(table, entry_path.clone(), value.span());
+                let spec = read_server_table(d, &mut entry);
+                entry.finish(d);
+                match spec {
+                    Some(spec) => Ok(spec),
+                    None => continue,
+                }
+            }
+            other => Err((
+                other.span(),
+                entry_path.clone(),
+                format!(
+                    "expected a \"host:port\" string or a {{ addr = ... }} table, found {}",
+                    other.type_name()
+                ),
+            )),
+        };
+        match spec {
+            Ok(spec) if servers.iter().any(|known| known.address == spec.address) => d.report(
+                value.span(),
+                entry_path,
+                format!("\"{}\" is listed twice", spec.address),
+            ),
+            Ok(spec) => servers.push(spec),
+            Err((span, path, reason)) => d.report(span, path, reason),
         }
     }
+    if !servers.is_empty() && servers.iter().all(|server| server.backup) {
+        d.report(
+            span,
+            path,
+            "every server is a backup: at least one must be a primary",
+        );
+    }
     servers
+}
+
+fn read_server_table(d: &mut Diagnostics, entry: &mut Section) -> Option<BackendSpec> {
+    let weight = entry.integer(d, "weight", 1, 1000).unwrap_or(1);
+    let backup = entry.bool(d, "backup").unwrap_or(false);
+    let Some((text, span)) = entry.string(d, "addr") else {
+        d.report(
+            entry.span(),
+            entry.key_path("addr"),
+            "a server table needs addr = \"host:port\"",
+        );
+        return None;
+    };
+    match parse_server_address(&text) {
+        Ok(address) => Some(BackendSpec {
+            address,
+            weight: u32::try_from(weight).unwrap_or(1),
+            backup,
+        }),
+        Err(reason) => {
+            d.report(
+                span,
+                entry.key_path("addr"),
+                format!("\"{text}\": {reason}"),
+            );
+            None
+        }
+    }
+}
+
+fn read_balance(d: &mut Diagnostics, upstream: &mut Section) -> (Balance, Option<HashKey>) {
+    let balance = match upstream.string(d, "balance") {
+        None => Balance::RoundRobin,
+        Some((name, span)) => Balance::from_name(&name).unwrap_or_else(|| {
+            d.report(
+                span,
+                upstream.key_path("balance"),
+                format!(
+                    "\"{name}\" is not a balancing algorithm: use one of {}",
+                    Balance::NAMES
+                ),
+            );
+            Balance::RoundRobin
+        }),
+    };
+    let hash_key = match upstream.string(d, "hash_key") {
+        Some((text, span)) => {
+            if balance != Balance::ConsistentHash {
+                d.report(
+                    span.clone(),
+                    upstream.key_path("hash_key"),
+                    "hash_key applies only to balance = \"consistent_hash\"",
+                );
+            }
+            match HashKey::parse(&text) {
+                Ok(key) => Some(key),
+                Err(reason) => {
+                    d.report(span, upstream.key_path("hash_key"), reason);
+                    None
+                }
+            }
+        }
+        None if balance == Balance::ConsistentHash => Some(HashKey::ClientIp),
+        None => None,
+    };
+    (
+        balance,
+        hash_key.filter(|_| balance == Balance::ConsistentHash),
+    )
 }
 
 fn parse_server_address(text: &str) -> Result<ServerAddress, String> {

@@ -46,6 +46,8 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
+    #[error("no backend of upstream {upstream} is available")]
+    NoBackendAvailable { upstream: String },
     #[error("backend {backend} failed while answering")]
     UpstreamFailed {
         backend: String,
@@ -66,6 +68,7 @@ impl ProxyError {
             | ProxyError::ConnectTimeout { .. }
             | ProxyError::ResponseTimeout { .. }
             | ProxyError::UpstreamReset { .. }
+            | ProxyError::NoBackendAvailable { .. }
             | ProxyError::UpstreamFailed { .. } => Side::Upstream,
         }
     }
@@ -73,7 +76,9 @@ impl ProxyError {
     /// Whether the request certainly never reached a backend, so that any method may be retried.
     pub fn never_reached_backend(&self) -> bool {
         match self {
-            ProxyError::ConnectFailed { .. } | ProxyError::ConnectTimeout { .. } => true,
+            ProxyError::ConnectFailed { .. }
+            | ProxyError::ConnectTimeout { .. }
+            | ProxyError::NoBackendAvailable { .. } => true,
             ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::NoRoute
@@ -129,6 +134,11 @@ impl ProxyError {
                 "backend closed the connection\n",
                 Refusal::UpstreamReset,
             ),
+            ProxyError::NoBackendAvailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no backend available\n",
+                Refusal::NoBackend,
+            ),
             ProxyError::UpstreamFailed { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "backend error\n",
@@ -152,10 +162,11 @@ pub enum Refusal {
     UpstreamTimeout,
     UpstreamReset,
     ProxyProtocol,
+    NoBackend,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -167,6 +178,7 @@ impl Refusal {
         Refusal::UpstreamTimeout,
         Refusal::UpstreamReset,
         Refusal::ProxyProtocol,
+        Refusal::NoBackend,
     ];
 
     pub fn label(self) -> &'static str {
@@ -182,6 +194,7 @@ impl Refusal {
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::UpstreamReset => "upstream_reset",
             Refusal::ProxyProtocol => "proxy_protocol",
+            Refusal::NoBackend => "no_backend",
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod access_log;
 mod admin;
+mod balance;
 mod body;
 mod conn;
 pub mod demo;

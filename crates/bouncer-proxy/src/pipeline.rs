@@ -13,6 +13,7 @@ use hyper::upgrade::OnUpgrade;
 
 use bouncer_rules::normalise_path;
 
+use crate::balance::request_key_hash;
 use crate::body::{BodyProgress, RequestBody, ResponseBody};
 use crate::conn::{ConnectionActivity, RequestGuard, request_started};
 use crate::error::{ProxyError, Refusal, Side};
@@ -23,6 +24,7 @@ use crate::headers::{
 use crate::listener::ListenerRuntime;
 use crate::pool::Lease;
 use crate::routing::Route;
+use crate::upstream::InFlight;
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -58,6 +60,7 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
         bytes_out: 0,
         route: None,
         backend: None,
+        backend_in_flight: None,
         upstream_time: None,
         upstream_body_failed: false,
     };
@@ -97,6 +100,15 @@ async fn forward(
             .ok_or(ProxyError::NoRoute)?,
     );
     exchange.route = Some(Arc::clone(&route));
+    let key_hash = route.upstream.hash_key.as_ref().and_then(|key| {
+        request_key_hash(
+            key,
+            client.ip,
+            request.headers(),
+            &path,
+            request.uri().query(),
+        )
+    });
 
     let max_body = ctx.runtime.server.max_body_bytes;
     if declared_length(&request).is_some_and(|length| length > max_body) {
@@ -122,8 +134,10 @@ async fn forward(
     let client_upgrade: Option<OnUpgrade> = websocket.then(|| hyper::upgrade::on(&mut request));
 
     let upstream = &route.upstream;
-    let backend = upstream.pick();
+    let (backend_index, in_flight) = upstream.pick(key_hash)?;
+    let backend = &upstream.backends[backend_index];
     exchange.backend = Some(Arc::clone(&backend.label));
+    exchange.backend_in_flight = Some(in_flight);
 
     let (mut parts, incoming) = request.into_parts();
     // Room for the headers added below, so that the map grows once rather than step by step.
@@ -178,7 +192,7 @@ async fn forward(
     };
 
     let (response, lease, upstream_time) = upstream
-        .send(backend, Request::from_parts(parts, body), progress)
+        .send(backend_index, Request::from_parts(parts, body), progress)
         .await?;
     exchange.upstream_time = Some(upstream_time);
     Ok(Forwarded {
@@ -268,6 +282,10 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(X_REQUEST_ID.clone(), request_id);
+    if refusal == Refusal::NoBackend {
+        // Health checks go on; a client may come back shortly.
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     // After a malformed request, or one whose body was not read, the connection cannot be trusted
     // to be in step with the client any more.
     if matches!(
@@ -423,6 +441,8 @@ pub struct Exchange {
     pub(crate) bytes_out: u64,
     route: Option<Arc<Route>>,
     backend: Option<Arc<str>>,
+    /// Counts the request at its backend for least-connections and peak-EWMA balancing.
+    backend_in_flight: Option<InFlight>,
     upstream_time: Option<Duration>,
     pub(crate) upstream_body_failed: bool,
 }

@@ -3,15 +3,16 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use bouncer_config::UpstreamConfig;
+use bouncer_config::{HashKey, UpstreamConfig};
 
+use crate::balance::{BackendLoad, Balancer, PickInput};
 use crate::body::{BodyProgress, RequestBody, RequestBodyError};
 use crate::error::{BoxError, ProxyError, find_cause};
 use crate::metrics::{BackendMetrics, Metrics};
@@ -27,8 +28,15 @@ pub struct Backend {
 }
 
 pub struct Upstream {
+    pub name: String,
     pub backends: Vec<Backend>,
-    next: AtomicUsize,
+    /// The balancer's view of each backend, in the order of `backends`.
+    loads: Vec<BackendLoad>,
+    balancer: Balancer,
+    /// What `consistent_hash` hashes.
+    pub hash_key: Option<HashKey>,
+    /// Whether latencies are tracked (only peak EWMA uses them).
+    tracks_latency: bool,
     pub response_timeout: Duration,
     pub read_timeout: Duration,
 }
@@ -44,37 +52,68 @@ impl Upstream {
             .servers
             .iter()
             .map(|server| {
-                let label = server.to_string();
+                let label = server.address.to_string();
                 Ok(Backend {
                     authority: Authority::try_from(label.as_str())?,
                     metrics: metrics.backend(&config.name, &label),
-                    pool: ConnectionPool::new(server.clone(), settings.clone()),
+                    pool: ConnectionPool::new(server.address.clone(), settings.clone()),
                     label: label.into(),
                 })
             })
             .collect::<Result<Vec<_>, http::Error>>()?;
+        let loads: Vec<BackendLoad> = config
+            .servers
+            .iter()
+            .map(|server| BackendLoad::new(server.weight, server.backup))
+            .collect();
+        let names: Vec<String> = config
+            .servers
+            .iter()
+            .map(|server| server.address.to_string())
+            .collect();
         Ok(Self {
+            name: config.name.clone(),
+            balancer: Balancer::new(config.balance, &loads, &names),
+            loads,
             backends,
-            next: AtomicUsize::new(0),
+            hash_key: config.hash_key.clone(),
+            tracks_latency: config.balance == bouncer_config::Balance::PeakEwma,
             response_timeout: config.response_timeout,
             read_timeout: config.read_timeout,
         })
     }
 
-    /// Round robin over the backends.
-    pub fn pick(&self) -> &Backend {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len().max(1);
-        &self.backends[index]
+    /// Chooses the backend for a request and counts it in flight there until the returned guard
+    /// is dropped. `key_hash` is the hash of the configured key, for `consistent_hash`.
+    pub fn pick(self: &Arc<Self>, key_hash: Option<u64>) -> Result<(usize, InFlight), ProxyError> {
+        let input = PickInput {
+            key_hash,
+            random: rand::random(),
+            now: Instant::now(),
+        };
+        let index = self
+            .balancer
+            .pick(&self.loads, |_| true, &input)
+            .ok_or_else(|| ProxyError::NoBackendAvailable {
+                upstream: self.name.clone(),
+            })?;
+        self.loads[index].in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight {
+            upstream: Arc::clone(self),
+            index,
+        };
+        Ok((index, guard))
     }
 
     /// Sends `request` to `backend` and waits for its response headers. The response clock starts
     /// once the request body has been sent, so that a slow upload is not mistaken for a slow backend.
     pub async fn send(
         &self,
-        backend: &Backend,
+        index: usize,
         request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
     ) -> Result<(Response<Incoming>, Lease, Duration), ProxyError> {
+        let backend = &self.backends[index];
         backend.metrics.requests.inc();
         let started = Instant::now();
         let response_timeout = self.response_timeout;
@@ -93,6 +132,10 @@ impl Upstream {
             }),
         };
         let elapsed = started.elapsed();
+        if self.tracks_latency {
+            // A failure counts as slow as it took, so that a failing backend is not preferred.
+            self.loads[index].observe_latency(elapsed, started + elapsed);
+        }
         match result {
             Ok((response, lease)) => {
                 backend
@@ -108,6 +151,21 @@ impl Upstream {
                 Err(error)
             }
         }
+    }
+}
+
+/// Counts a request in flight at one backend until dropped, which is when its response has been
+/// passed on in full (or abandoned).
+pub struct InFlight {
+    upstream: Arc<Upstream>,
+    index: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.upstream.loads[self.index]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

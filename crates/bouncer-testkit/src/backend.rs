@@ -55,6 +55,8 @@ struct Shared {
     count: AtomicUsize,
     connections: AtomicUsize,
     open_connections: AtomicUsize,
+    /// Added before every answer.
+    latency: Duration,
 }
 
 /// A running test backend. Dropping it stops it.
@@ -75,6 +77,18 @@ impl Backend {
 
     /// Serves on an already bound listener (to bring a backend back on the same port).
     pub fn serve(listener: TcpListener, index: usize) -> Backend {
+        Self::serve_with_latency(listener, index, Duration::ZERO)
+    }
+
+    /// Starts backend number `index` that waits `latency` before every answer.
+    pub async fn start_slow(index: usize, latency: Duration) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a test backend");
+        Self::serve_with_latency(listener, index, latency)
+    }
+
+    fn serve_with_latency(listener: TcpListener, index: usize, latency: Duration) -> Backend {
         let address = listener.local_addr().expect("backend address");
         let shared = Arc::new(Shared {
             index,
@@ -82,6 +96,7 @@ impl Backend {
             count: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             open_connections: AtomicUsize::new(0),
+            latency,
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
@@ -183,6 +198,9 @@ async fn answer(
     mut request: Request<Incoming>,
 ) -> Result<Response<BoxBody>, DeliberateReset> {
     shared.count.fetch_add(1, Ordering::SeqCst);
+    if !shared.latency.is_zero() {
+        tokio::time::sleep(shared.latency).await;
+    }
     let record = RecordedRequest {
         method: request.method().clone(),
         uri: request.uri().clone(),

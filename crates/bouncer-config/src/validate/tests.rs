@@ -65,7 +65,7 @@ fn the_documented_shape_is_accepted() {
     assert_eq!(config.routes[1].path_prefix, "/");
     let upstream = config.upstream("app").expect("upstream");
     assert_eq!(upstream.servers.len(), 3);
-    assert_eq!(upstream.servers[1].to_string(), "[::1]:3002");
+    assert_eq!(upstream.servers[1].address.to_string(), "[::1]:3002");
     assert_eq!(upstream.read_timeout, Duration::from_millis(500));
     assert_eq!(config.server.max_body_bytes, 100 << 20);
     assert_eq!(config.access_log.format, AccessLogFormat::Common);
@@ -222,4 +222,88 @@ fn host_patterns_match_exact_and_wildcard_names() {
     assert!(wildcard.matches("a.b.app.example"));
     assert!(!wildcard.matches("app.example"));
     assert!(!wildcard.matches("xapp.example"));
+}
+
+const BALANCED: &str = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+balance = "consistent_hash"
+hash_key = "header:X-User"
+servers = [
+  { addr = "127.0.0.1:3001", weight = 3 },
+  { addr = "127.0.0.1:3002", backup = true },
+  "127.0.0.1:3003",
+]
+"#;
+
+#[test]
+fn servers_take_weights_and_backups_and_the_balance_is_read() {
+    let config = parse(Path::new("bouncer.toml"), BALANCED).expect("valid config");
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.balance, crate::Balance::ConsistentHash);
+    assert_eq!(
+        upstream.hash_key,
+        Some(crate::HashKey::Header("x-user".into()))
+    );
+    let shape: Vec<(String, u32, bool)> = upstream
+        .servers
+        .iter()
+        .map(|server| (server.address.to_string(), server.weight, server.backup))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            ("127.0.0.1:3001".into(), 3, false),
+            ("127.0.0.1:3002".into(), 1, true),
+            ("127.0.0.1:3003".into(), 1, false),
+        ]
+    );
+}
+
+#[test]
+fn balance_mistakes_are_each_reported() {
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[[routes]]
+path_prefix = "/b"
+upstream = "b"
+
+[upstreams.app]
+balance = "least_conn"
+hash_key = "client_ip"
+servers = [{ addr = "127.0.0.1:1", weight = 0 }, { adr = "127.0.0.1:2" }, 7]
+
+[upstreams.b]
+balance = "consistent_hash"
+hash_key = "body"
+servers = [{ addr = "127.0.0.1:3", backup = true }]
+"#;
+    let lines: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+    for fragment in [
+        "upstreams.app.balance: \"least_conn\" is not a balancing algorithm",
+        "upstreams.app.hash_key: hash_key applies only to balance = \"consistent_hash\"",
+        "upstreams.app.servers[0].weight: 0 is out of range",
+        "upstreams.app.servers[1].adr: unknown key \"adr\"; did you mean \"addr\"?",
+        "upstreams.app.servers[1].addr: a server table needs addr",
+        "upstreams.app.servers[2]: expected a \"host:port\" string or a { addr = ... } table, found integer",
+        "upstreams.b.hash_key: \"body\" is not a hash key",
+        "upstreams.b.servers: every server is a backup",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(fragment)),
+            "missing {fragment:?} in {lines:#?}"
+        );
+    }
 }
