@@ -114,6 +114,71 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// Other backends to try after a failure that is safe to retry.
+    pub retries: u32,
+    pub retry_on: RetryOn,
+    /// Request bodies up to this size are kept so that they can be sent again.
+    pub retry_buffer: u64,
+    pub health_check: Option<HealthCheckConfig>,
+    pub outlier_detection: Option<OutlierDetectionConfig>,
+}
+
+/// Which failures a request is retried on (`retry_on`). A failure to connect is always retried:
+/// the request reached no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryOn {
+    /// The backend closed or reset the connection before any response header.
+    pub reset_before_response: bool,
+    /// The backend sent no response headers within `response_timeout`.
+    pub timeout: bool,
+    pub status_502: bool,
+    pub status_503: bool,
+    pub status_504: bool,
+}
+
+impl RetryOn {
+    pub const NAMES: &'static str =
+        "connect_failure, reset_before_response, timeout, 502, 503, 504";
+
+    pub fn retries_status(&self, status: u16) -> bool {
+        match status {
+            502 => self.status_502,
+            503 => self.status_503,
+            504 => self.status_504,
+            _ => false,
+        }
+    }
+}
+
+/// `[upstreams.NAME.health_check]`: active checks of every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Inclusive range of statuses that count as healthy.
+    pub expect_status: (u16, u16),
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+/// `[upstreams.NAME.outlier_detection]`: passive ejection from real traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierDetectionConfig {
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each further ejection of the same backend lasts longer.
+    pub ejection_time: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            ejection_time: Duration::from_secs(30),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 /// One entry of `servers`: an address with its share of the traffic.

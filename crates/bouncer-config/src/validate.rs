@@ -187,6 +187,25 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
             Duration::from_secs(60),
             Duration::from_millis(1),
         );
+        let retries = upstream.integer(d, "retries", 0, 10).unwrap_or(2);
+        let retry_on = read_retry_on(d, &mut upstream);
+        let retry_buffer = upstream.size(d, "retry_buffer", 64 * 1024, 0, 64 * 1024 * 1024);
+        let health_check = upstream.table(d, "health_check").map(|mut section| {
+            let check = read_health_check(d, &mut section);
+            section.finish(d);
+            check
+        });
+        // On unless switched off with max_ejected_percent = 0, as nginx marks a failing server
+        // unavailable by default: a dead backend must not cost every request a failed connect.
+        let outlier_detection = match upstream.table(d, "outlier_detection") {
+            Some(mut section) => {
+                let detection = read_outlier_detection(d, &mut section);
+                section.finish(d);
+                Some(detection)
+            }
+            None => Some(OutlierDetectionConfig::default()),
+        }
+        .filter(|detection| detection.max_ejected_percent > 0);
         upstream.finish(d);
         upstreams.push(UpstreamConfig {
             name: name.to_string(),
@@ -198,6 +217,11 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
             read_timeout,
             pool_max_idle: usize::try_from(pool_max_idle).unwrap_or(256),
             pool_idle_timeout,
+            retries: u32::try_from(retries).unwrap_or(2),
+            retry_on,
+            retry_buffer,
+            health_check,
+            outlier_detection,
         });
     }
     if upstreams.is_empty() {
@@ -315,6 +339,135 @@ fn read_server_table(d: &mut Diagnostics, entry: &mut Section) -> Option<Backend
             );
             None
         }
+    }
+}
+
+fn read_retry_on(d: &mut Diagnostics, upstream: &mut Section) -> RetryOn {
+    let default = RetryOn {
+        reset_before_response: true,
+        timeout: true,
+        status_502: true,
+        status_503: true,
+        status_504: true,
+    };
+    let Some(entries) = upstream.strings(d, "retry_on") else {
+        return default;
+    };
+    let mut retry_on = RetryOn::default();
+    for (index, (name, span)) in entries.into_iter().enumerate() {
+        match name.as_str() {
+            // Always on: such a request reached no backend.
+            "connect_failure" => {}
+            "reset_before_response" => retry_on.reset_before_response = true,
+            "timeout" => retry_on.timeout = true,
+            "502" => retry_on.status_502 = true,
+            "503" => retry_on.status_503 = true,
+            "504" => retry_on.status_504 = true,
+            _ => d.report(
+                span,
+                format!("{}[{index}]", upstream.key_path("retry_on")),
+                format!(
+                    "\"{name}\" is not a retry condition: use {}",
+                    RetryOn::NAMES
+                ),
+            ),
+        }
+    }
+    retry_on
+}
+
+fn read_health_check(d: &mut Diagnostics, section: &mut Section) -> HealthCheckConfig {
+    let path = match section.string(d, "path") {
+        Some((path, _))
+            if path.starts_with('/')
+                && !path.bytes().any(|b| b.is_ascii_control() || b == b' ') =>
+        {
+            path
+        }
+        Some((path, span)) => {
+            d.report(
+                span,
+                section.key_path("path"),
+                format!(
+                    "\"{path}\" is not a request path: it must start with / and hold no spaces"
+                ),
+            );
+            "/".to_string()
+        }
+        None => "/".to_string(),
+    };
+    let interval = section.duration(
+        d,
+        "interval",
+        Duration::from_secs(2),
+        Duration::from_millis(10),
+    );
+    let timeout = section.duration(
+        d,
+        "timeout",
+        Duration::from_secs(1),
+        Duration::from_millis(1),
+    );
+    let expect_status = match section.string(d, "expect_status") {
+        None => (200, 399),
+        Some((text, span)) => parse_status_range(&text).unwrap_or_else(|reason| {
+            d.report(
+                span,
+                section.key_path("expect_status"),
+                format!("\"{text}\": {reason}"),
+            );
+            (200, 399)
+        }),
+    };
+    let healthy_threshold = section.integer(d, "healthy_threshold", 1, 100).unwrap_or(2);
+    let unhealthy_threshold = section
+        .integer(d, "unhealthy_threshold", 1, 100)
+        .unwrap_or(3);
+    HealthCheckConfig {
+        path,
+        interval,
+        timeout,
+        expect_status,
+        healthy_threshold: u32::try_from(healthy_threshold).unwrap_or(2),
+        unhealthy_threshold: u32::try_from(unhealthy_threshold).unwrap_or(3),
+    }
+}
+
+/// `"200"` or `"200-399"`.
+fn parse_status_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text.split_once('-').unwrap_or((text, text));
+    let parse = |part: &str| -> Result<u16, String> {
+        match part.trim().parse::<u16>() {
+            Ok(code) if (100..=599).contains(&code) => Ok(code),
+            _ => Err(format!(
+                "\"{part}\" is not a status code between 100 and 599"
+            )),
+        }
+    };
+    let (low, high) = (parse(low)?, parse(high)?);
+    if low > high {
+        return Err("the range is empty: its first code is above its last".to_string());
+    }
+    Ok((low, high))
+}
+
+fn read_outlier_detection(d: &mut Diagnostics, section: &mut Section) -> OutlierDetectionConfig {
+    let consecutive_failures = section
+        .integer(d, "consecutive_failures", 1, 1000)
+        .unwrap_or(5);
+    let ejection_time = section.duration(
+        d,
+        "ejection_time",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+    );
+    let max_ejected_percent = section
+        .integer(d, "max_ejected_percent", 0, 100)
+        .unwrap_or(50);
+    OutlierDetectionConfig {
+        consecutive_failures: u32::try_from(consecutive_failures).unwrap_or(5),
+        ejection_time,
+        max_ejected_percent: u32::try_from(max_ejected_percent).unwrap_or(50),
     }
 }
 

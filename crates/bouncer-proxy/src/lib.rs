@@ -10,6 +10,7 @@ mod conn;
 pub mod demo;
 mod error;
 mod headers;
+mod health;
 mod listener;
 mod metrics;
 mod pipeline;
@@ -124,7 +125,17 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 upstream: upstream.name.clone(),
                 source,
             })?;
-        upstreams.insert(upstream.name.as_str(), Arc::new(pool));
+        let pool = Arc::new(pool);
+        for index in 0..pool.backends.len() {
+            pool.refresh_health_gauge(index);
+        }
+        if let Some(check) = &upstream.health_check {
+            health::spawn_checks(&pool, check);
+        }
+        if upstream.outlier_detection.is_some() {
+            tokio::spawn(upstream::refresh_health_gauges(Arc::downgrade(&pool)));
+        }
+        upstreams.insert(upstream.name.as_str(), pool);
     }
 
     let (lifecycle, lifecycle_receiver) = watch::channel(Lifecycle::Running);

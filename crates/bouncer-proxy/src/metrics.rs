@@ -42,6 +42,13 @@ struct UpstreamLabels {
     backend: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthCheckLabels {
+    upstream: String,
+    backend: String,
+    result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -57,6 +64,11 @@ pub struct Metrics {
     upstream_duration: HistogramFamily<UpstreamLabels>,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_failures: Family<UpstreamLabels, Counter>,
+    upstream_in_flight: Family<UpstreamLabels, Gauge>,
+    upstream_healthy: Family<UpstreamLabels, Gauge>,
+    upstream_ejections: Family<UpstreamLabels, Counter>,
+    upstream_retries: Family<UpstreamLabels, Counter>,
+    health_checks: Family<HealthCheckLabels, Counter>,
     connections_open: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
     accept_errors: Family<ListenerLabels, Counter>,
@@ -103,6 +115,36 @@ impl Metrics {
             "Requests to each backend that failed (connect, reset, timeout)",
             upstream_failures.clone(),
         );
+        let upstream_in_flight = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_in_flight_requests",
+            "Requests sent to each backend and not yet answered in full",
+            upstream_in_flight.clone(),
+        );
+        let upstream_healthy = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_healthy",
+            "Whether each backend may take requests (1) or is down or ejected (0)",
+            upstream_healthy.clone(),
+        );
+        let upstream_ejections = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_ejections",
+            "Times each backend was ejected by outlier detection",
+            upstream_ejections.clone(),
+        );
+        let upstream_retries = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent again to another backend after this one failed",
+            upstream_retries.clone(),
+        );
+        let health_checks = Family::<HealthCheckLabels, Counter>::default();
+        registry.register(
+            "health_checks",
+            "Active health checks of each backend, by result (success, failure)",
+            health_checks.clone(),
+        );
         let connections_open = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "connections_open",
@@ -140,6 +182,11 @@ impl Metrics {
             upstream_duration,
             upstream_requests,
             upstream_failures,
+            upstream_in_flight,
+            upstream_healthy,
+            upstream_ejections,
+            upstream_retries,
+            health_checks,
             connections_open,
             connections_accepted,
             accept_errors,
@@ -200,6 +247,20 @@ impl Metrics {
             requests: self.upstream_requests.get_or_create_owned(&labels),
             failures: self.upstream_failures.get_or_create_owned(&labels),
             response_duration: self.upstream_duration.get_or_create_owned(&labels),
+            in_flight: self.upstream_in_flight.get_or_create_owned(&labels),
+            healthy: self.upstream_healthy.get_or_create_owned(&labels),
+            ejections: self.upstream_ejections.get_or_create_owned(&labels),
+            retries: self.upstream_retries.get_or_create_owned(&labels),
+            checks_passed: self.health_checks.get_or_create_owned(&HealthCheckLabels {
+                upstream: upstream.to_string(),
+                backend: backend.to_string(),
+                result: "success",
+            }),
+            checks_failed: self.health_checks.get_or_create_owned(&HealthCheckLabels {
+                upstream: upstream.to_string(),
+                backend: backend.to_string(),
+                result: "failure",
+            }),
         }
     }
 
@@ -243,4 +304,11 @@ pub struct BackendMetrics {
     pub requests: Counter,
     pub failures: Counter,
     pub response_duration: Histogram,
+    pub in_flight: Gauge,
+    pub healthy: Gauge,
+    pub ejections: Counter,
+    /// Retries of requests that failed at this backend.
+    pub retries: Counter,
+    pub checks_passed: Counter,
+    pub checks_failed: Counter,
 }

@@ -25,6 +25,7 @@ use crate::listener::ListenerRuntime;
 use crate::pool::Lease;
 use crate::routing::Route;
 use crate::upstream::InFlight;
+use bouncer_config::RetryOn;
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -134,11 +135,6 @@ async fn forward(
     let client_upgrade: Option<OnUpgrade> = websocket.then(|| hyper::upgrade::on(&mut request));
 
     let upstream = &route.upstream;
-    let (backend_index, in_flight) = upstream.pick(key_hash)?;
-    let backend = &upstream.backends[backend_index];
-    exchange.backend = Some(Arc::clone(&backend.label));
-    exchange.backend_in_flight = Some(in_flight);
-
     let (mut parts, incoming) = request.into_parts();
     // Room for the headers added below, so that the map grows once rather than step by step.
     parts.headers.reserve(6);
@@ -171,11 +167,8 @@ async fn forward(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
-    if !parts.headers.contains_key(header::HOST) {
-        let authority = HeaderValue::from_str(backend.authority.as_str())
-            .map_err(|_| ProxyError::BadRequest("invalid target"))?;
-        parts.headers.insert(header::HOST, authority);
-    }
+    // An HTTP/1.0 request may come without a host; the backend's own name is sent then.
+    let host_missing = !parts.headers.contains_key(header::HOST);
     // Backends get the origin form (`/path?query`); the host travels in `Host`.
     parts.uri = http::Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
@@ -190,17 +183,134 @@ async fn forward(
             Some(progress),
         )
     };
+    // A copy to send again after a failure that may have reached the backend: only for idempotent
+    // requests without a body, and only when some such failure is to be retried.
+    let replay = (upstream.retries > 0
+        && progress.is_none()
+        && !websocket
+        && is_idempotent(&parts.method)
+        && upstream.retry_on != RetryOn::default())
+    .then(|| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        headers: parts.headers.clone(),
+    });
 
-    let (response, lease, upstream_time) = upstream
-        .send(backend_index, Request::from_parts(parts, body), progress)
-        .await?;
-    exchange.upstream_time = Some(upstream_time);
-    Ok(Forwarded {
-        response,
-        lease,
-        read_timeout: upstream.read_timeout,
-        client_upgrade,
-    })
+    let mut request = Request::from_parts(parts, body);
+    let mut tried = 0u64;
+    let mut attempt = 0u32;
+    let mut last_error: Option<ProxyError> = None;
+    loop {
+        let (backend_index, in_flight) = match upstream.pick(key_hash, tried) {
+            Ok(picked) => picked,
+            // No other backend to try: the client learns what went wrong with the last one.
+            Err(none_left) => return Err(last_error.unwrap_or(none_left)),
+        };
+        let backend = &upstream.backends[backend_index];
+        exchange.backend = Some(Arc::clone(&backend.label));
+        exchange.backend_in_flight = Some(in_flight);
+        if host_missing {
+            let authority = HeaderValue::from_str(backend.authority.as_str())
+                .map_err(|_| ProxyError::BadRequest("invalid target"))?;
+            request.headers_mut().insert(header::HOST, authority);
+        }
+        let may_retry = attempt < upstream.retries;
+        let failure = match upstream
+            .send(backend_index, request, progress.clone())
+            .await
+        {
+            Ok((response, lease, upstream_time)) => {
+                let status = response.status().as_u16();
+                // The backend's own answer is kept when there is no other backend to ask.
+                let retry = may_retry
+                    && upstream.retry_on.retries_status(status)
+                    && replay.is_some()
+                    && upstream.any_available(tried | bit(backend_index));
+                match replay.as_ref() {
+                    Some(copy) if retry && upstream.take_retry(backend_index) => {
+                        tracing::debug!(backend = %backend.label, status, "retrying on another backend");
+                        // The failed answer is dropped; its connection closes unless it was done.
+                        drop((response, lease));
+                        request = copy.request();
+                        tried |= bit(backend_index);
+                        attempt += 1;
+                        continue;
+                    }
+                    _ => {}
+                }
+                exchange.upstream_time = Some(upstream_time);
+                return Ok(Forwarded {
+                    response,
+                    lease,
+                    read_timeout: upstream.read_timeout,
+                    client_upgrade,
+                });
+            }
+            Err(failure) => failure,
+        };
+        let (error, unsent) = failure;
+        if may_retry && let Some(unsent) = unsent {
+            // It reached no backend, so any request may go to another, and doing so adds no load
+            // to the fleet: such retries are not counted against the budget.
+            tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "sending to another backend");
+            backend.metrics.retries.inc();
+            request = unsent;
+            tried |= bit(backend_index);
+            attempt += 1;
+            last_error = Some(error);
+            continue;
+        }
+        let next = if !may_retry {
+            None
+        } else {
+            let retryable = match &error {
+                ProxyError::UpstreamReset { .. } => upstream.retry_on.reset_before_response,
+                ProxyError::ResponseTimeout { .. } => upstream.retry_on.timeout,
+                _ => false,
+            };
+            replay.as_ref().filter(|_| retryable).map(Replay::request)
+        };
+        match next {
+            Some(again) if upstream.take_retry(backend_index) => {
+                tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "retrying on another backend");
+                request = again;
+                tried |= bit(backend_index);
+                attempt += 1;
+                last_error = Some(error);
+            }
+            _ => return Err(error),
+        }
+    }
+}
+
+/// What is needed to send a bodiless request again.
+struct Replay {
+    method: Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<RequestBody> {
+        let mut request = Request::new(RequestBody::empty());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+fn bit(index: usize) -> u64 {
+    1u64.checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+/// Methods that may be sent twice without changing the outcome (RFC 9110 section 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Passes a backend's response on to the client, its body streaming.

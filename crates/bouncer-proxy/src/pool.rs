@@ -85,14 +85,20 @@ impl ConnectionPool {
     /// Sends `request` on a pooled connection, or a new one. A request that a reused connection
     /// refused before writing any of it (the backend had just closed it) is sent again on another
     /// connection, as it cannot have reached the backend.
+    ///
+    /// On failure the request comes back when none of it was sent, so that it can go to another
+    /// backend.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<(Response<Incoming>, Lease), (SendError, Option<Request<RequestBody>>)> {
         loop {
             let (mut sender, reused) = match self.take_idle().await {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                None => match self.connect().await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => return Err((error, Some(request))),
+                },
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -104,7 +110,7 @@ impl ConnectionPool {
                 }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(SendError::Exchange(error.into_error())),
+                    unsent => return Err((SendError::Exchange(error.into_error()), unsent)),
                 },
             }
         }

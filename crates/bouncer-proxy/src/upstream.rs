@@ -10,11 +10,12 @@ use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use bouncer_config::{HashKey, UpstreamConfig};
+use bouncer_config::{HashKey, RetryOn, UpstreamConfig};
 
 use crate::balance::{BackendLoad, Balancer, PickInput};
 use crate::body::{BodyProgress, RequestBody, RequestBodyError};
-use crate::error::{BoxError, ProxyError, find_cause};
+use crate::error::{BoxError, ProxyError, Side, find_cause};
+use crate::health::{UpstreamHealth, Verdict};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::pool::{ConnectionPool, Lease, PoolSettings, SendError};
 
@@ -39,6 +40,11 @@ pub struct Upstream {
     tracks_latency: bool,
     pub response_timeout: Duration,
     pub read_timeout: Duration,
+    pub health: UpstreamHealth,
+    /// Other backends to try after a failure that is safe to retry.
+    pub retries: u32,
+    pub retry_on: RetryOn,
+    retry_budget: RetryBudget,
 }
 
 impl Upstream {
@@ -80,24 +86,69 @@ impl Upstream {
             tracks_latency: config.balance == bouncer_config::Balance::PeakEwma,
             response_timeout: config.response_timeout,
             read_timeout: config.read_timeout,
+            health: UpstreamHealth::new(config.servers.len(), config.outlier_detection.clone()),
+            retries: config.retries,
+            retry_on: config.retry_on,
+            retry_budget: RetryBudget::new(),
         })
     }
 
+    /// Sets backend `index`'s health gauge from its state now.
+    pub fn refresh_health_gauge(&self, index: usize) {
+        let available = self.health.is_available(index, tokio::time::Instant::now());
+        self.backends[index]
+            .metrics
+            .healthy
+            .set(i64::from(available));
+    }
+
+    /// Whether any backend outside `tried` may take a request now.
+    pub fn any_available(&self, tried: u64) -> bool {
+        let now = tokio::time::Instant::now();
+        (0..self.backends.len()).any(|index| {
+            (index >= 64 || tried & (1 << index) == 0) && self.health.is_available(index, now)
+        })
+    }
+
+    /// Whether a retry may be spent now; spends it when so.
+    pub fn take_retry(&self, failed_backend: usize) -> bool {
+        let granted = self.retry_budget.withdraw();
+        if granted {
+            self.backends[failed_backend].metrics.retries.inc();
+        }
+        granted
+    }
+
     /// Chooses the backend for a request and counts it in flight there until the returned guard
-    /// is dropped. `key_hash` is the hash of the configured key, for `consistent_hash`.
-    pub fn pick(self: &Arc<Self>, key_hash: Option<u64>) -> Result<(usize, InFlight), ProxyError> {
+    /// is dropped. `key_hash` is the hash of the configured key, for `consistent_hash`; `tried`
+    /// holds the backends this request already failed at (bit i for backend i), which are avoided.
+    pub fn pick(
+        self: &Arc<Self>,
+        key_hash: Option<u64>,
+        tried: u64,
+    ) -> Result<(usize, InFlight), ProxyError> {
+        let now = tokio::time::Instant::now();
+        if tried == 0 {
+            self.retry_budget.deposit();
+        }
         let input = PickInput {
             key_hash,
             random: rand::random(),
-            now: Instant::now(),
+            now: now.into_std(),
         };
+        let not_tried = |index: usize| index >= 64 || tried & (1 << index) == 0;
         let index = self
             .balancer
-            .pick(&self.loads, |_| true, &input)
+            .pick(
+                &self.loads,
+                |index| not_tried(index) && self.health.is_available(index, now),
+                &input,
+            )
             .ok_or_else(|| ProxyError::NoBackendAvailable {
                 upstream: self.name.clone(),
             })?;
         self.loads[index].in_flight.fetch_add(1, Ordering::Relaxed);
+        self.backends[index].metrics.in_flight.inc();
         let guard = InFlight {
             upstream: Arc::clone(self),
             index,
@@ -107,12 +158,14 @@ impl Upstream {
 
     /// Sends `request` to `backend` and waits for its response headers. The response clock starts
     /// once the request body has been sent, so that a slow upload is not mistaken for a slow backend.
+    /// On failure, the request comes back when none of it was sent.
     pub async fn send(
         &self,
         index: usize,
         request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
-    ) -> Result<(Response<Incoming>, Lease, Duration), ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease, Duration), (ProxyError, Option<Request<RequestBody>>)>
+    {
         let backend = &self.backends[index];
         backend.metrics.requests.inc();
         let started = Instant::now();
@@ -125,11 +178,13 @@ impl Upstream {
         };
         let result = tokio::select! {
             biased;
-            result = backend.pool.send(request) => result.map_err(|error| classify(error, backend)),
-            () = response_clock => Err(ProxyError::ResponseTimeout {
+            result = backend.pool.send(request) => {
+                result.map_err(|(error, unsent)| (classify(error, backend), unsent))
+            }
+            () = response_clock => Err((ProxyError::ResponseTimeout {
                 backend: backend.label.to_string(),
                 timeout: response_timeout,
-            }),
+            }, None)),
         };
         let elapsed = started.elapsed();
         if self.tracks_latency {
@@ -142,14 +197,48 @@ impl Upstream {
                     .metrics
                     .response_duration
                     .observe(elapsed.as_secs_f64());
+                if response.status().is_server_error() {
+                    self.record_failure(index);
+                } else {
+                    self.health.record_success(index);
+                }
                 Ok((response, lease, elapsed))
             }
-            Err(error) => {
-                if error.side() == crate::error::Side::Upstream {
+            Err((error, unsent)) => {
+                if error.side() == Side::Upstream {
                     backend.metrics.failures.inc();
+                    self.record_failure(index);
                 }
-                Err(error)
+                Err((error, unsent))
             }
+        }
+    }
+
+    /// Passive outlier detection: a failure of real traffic at backend `index`.
+    fn record_failure(&self, index: usize) {
+        if let Verdict::Ejected(length) = self
+            .health
+            .record_failure(index, tokio::time::Instant::now())
+        {
+            let backend = &self.backends[index];
+            backend.metrics.ejections.inc();
+            tracing::warn!(upstream = %self.name, backend = %backend.label, ejected_for = ?length, "backend ejected after consecutive failures");
+            self.refresh_health_gauge(index);
+        }
+    }
+}
+
+/// Keeps the health gauges true when ejections run out, as long as the upstream exists.
+pub async fn refresh_health_gauges(upstream: std::sync::Weak<Upstream>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(upstream) = upstream.upgrade() else {
+            return;
+        };
+        for index in 0..upstream.backends.len() {
+            upstream.refresh_health_gauge(index);
         }
     }
 }
@@ -166,6 +255,40 @@ impl Drop for InFlight {
         self.upstream.loads[self.index]
             .in_flight
             .fetch_sub(1, Ordering::Relaxed);
+        self.upstream.backends[self.index].metrics.in_flight.dec();
+    }
+}
+
+/// Retries may be at most about a fifth of the requests, plus a small reserve, so that a failing
+/// fleet is not hit by a storm of retries. Counted in thousandths of a retry.
+struct RetryBudget {
+    balance: std::sync::atomic::AtomicI64,
+}
+
+impl RetryBudget {
+    const PER_REQUEST: i64 = 200;
+    const PER_RETRY: i64 = 1000;
+    const RESERVE: i64 = 10 * Self::PER_RETRY;
+
+    fn new() -> Self {
+        Self {
+            balance: std::sync::atomic::AtomicI64::new(Self::RESERVE),
+        }
+    }
+
+    fn deposit(&self) {
+        // Skipped when full, which spares the write on a healthy fleet's hot path.
+        if self.balance.load(Ordering::Relaxed) < Self::RESERVE {
+            self.balance.fetch_add(Self::PER_REQUEST, Ordering::Relaxed);
+        }
+    }
+
+    fn withdraw(&self) -> bool {
+        self.balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |balance| {
+                (balance >= Self::PER_RETRY).then_some(balance - Self::PER_RETRY)
+            })
+            .is_ok()
     }
 }
 
@@ -196,6 +319,14 @@ fn classify(error: SendError, backend: &Backend) -> ProxyError {
     }
     let reset = find_cause::<hyper::Error>(&error).is_some_and(|hyper_error| {
         hyper_error.is_incomplete_message() || hyper_error.is_canceled() || hyper_error.is_closed()
+    }) || find_cause::<io::Error>(&error).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+        )
     });
     let source: BoxError = Box::new(error);
     if reset {

@@ -6,6 +6,7 @@ mod proxy_tests {
     pub mod balancing;
     pub mod bodies;
     pub mod errors;
+    pub mod failover;
     pub mod headers;
     pub mod metrics;
     pub mod pooling;

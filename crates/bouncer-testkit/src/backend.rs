@@ -55,8 +55,22 @@ struct Shared {
     count: AtomicUsize,
     connections: AtomicUsize,
     open_connections: AtomicUsize,
-    /// Added before every answer.
-    latency: Duration,
+    behaviour: Behaviour,
+}
+
+/// How a backend answers every request, whatever its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// As the path says (see the table above).
+    Normal,
+    /// As the path says, after this delay.
+    Latency(Duration),
+    /// This status, with a short body.
+    Status(u16),
+    /// Reads the request, then closes the connection without an answer.
+    Reset,
+    /// Reads the request and never answers.
+    Hang,
 }
 
 /// A running test backend. Dropping it stops it.
@@ -77,18 +91,24 @@ impl Backend {
 
     /// Serves on an already bound listener (to bring a backend back on the same port).
     pub fn serve(listener: TcpListener, index: usize) -> Backend {
-        Self::serve_with_latency(listener, index, Duration::ZERO)
+        Self::serve_with(listener, index, Behaviour::Normal)
     }
 
     /// Starts backend number `index` that waits `latency` before every answer.
     pub async fn start_slow(index: usize, latency: Duration) -> Backend {
+        Self::start_with(index, Behaviour::Latency(latency)).await
+    }
+
+    /// Starts backend number `index` that behaves as `behaviour` says for every path.
+    pub async fn start_with(index: usize, behaviour: Behaviour) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a test backend");
-        Self::serve_with_latency(listener, index, latency)
+        Self::serve_with(listener, index, behaviour)
     }
 
-    fn serve_with_latency(listener: TcpListener, index: usize, latency: Duration) -> Backend {
+    /// Like [`Backend::start_with`], on an already bound listener.
+    pub fn serve_with(listener: TcpListener, index: usize, behaviour: Behaviour) -> Backend {
         let address = listener.local_addr().expect("backend address");
         let shared = Arc::new(Shared {
             index,
@@ -96,7 +116,7 @@ impl Backend {
             count: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             open_connections: AtomicUsize::new(0),
-            latency,
+            behaviour,
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
@@ -193,13 +213,60 @@ impl std::fmt::Display for DeliberateReset {
 
 impl std::error::Error for DeliberateReset {}
 
+fn record_of(request: &Request<Incoming>) -> RecordedRequest {
+    RecordedRequest {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        version: request.version(),
+        headers: request.headers().clone(),
+        body_bytes: 0,
+    }
+}
+
+/// Reads and counts a request body to its end (or to its first error).
+async fn read_body(request: &mut Request<Incoming>) -> u64 {
+    let mut total = 0u64;
+    while let Some(Ok(frame)) = request.body_mut().frame().await {
+        if let Some(data) = frame.data_ref() {
+            total += data.len() as u64;
+        }
+    }
+    total
+}
+
 async fn answer(
     shared: Arc<Shared>,
     mut request: Request<Incoming>,
 ) -> Result<Response<BoxBody>, DeliberateReset> {
     shared.count.fetch_add(1, Ordering::SeqCst);
-    if !shared.latency.is_zero() {
-        tokio::time::sleep(shared.latency).await;
+    match shared.behaviour {
+        Behaviour::Normal => {}
+        Behaviour::Latency(latency) => tokio::time::sleep(latency).await,
+        Behaviour::Status(code) => {
+            let body_bytes = read_body(&mut request).await;
+            shared.requests.lock().expect("lock").push(RecordedRequest {
+                body_bytes,
+                ..record_of(&request)
+            });
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Ok(with_status(text(format!("status {status}\n")), status));
+        }
+        Behaviour::Reset => {
+            let body_bytes = read_body(&mut request).await;
+            shared.requests.lock().expect("lock").push(RecordedRequest {
+                body_bytes,
+                ..record_of(&request)
+            });
+            return Err(DeliberateReset);
+        }
+        Behaviour::Hang => {
+            shared
+                .requests
+                .lock()
+                .expect("lock")
+                .push(record_of(&request));
+            std::future::pending::<()>().await;
+        }
     }
     let record = RecordedRequest {
         method: request.method().clone(),

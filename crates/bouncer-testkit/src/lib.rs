@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use backend::{Backend, BoxBody, RecordedRequest, pattern_body};
+pub use backend::{Backend, Behaviour, BoxBody, RecordedRequest, pattern_body};
 pub use bouncer_proxy::RunningProxy;
 pub use certificates::{TestCa, TestCertificate};
 
