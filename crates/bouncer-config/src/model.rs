@@ -117,8 +117,6 @@ pub struct UpstreamConfig {
     /// Other backends to try after a failure that is safe to retry.
     pub retries: u32,
     pub retry_on: RetryOn,
-    /// Request bodies up to this size are kept so that they can be sent again.
-    pub retry_buffer: u64,
     pub health_check: Option<HealthCheckConfig>,
     pub outlier_detection: Option<OutlierDetectionConfig>,
 }

@@ -189,7 +189,6 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
         );
         let retries = upstream.integer(d, "retries", 0, 10).unwrap_or(2);
         let retry_on = read_retry_on(d, &mut upstream);
-        let retry_buffer = upstream.size(d, "retry_buffer", 64 * 1024, 0, 64 * 1024 * 1024);
         let health_check = upstream.table(d, "health_check").map(|mut section| {
             let check = read_health_check(d, &mut section);
             section.finish(d);
@@ -219,7 +218,6 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
             pool_idle_timeout,
             retries: u32::try_from(retries).unwrap_or(2),
             retry_on,
-            retry_buffer,
             health_check,
             outlier_detection,
         });
