@@ -33,6 +33,25 @@ format = "off"
     )
 }
 
+/// `workers` clients at once, each sending `each` GETs one after another, all answered 200.
+async fn concurrent_gets(url: &str, workers: usize, each: usize) {
+    let clients = Clients::new();
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let clients = clients.clone();
+            let url = url.to_string();
+            tokio::spawn(async move {
+                for _ in 0..each {
+                    assert_eq!(clients.get(&url).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("client task");
+    }
+}
+
 fn counts(backends: &[Backend]) -> Vec<usize> {
     backends.iter().map(Backend::count).collect()
 }
@@ -58,23 +77,8 @@ async fn least_connections_sends_little_to_a_slow_backend() {
         "balance = \"least_connections\"",
     ))
     .await;
-    let clients = Clients::new();
     // Ten clients, each sending requests one after another.
-    let url = proxy.url("/");
-    let workers: Vec<_> = (0..10)
-        .map(|_| {
-            let clients = clients.clone();
-            let url = url.clone();
-            tokio::spawn(async move {
-                for _ in 0..30 {
-                    assert_eq!(clients.get(&url).await.status, 200);
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.await.expect("worker");
-    }
+    concurrent_gets(&proxy.url("/"), 10, 30).await;
     let counts = counts(&backends);
     assert_eq!(counts.iter().sum::<usize>(), 300);
     // The slow backend holds its requests long, so it is rarely the least loaded.
@@ -86,22 +90,7 @@ async fn peak_ewma_sends_under_a_tenth_to_a_backend_100ms_slower() {
     let mut backends = Backend::start_many(2).await;
     backends.push(Backend::start_slow(2, Duration::from_millis(100)).await);
     let proxy = TestProxy::start(&config(&backends, &[1, 1, 1], "balance = \"peak_ewma\"")).await;
-    let clients = Clients::new();
-    let url = proxy.url("/");
-    let workers: Vec<_> = (0..5)
-        .map(|_| {
-            let clients = clients.clone();
-            let url = url.clone();
-            tokio::spawn(async move {
-                for _ in 0..60 {
-                    assert_eq!(clients.get(&url).await.status, 200);
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.await.expect("worker");
-    }
+    concurrent_gets(&proxy.url("/"), 5, 60).await;
     let counts = counts(&backends);
     assert_eq!(counts.iter().sum::<usize>(), 300);
     assert!(counts[2] * 10 < 300, "{counts:?}");
