@@ -142,6 +142,15 @@ impl Balancer {
         }
     }
 
+    /// Whether a pick will use `PickInput::random`, so that it is drawn only when needed.
+    pub fn uses_random(&self, key_hash: Option<u64>) -> bool {
+        match self.algorithm {
+            Balance::Random | Balance::PeakEwma => true,
+            Balance::ConsistentHash => key_hash.is_none(),
+            Balance::RoundRobin | Balance::LeastConnections => false,
+        }
+    }
+
     /// Picks a backend among those `available` says may take a request: a primary when any is,
     /// else a backup. `None` when none is available.
     pub fn pick(

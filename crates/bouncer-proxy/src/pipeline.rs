@@ -25,7 +25,6 @@ use crate::listener::ListenerRuntime;
 use crate::pool::Lease;
 use crate::routing::Route;
 use crate::upstream::InFlight;
-use bouncer_config::RetryOn;
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -185,16 +184,13 @@ async fn forward(
     };
     // A copy to send again after a failure that may have reached the backend: only for idempotent
     // requests without a body, and only when some such failure is to be retried.
-    let replay = (upstream.retries > 0
-        && progress.is_none()
-        && !websocket
-        && is_idempotent(&parts.method)
-        && upstream.retry_on != RetryOn::default())
-    .then(|| Replay {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        headers: parts.headers.clone(),
-    });
+    let replay =
+        (upstream.replays && progress.is_none() && !websocket && is_idempotent(&parts.method))
+            .then(|| Replay {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+            });
 
     let mut request = Request::from_parts(parts, body);
     let mut tried = 0u64;

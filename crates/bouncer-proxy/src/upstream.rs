@@ -44,6 +44,9 @@ pub struct Upstream {
     /// Other backends to try after a failure that is safe to retry.
     pub retries: u32,
     pub retry_on: RetryOn,
+    /// Whether a failure that may have reached a backend is ever retried, which is when a
+    /// bodiless request must be kept to be sent again.
+    pub replays: bool,
     retry_budget: RetryBudget,
 }
 
@@ -89,6 +92,7 @@ impl Upstream {
             health: UpstreamHealth::new(config.servers.len(), config.outlier_detection.clone()),
             retries: config.retries,
             retry_on: config.retry_on,
+            replays: config.retries > 0 && config.retry_on != RetryOn::default(),
             retry_budget: RetryBudget::new(),
         })
     }
@@ -133,7 +137,11 @@ impl Upstream {
         }
         let input = PickInput {
             key_hash,
-            random: rand::random(),
+            random: if self.balancer.uses_random(key_hash) {
+                rand::random()
+            } else {
+                0
+            },
             now: now.into_std(),
         };
         let not_tried = |index: usize| index >= 64 || tried & (1 << index) == 0;
