@@ -19,6 +19,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub server: ServerConfig,
     pub access_log: AccessLogConfig,
+    /// How host names in `servers` are looked up.
+    pub resolver: ResolverConfig,
 }
 
 impl Config {
@@ -117,8 +119,57 @@ pub struct UpstreamConfig {
     /// Other backends to try after a failure that is safe to retry.
     pub retries: u32,
     pub retry_on: RetryOn,
+    /// Request bodies up to this size are kept so that they can be sent again; 0 keeps none.
+    pub retry_buffer: u64,
     pub health_check: Option<HealthCheckConfig>,
     pub outlier_detection: Option<OutlierDetectionConfig>,
+    /// How often host names in `servers` are looked up again.
+    pub resolve_interval: Duration,
+    pub sticky: Option<StickyConfig>,
+    /// Requests in flight per backend beyond which new ones wait for a free slot.
+    pub max_connections_per_server: Option<u32>,
+    /// How long a request waits for a free slot before it is answered 503.
+    pub queue_timeout: Duration,
+    /// A backend that is new or has just recovered ramps its share up over this time; zero for off.
+    pub slow_start: Duration,
+}
+
+impl UpstreamConfig {
+    /// Whether any server is named by a host name rather than an IP address.
+    pub fn has_host_names(&self) -> bool {
+        self.servers
+            .iter()
+            .any(|server| server.address.host.parse::<std::net::IpAddr>().is_err())
+    }
+}
+
+/// `sticky = { ... }`: a signed cookie that keeps a client on the backend that first served it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyConfig {
+    pub cookie: String,
+    /// The cookie's lifetime; `None` for a cookie that ends with the browser session.
+    pub ttl: Option<Duration>,
+    /// The key the cookie is signed with; `None` when no `secret_file` is given, and then each
+    /// process draws its own, so cookies do not survive a restart.
+    pub secret: Option<Secret>,
+}
+
+/// Key material read from a file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+/// `[resolver]`: where host names in `servers` are looked up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResolverConfig {
+    /// DNS servers to ask; empty means the system's resolver (`/etc/hosts`, `/etc/resolv.conf`).
+    pub nameservers: Vec<std::net::SocketAddr>,
+    pub timeout: Option<Duration>,
 }
 
 /// Which failures a request is retried on (`retry_on`). A failure to connect is always retried:

@@ -34,7 +34,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         .table(&mut d, "admin")
         .map(|section| read_admin(&mut d, section));
     let listeners = read_listeners(&mut d, &mut root);
-    let upstreams = read_upstreams(&mut d, &mut root);
+    let upstreams = read_upstreams(&mut d, &mut root, file);
     let routes = read_routes(&mut d, &mut root, &listeners, &upstreams);
     let server = match root.table(&mut d, "server") {
         Some(section) => read_server(&mut d, section),
@@ -43,6 +43,10 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
     let access_log = match root.table(&mut d, "access_log") {
         Some(section) => read_access_log(&mut d, section),
         None => AccessLogConfig::default(),
+    };
+    let resolver = match root.table(&mut d, "resolver") {
+        Some(section) => read_resolver(&mut d, section),
+        None => ResolverConfig::default(),
     };
     check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
     root.finish(&mut d);
@@ -62,7 +66,46 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         upstreams,
         server,
         access_log,
+        resolver,
     })
+}
+
+/// `[resolver]`: `nameservers = ["127.0.0.1:53"]` (port 53 when left out) and a query `timeout`.
+fn read_resolver(d: &mut Diagnostics, mut section: Section) -> ResolverConfig {
+    let mut nameservers = Vec::new();
+    for (index, (text, span)) in section
+        .strings(d, "nameservers")
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let parsed = text
+            .parse::<SocketAddr>()
+            .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+        match parsed {
+            Ok(address) => nameservers.push(address),
+            Err(_) => d.report(
+                span,
+                format!("{}[{index}]", section.key_path("nameservers")),
+                format!(
+                    "\"{text}\" is not an IP address with an optional port, such as \"10.0.0.2:53\""
+                ),
+            ),
+        }
+    }
+    let timeout = section.item("timeout").is_some().then(|| {
+        section.duration(
+            d,
+            "timeout",
+            Duration::from_secs(2),
+            Duration::from_millis(1),
+        )
+    });
+    section.finish(d);
+    ResolverConfig {
+        nameservers,
+        timeout,
+    }
 }
 
 fn read_admin(d: &mut Diagnostics, mut section: Section) -> AdminConfig {
@@ -141,7 +184,7 @@ fn read_listeners(d: &mut Diagnostics, root: &mut Section) -> Vec<(ListenerConfi
     listeners
 }
 
-fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig> {
+fn read_upstreams(d: &mut Diagnostics, root: &mut Section, file: &Path) -> Vec<UpstreamConfig> {
     let Some(section) = root.table(d, "upstreams") else {
         d.report(
             None,
@@ -189,6 +232,32 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
         );
         let retries = upstream.integer(d, "retries", 0, 10).unwrap_or(2);
         let retry_on = read_retry_on(d, &mut upstream);
+        let retry_buffer = upstream.size(d, "retry_buffer", 0, 0, 64 << 20);
+        let resolve_interval = upstream.duration(
+            d,
+            "resolve_interval",
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+        );
+        let sticky = upstream.table(d, "sticky").and_then(|mut section| {
+            let sticky = read_sticky(d, &mut section, file);
+            section.finish(d);
+            sticky
+        });
+        let max_connections_per_server = upstream
+            .integer(d, "max_connections_per_server", 1, 1_000_000)
+            .and_then(|max| u32::try_from(max).ok());
+        let queue_timeout =
+            upstream.duration(d, "queue_timeout", Duration::from_secs(1), Duration::ZERO);
+        let slow_start = upstream.duration(d, "slow_start", Duration::ZERO, Duration::ZERO);
+        if !slow_start.is_zero() && balance == Balance::ConsistentHash {
+            let span = upstream.item("slow_start").map(|(_, span)| span);
+            d.report(
+                span.flatten(),
+                upstream.key_path("slow_start"),
+                "slow_start does not work with consistent_hash: a key's backend does not depend on weights",
+            );
+        }
         let health_check = upstream.table(d, "health_check").map(|mut section| {
             let check = read_health_check(d, &mut section);
             section.finish(d);
@@ -218,8 +287,14 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section) -> Vec<UpstreamConfig
             pool_idle_timeout,
             retries: u32::try_from(retries).unwrap_or(2),
             retry_on,
+            retry_buffer,
             health_check,
             outlier_detection,
+            resolve_interval,
+            sticky,
+            max_connections_per_server,
+            queue_timeout,
+            slow_start,
         });
     }
     if upstreams.is_empty() {
@@ -338,6 +413,82 @@ fn read_server_table(d: &mut Diagnostics, entry: &mut Section) -> Option<Backend
             None
         }
     }
+}
+
+/// `sticky = { cookie, ttl, secret_file }`; the secret file is read now so that a missing or weak
+/// key is reported with the config.
+fn read_sticky(
+    d: &mut Diagnostics,
+    section: &mut Section,
+    config_file: &Path,
+) -> Option<StickyConfig> {
+    let cookie = match section.string(d, "cookie") {
+        None => "bouncer_route".to_string(),
+        Some((name, _)) if is_cookie_name(&name) => name,
+        Some((name, span)) => {
+            d.report(
+                span,
+                section.key_path("cookie"),
+                format!("\"{name}\" is not a cookie name: use letters, digits, '-' and '_'"),
+            );
+            return None;
+        }
+    };
+    let ttl = section
+        .item("ttl")
+        .is_some()
+        .then(|| section.duration(d, "ttl", Duration::from_secs(3600), Duration::from_secs(1)));
+    let secret = match section.string(d, "secret_file") {
+        None => None,
+        Some((name, span)) => {
+            let path = relative_to(config_file, &name);
+            match std::fs::read(&path) {
+                Ok(bytes) if bytes.trim_ascii().len() >= 16 => {
+                    Some(Secret(bytes.trim_ascii().to_vec()))
+                }
+                Ok(_) => {
+                    d.report(
+                        span,
+                        section.key_path("secret_file"),
+                        format!("{}: the secret must hold at least 16 bytes", path.display()),
+                    );
+                    return None;
+                }
+                Err(error) => {
+                    d.report(
+                        span,
+                        section.key_path("secret_file"),
+                        format!("cannot read {}: {error}", path.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    Some(StickyConfig {
+        cookie,
+        ttl,
+        secret,
+    })
+}
+
+/// A cookie name: an RFC 6265 token, kept to the characters that need no thought.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A path from the config, taken relative to the config file's directory unless it is absolute.
+fn relative_to(config_file: &Path, name: &str) -> std::path::PathBuf {
+    let path = Path::new(name);
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    config_file
+        .parent()
+        .map_or_else(|| path.to_path_buf(), |dir| dir.join(path))
 }
 
 fn read_retry_on(d: &mut Diagnostics, upstream: &mut Section) -> RetryOn {

@@ -2,7 +2,7 @@
 //! EWMA (power of two choices), weighted random, and consistent hashing over a Maglev table.
 //! Backups are chosen only when no primary is available.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -10,23 +10,83 @@ use std::net::IpAddr;
 
 use bouncer_config::{Balance, HashKey};
 
-/// What a balancer needs to know about one backend.
+/// What a balancer needs to know about one backend. Weight and backup may change on a reload, so
+/// they are atomics like the rest.
 pub struct BackendLoad {
-    pub weight: u32,
-    pub backup: bool,
+    weight: AtomicU32,
+    backup: AtomicBool,
     /// Requests sent to the backend and not yet answered in full, across every worker thread.
     pub in_flight: AtomicU32,
     latency: Mutex<PeakEwma>,
+    epoch: Instant,
+    /// When the backend's slow start began, in milliseconds since `epoch`; [`NOT_RAMPING`] once
+    /// it has its full share.
+    ramp_started_ms: AtomicU64,
 }
+
+const NOT_RAMPING: u64 = u64::MAX;
+
+/// The share a backend starts its slow start with, so that it is tried at once.
+const RAMP_FLOOR: f64 = 0.1;
+
+/// Weights are scaled by this for the integer arithmetic of smooth round robin, so that a
+/// ramping backend's fraction of a weight still counts.
+const WEIGHT_SCALE: f64 = 1000.0;
 
 impl BackendLoad {
     pub fn new(weight: u32, backup: bool) -> Self {
         Self {
-            weight: weight.max(1),
-            backup,
+            weight: AtomicU32::new(weight.max(1)),
+            backup: AtomicBool::new(backup),
             in_flight: AtomicU32::new(0),
             latency: Mutex::new(PeakEwma::new()),
+            epoch: Instant::now(),
+            ramp_started_ms: AtomicU64::new(NOT_RAMPING),
         }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn backup(&self) -> bool {
+        self.backup.load(Ordering::Relaxed)
+    }
+
+    /// Takes a reloaded config's weight and role.
+    pub fn set_role(&self, weight: u32, backup: bool) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+        self.backup.store(backup, Ordering::Relaxed);
+    }
+
+    /// Starts a slow start at `at` (which may lie ahead, at the end of an ejection).
+    pub fn start_ramp(&self, at: Instant) {
+        let millis = at.saturating_duration_since(self.epoch).as_millis();
+        self.ramp_started_ms.store(
+            u64::try_from(millis).unwrap_or(NOT_RAMPING - 1),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The weight at `now`: the configured one, or during a slow start a share of it that grows
+    /// linearly from a tenth to all of it over `slow_start`.
+    pub fn weight_at(&self, now: Instant, slow_start: Duration) -> f64 {
+        let weight = f64::from(self.weight());
+        let started = self.ramp_started_ms.load(Ordering::Relaxed);
+        if started == NOT_RAMPING || slow_start.is_zero() {
+            return weight;
+        }
+        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(NOT_RAMPING - 1);
+        let ramp_ms = u64::try_from(slow_start.as_millis()).unwrap_or(u64::MAX);
+        let elapsed = now_ms.saturating_sub(started);
+        if now_ms >= started && elapsed >= ramp_ms {
+            // Done: later picks skip the arithmetic.
+            self.ramp_started_ms.store(NOT_RAMPING, Ordering::Relaxed);
+            return weight;
+        }
+        let share = (elapsed as f64 / ramp_ms as f64).max(RAMP_FLOOR);
+        weight * share
     }
 
     /// Records how long the backend took to answer.
@@ -46,9 +106,20 @@ impl BackendLoad {
     }
 
     /// Expected cost of one more request: latency times the load it would join, per unit weight.
-    fn cost(&self, now: Instant) -> f64 {
+    fn cost(&self, input: &PickInput) -> f64 {
         let load = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
-        self.latency_estimate(now) * load / f64::from(self.weight)
+        self.latency_estimate(input.now) * load / self.weight_at(input.now, input.slow_start)
+    }
+}
+
+/// Gives a balancer the [`BackendLoad`] of whatever the upstream keeps per backend.
+pub trait HasLoad {
+    fn load(&self) -> &BackendLoad;
+}
+
+impl HasLoad for BackendLoad {
+    fn load(&self) -> &BackendLoad {
+        self
     }
 }
 
@@ -122,21 +193,32 @@ pub struct PickInput {
     /// A random number, for `random` and `peak_ewma`.
     pub random: u64,
     pub now: Instant,
+    /// The upstream's slow-start time (zero for none).
+    pub slow_start: Duration,
 }
 
 impl Balancer {
     /// `names` are stable backend names (their addresses), which place them in the hash table.
-    pub fn new(algorithm: Balance, backends: &[BackendLoad], names: &[String]) -> Self {
+    /// Weighted round robin is used when weights differ now or may differ later (slow start).
+    pub fn new<B: HasLoad, N: AsRef<str>>(
+        algorithm: Balance,
+        backends: &[B],
+        names: &[N],
+        slow_start: Duration,
+    ) -> Self {
         let weights_differ = backends
             .windows(2)
-            .any(|pair| pair[0].weight != pair[1].weight);
+            .any(|pair| pair[0].load().weight() != pair[1].load().weight());
         Self {
             algorithm,
             next: AtomicUsize::new(0),
-            smooth: (algorithm == Balance::RoundRobin && weights_differ)
+            smooth: (algorithm == Balance::RoundRobin && (weights_differ || !slow_start.is_zero()))
                 .then(|| Mutex::new(vec![0; backends.len()])),
             maglev: (algorithm == Balance::ConsistentHash).then(|| {
-                let weights: Vec<u32> = backends.iter().map(|backend| backend.weight).collect();
+                let weights: Vec<u32> = backends
+                    .iter()
+                    .map(|backend| backend.load().weight())
+                    .collect();
                 Maglev::new(names, &weights)
             }),
         }
@@ -153,23 +235,23 @@ impl Balancer {
 
     /// Picks a backend among those `available` says may take a request: a primary when any is,
     /// else a backup. `None` when none is available.
-    pub fn pick(
+    pub fn pick<B: HasLoad>(
         &self,
-        backends: &[BackendLoad],
+        backends: &[B],
         available: impl Fn(usize) -> bool,
         input: &PickInput,
     ) -> Option<usize> {
-        let primary = |index: usize| !backends[index].backup && available(index);
+        let primary = |index: usize| !backends[index].load().backup() && available(index);
         if (0..backends.len()).any(primary) {
             return self.pick_among(backends, &primary, input);
         }
-        let backup = |index: usize| backends[index].backup && available(index);
+        let backup = |index: usize| backends[index].load().backup() && available(index);
         self.pick_among(backends, &backup, input)
     }
 
-    fn pick_among(
+    fn pick_among<B: HasLoad>(
         &self,
-        backends: &[BackendLoad],
+        backends: &[B],
         eligible: &dyn Fn(usize) -> bool,
         input: &PickInput,
     ) -> Option<usize> {
@@ -179,7 +261,7 @@ impl Balancer {
         }
         match self.algorithm {
             Balance::RoundRobin => match &self.smooth {
-                Some(current) => smooth_weighted(backends, current, eligible),
+                Some(current) => smooth_weighted(backends, current, eligible, input),
                 None => {
                     let start = self.next.fetch_add(1, Ordering::Relaxed);
                     (0..count)
@@ -195,13 +277,14 @@ impl Balancer {
                     .filter(|&index| eligible(index))
                     .min_by(|&a, &b| {
                         let load = |index: usize| {
-                            f64::from(backends[index].in_flight.load(Ordering::Relaxed))
-                                / f64::from(backends[index].weight)
+                            let backend = backends[index].load();
+                            f64::from(backend.in_flight.load(Ordering::Relaxed))
+                                / backend.weight_at(input.now, input.slow_start)
                         };
                         load(a).total_cmp(&load(b))
                     })
             }
-            Balance::Random => weighted_random(backends, eligible, input.random),
+            Balance::Random => weighted_random(backends, eligible, input),
             Balance::PeakEwma => {
                 // Power of two choices: two distinct random candidates, the cheaper one wins.
                 let candidates: Vec<usize> = (0..count).filter(|&index| eligible(index)).collect();
@@ -213,7 +296,7 @@ impl Balancer {
                         let second =
                             (first + 1 + ((input.random >> 32) % (n as u64 - 1)) as usize) % n;
                         let (a, b) = (candidates[first], candidates[second]);
-                        if backends[a].cost(input.now) <= backends[b].cost(input.now) {
+                        if backends[a].load().cost(input) <= backends[b].load().cost(input) {
                             Some(a)
                         } else {
                             Some(b)
@@ -233,10 +316,11 @@ impl Balancer {
 /// nginx's smooth weighted round robin: every pick adds each backend's weight to its running
 /// weight and takes the highest, which then gives back the total. Weights 5, 1, 1 give
 /// a a b a c a a: the heavy backend's share is spread out, never a burst.
-fn smooth_weighted(
-    backends: &[BackendLoad],
+fn smooth_weighted<B: HasLoad>(
+    backends: &[B],
     current: &Mutex<Vec<i64>>,
     eligible: &dyn Fn(usize) -> bool,
+    input: &PickInput,
 ) -> Option<usize> {
     let mut current = current.lock().unwrap_or_else(PoisonError::into_inner);
     let mut total = 0i64;
@@ -245,9 +329,9 @@ fn smooth_weighted(
         if !eligible(index) {
             continue;
         }
-        let weight = i64::from(backend.weight);
-        current[index] += weight;
-        total += weight;
+        let weight = (backend.load().weight_at(input.now, input.slow_start) * WEIGHT_SCALE) as i64;
+        current[index] += weight.max(1);
+        total += weight.max(1);
         if best.is_none_or(|chosen| current[index] > current[chosen]) {
             best = Some(index);
         }
@@ -257,24 +341,27 @@ fn smooth_weighted(
     Some(chosen)
 }
 
-fn weighted_random(
-    backends: &[BackendLoad],
+fn weighted_random<B: HasLoad>(
+    backends: &[B],
     eligible: &dyn Fn(usize) -> bool,
-    random: u64,
+    input: &PickInput,
 ) -> Option<usize> {
+    let weight_of = |backend: &B| {
+        ((backend.load().weight_at(input.now, input.slow_start) * WEIGHT_SCALE) as u64).max(1)
+    };
     let total: u64 = (0..backends.len())
         .filter(|&index| eligible(index))
-        .map(|index| u64::from(backends[index].weight))
+        .map(|index| weight_of(&backends[index]))
         .sum();
     if total == 0 {
         return None;
     }
-    let mut point = random % total;
+    let mut point = input.random % total;
     for (index, backend) in backends.iter().enumerate() {
         if !eligible(index) {
             continue;
         }
-        let weight = u64::from(backend.weight);
+        let weight = weight_of(backend);
         if point < weight {
             return Some(index);
         }
@@ -294,7 +381,7 @@ impl Maglev {
     /// A prime well above the backend count times the largest weight keeps the shares even.
     const TABLE_SIZE: usize = 65_537;
 
-    pub fn new(names: &[String], weights: &[u32]) -> Self {
+    pub fn new<N: AsRef<str>>(names: &[N], weights: &[u32]) -> Self {
         let size = Self::TABLE_SIZE;
         if names.is_empty() {
             return Self { table: Vec::new() };
@@ -302,9 +389,9 @@ impl Maglev {
         let permutations: Vec<(usize, usize)> = names
             .iter()
             .map(|name| {
-                let offset = (stable_hash(name.as_bytes(), 0x6d61_676c) % size as u64) as usize;
-                let skip =
-                    (stable_hash(name.as_bytes(), 0x736b_6970) % (size as u64 - 1)) as usize + 1;
+                let name = name.as_ref().as_bytes();
+                let offset = (stable_hash(name, 0x6d61_676c) % size as u64) as usize;
+                let skip = (stable_hash(name, 0x736b_6970) % (size as u64 - 1)) as usize + 1;
                 (offset, skip)
             })
             .collect();

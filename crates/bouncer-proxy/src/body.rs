@@ -1,9 +1,10 @@
 //! Bodies that stream through the proxy: frames are passed on as they come, with backpressure, and
 //! nothing is buffered whole.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -33,9 +34,70 @@ pub struct BodyProgress {
     pub bytes: AtomicU64,
     pub finished: AtomicBool,
     pub finished_signal: Notify,
+    /// A copy of the body as it streams, when the request may be sent again (`retry_buffer`).
+    kept: Option<Mutex<KeptBody>>,
+}
+
+/// The frames of a request body, kept up to a limit. The copies share the received buffers, so
+/// keeping costs no copying of bytes.
+#[derive(Debug, Default)]
+struct KeptBody {
+    chunks: Vec<Bytes>,
+    size: u64,
+    limit: u64,
+    complete: bool,
+    /// Over the limit, or with trailers: the body cannot be replayed.
+    given_up: bool,
 }
 
 impl BodyProgress {
+    /// Progress that also keeps up to `limit` bytes of the body for a replay.
+    pub fn keeping(limit: u64) -> Self {
+        Self {
+            kept: Some(Mutex::new(KeptBody {
+                limit,
+                ..KeptBody::default()
+            })),
+            ..Self::default()
+        }
+    }
+
+    /// The whole body, when it was received in full and kept.
+    pub fn replay(&self) -> Option<VecDeque<Bytes>> {
+        let kept = self
+            .kept
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (kept.complete && !kept.given_up).then(|| kept.chunks.iter().cloned().collect())
+    }
+
+    fn keep(&self, frame: &Frame<Bytes>) {
+        let Some(kept) = &self.kept else {
+            return;
+        };
+        let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.given_up {
+            return;
+        }
+        match frame.data_ref() {
+            Some(data) if kept.size + data.len() as u64 <= kept.limit => {
+                kept.size += data.len() as u64;
+                kept.chunks.push(data.clone());
+            }
+            _ => {
+                kept.given_up = true;
+                kept.chunks = Vec::new();
+            }
+        }
+    }
+
+    fn keep_end(&self) {
+        if let Some(kept) = &self.kept {
+            kept.lock().unwrap_or_else(PoisonError::into_inner).complete = true;
+        }
+    }
+
     /// Waits until the whole body has been handed to the backend connection.
     pub async fn wait_finished(&self) {
         loop {
@@ -57,6 +119,8 @@ impl BodyProgress {
 /// A client's request body on its way to a backend, cut off at the configured size limit.
 pub struct RequestBody {
     inner: Option<Incoming>,
+    /// A kept body being sent again.
+    replayed: VecDeque<Bytes>,
     limit: u64,
     received: u64,
     progress: Option<Arc<BodyProgress>>,
@@ -67,6 +131,7 @@ impl RequestBody {
     pub fn streaming(inner: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
         Self {
             inner: Some(inner),
+            replayed: VecDeque::new(),
             limit,
             received: 0,
             progress: Some(progress),
@@ -74,8 +139,14 @@ impl RequestBody {
     }
 
     pub fn empty() -> Self {
+        Self::replay(VecDeque::new())
+    }
+
+    /// A body kept by [`BodyProgress::replay`], sent again.
+    pub fn replay(chunks: VecDeque<Bytes>) -> Self {
         Self {
             inner: None,
+            replayed: chunks,
             limit: 0,
             received: 0,
             progress: None,
@@ -93,11 +164,18 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+            return Poll::Ready(
+                this.replayed
+                    .pop_front()
+                    .map(|chunk| Ok(Frame::data(chunk))),
+            );
         };
         let frame = ready!(Pin::new(inner).poll_frame(cx));
         match frame {
             Some(Ok(frame)) => {
+                if let Some(progress) = &this.progress {
+                    progress.keep(&frame);
+                }
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
                     if let Some(progress) = &this.progress {
@@ -110,6 +188,15 @@ impl Body for RequestBody {
                         })));
                     }
                 }
+                // A body of known length ends with its last byte: the connection does not poll
+                // again for the end, so the end is marked here.
+                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                    this.inner = None;
+                    if let Some(progress) = &this.progress {
+                        progress.keep_end();
+                        progress.finish();
+                    }
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(error)) => {
@@ -119,6 +206,7 @@ impl Body for RequestBody {
             None => {
                 this.inner = None;
                 if let Some(progress) = &this.progress {
+                    progress.keep_end();
                     progress.finish();
                 }
                 Poll::Ready(None)
@@ -127,13 +215,19 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match &self.inner {
+            Some(inner) => inner.is_end_stream(),
+            None => self.replayed.is_empty(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match &self.inner {
+            Some(inner) => inner.size_hint(),
+            None => {
+                SizeHint::with_exact(self.replayed.iter().map(|chunk| chunk.len() as u64).sum())
+            }
+        }
     }
 }
 

@@ -14,6 +14,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::{Duration, Instant};
 
 use crate::{RunningProxy, StartError};
 
@@ -32,13 +34,32 @@ pub struct Demo {
     pub proxy: RunningProxy,
     pub backends: Vec<SocketAddr>,
     pub config_text: String,
+    /// Stops each backend, like a crash.
+    stops: Vec<watch::Sender<bool>>,
+}
+
+/// What happened while a demo backend was down and after it came back.
+pub struct FailoverShow {
+    /// Which backend crashed (1-based, as the backends name themselves).
+    pub crashed: usize,
+    /// The answers to the requests sent while it was down.
+    pub answers_while_down: Vec<String>,
+    /// How many of those requests failed: none, when all goes well.
+    pub failed: usize,
+    /// How long after its restart health checks had it take requests again.
+    pub back_after: Option<Duration>,
 }
 
 /// Starts three demo backends and a proxy listening on `bind`, with its admin API on `admin`.
 pub async fn start(bind: SocketAddr, admin: SocketAddr) -> Result<Demo, DemoError> {
     let mut backends = Vec::with_capacity(3);
+    let mut stops = Vec::with_capacity(3);
     for index in 1..=3 {
-        backends.push(spawn_backend(index).await.map_err(DemoError::Backend)?);
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(DemoError::Backend)?;
+        backends.push(listener.local_addr().map_err(DemoError::Backend)?);
+        stops.push(serve_backend(listener, index));
     }
     let servers: Vec<String> = backends
         .iter()
@@ -59,6 +80,13 @@ upstream = "demo"
 
 [upstreams.demo]
 servers = [{servers}]
+retries = 2
+
+[upstreams.demo.health_check]
+path = "/healthz"
+interval = "500ms"
+healthy_threshold = 2
+unhealthy_threshold = 2
 
 [access_log]
 format = "common"
@@ -72,6 +100,7 @@ format = "common"
         proxy,
         backends,
         config_text,
+        stops,
     })
 }
 
@@ -85,30 +114,104 @@ impl Demo {
         let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let mut answers = Vec::with_capacity(count);
         for _ in 0..count {
-            let Ok(uri) = format!("http://{address}/hello").parse::<http::Uri>() else {
-                break;
-            };
-            let answer = match client.get(uri).await {
-                Ok(response) => match response.into_body().collect().await {
-                    Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_string(),
-                    Err(error) => format!("error: {error}"),
-                },
-                Err(error) => format!("error: {error}"),
-            };
-            answers.push(answer);
+            answers.push(get(&client, address).await.unwrap_or_else(|error| error));
         }
         answers
     }
+
+    /// Crashes backend 3 while requests keep coming, then restarts it on its port and waits (up
+    /// to ten seconds) for health checks to bring it back.
+    pub async fn show_failover(&mut self, requests: usize) -> FailoverShow {
+        let crashed = 3;
+        let mut show = FailoverShow {
+            crashed,
+            answers_while_down: Vec::with_capacity(requests),
+            failed: 0,
+            back_after: None,
+        };
+        let (Some(address), Some(&backend)) = (
+            self.proxy.listener_address("public"),
+            self.backends.get(crashed - 1),
+        ) else {
+            return show;
+        };
+        if let Some(stop) = self.stops.get(crashed - 1) {
+            stop.send_replace(true);
+        }
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        for _ in 0..requests {
+            match get(&client, address).await {
+                Ok(answer) => show.answers_while_down.push(answer),
+                Err(error) => {
+                    show.failed += 1;
+                    show.answers_while_down.push(error);
+                }
+            }
+        }
+        let Ok(listener) = TcpListener::bind(backend).await else {
+            return show;
+        };
+        if let Some(stop) = self.stops.get_mut(crashed - 1) {
+            *stop = serve_backend(listener, crashed);
+        }
+        let restarted = Instant::now();
+        let mark = format!("demo backend {crashed} ");
+        while restarted.elapsed() < Duration::from_secs(10) {
+            match get(&client, address).await {
+                Ok(answer) if answer.contains(&mark) => {
+                    show.back_after = Some(restarted.elapsed());
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => show.failed += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        show
+    }
 }
 
-async fn spawn_backend(index: usize) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
+/// `GET /hello` through the proxy: the answer's text, or what went wrong.
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    address: SocketAddr,
+) -> Result<String, String> {
+    let uri = format!("http://{address}/hello")
+        .parse::<http::Uri>()
+        .map_err(|error| error.to_string())?;
+    let response = client
+        .get(uri)
+        .await
+        .map_err(|error| format!("error: {error}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|error| format!("error: {error}"))?;
+    let text = String::from_utf8_lossy(&body.to_bytes()).trim().to_string();
+    if status.is_success() {
+        Ok(text)
+    } else {
+        Err(format!("{status}: {text}"))
+    }
+}
+
+/// Serves demo backend `index` on `listener` until the returned sender says stop, which closes
+/// the listener and every connection at once, like a crash.
+fn serve_backend(listener: TcpListener, index: usize) -> watch::Sender<bool> {
+    let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
+        let mut stop_accepting = stopped.clone();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                _ = stop_accepting.wait_for(|stop| *stop) => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else {
                 continue;
             };
+            let mut stop_serving = stopped.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<Incoming>| async move {
                     let text = format!(
@@ -123,11 +226,14 @@ async fn spawn_backend(index: usize) -> std::io::Result<SocketAddr> {
                     );
                     Ok::<_, Infallible>(response)
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = connection => {}
+                    _ = stop_serving.wait_for(|stop| *stop) => {}
+                }
             });
         }
     });
-    Ok(address)
+    stop
 }

@@ -48,6 +48,10 @@ pub enum ProxyError {
     },
     #[error("no backend of upstream {upstream} is available")]
     NoBackendAvailable { upstream: String },
+    #[error(
+        "every backend of upstream {upstream} is at max_connections_per_server, and none freed up within {timeout:?}"
+    )]
+    QueueTimeout { upstream: String, timeout: Duration },
     #[error("backend {backend} failed while answering")]
     UpstreamFailed {
         backend: String,
@@ -69,6 +73,7 @@ impl ProxyError {
             | ProxyError::ResponseTimeout { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::NoBackendAvailable { .. }
+            | ProxyError::QueueTimeout { .. }
             | ProxyError::UpstreamFailed { .. } => Side::Upstream,
         }
     }
@@ -78,7 +83,8 @@ impl ProxyError {
         match self {
             ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout { .. }
-            | ProxyError::NoBackendAvailable { .. } => true,
+            | ProxyError::NoBackendAvailable { .. }
+            | ProxyError::QueueTimeout { .. } => true,
             ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::NoRoute
@@ -139,6 +145,11 @@ impl ProxyError {
                 "no backend available\n",
                 Refusal::NoBackend,
             ),
+            ProxyError::QueueTimeout { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "all backends busy\n",
+                Refusal::QueueTimeout,
+            ),
             ProxyError::UpstreamFailed { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "backend error\n",
@@ -163,10 +174,11 @@ pub enum Refusal {
     UpstreamReset,
     ProxyProtocol,
     NoBackend,
+    QueueTimeout,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 12] = [
+    pub const ALL: [Refusal; 13] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -179,6 +191,7 @@ impl Refusal {
         Refusal::UpstreamReset,
         Refusal::ProxyProtocol,
         Refusal::NoBackend,
+        Refusal::QueueTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -195,6 +208,7 @@ impl Refusal {
             Refusal::UpstreamReset => "upstream_reset",
             Refusal::ProxyProtocol => "proxy_protocol",
             Refusal::NoBackend => "no_backend",
+            Refusal::QueueTimeout => "queue_timeout",
         }
     }
 

@@ -2,6 +2,7 @@
 //! detection ejects a backend whose real traffic keeps failing, for a time that grows when it is
 //! ejected again soon after coming back.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -15,54 +16,48 @@ use tokio::time::Instant;
 
 use bouncer_config::{HealthCheckConfig, OutlierDetectionConfig};
 
-use crate::upstream::Upstream;
+use crate::upstream::{Backend, Upstream};
 
 /// Ejections of one backend grow up to this many times the configured ejection time.
 const MAX_EJECTION_FACTOR: u32 = 10;
 
 /// One backend's health, read on every pick and written by checks and by request outcomes.
 pub struct BackendHealth {
+    epoch: Instant,
     /// The verdict of active checks; true when none are configured.
     up: AtomicBool,
-    /// Until when, in milliseconds since the upstream's epoch, the backend is ejected; 0 if it is not.
+    /// Until when, in milliseconds since `epoch`, the backend is ejected; 0 if it is not.
     ejected_until_ms: AtomicU64,
     consecutive_failures: AtomicU32,
     /// How many ejections in a row, each soon after the previous one ended.
     ejection_streak: AtomicU32,
 }
 
-impl BackendHealth {
-    fn new() -> Self {
-        Self {
-            up: AtomicBool::new(true),
-            ejected_until_ms: AtomicU64::new(0),
-            consecutive_failures: AtomicU32::new(0),
-            ejection_streak: AtomicU32::new(0),
-        }
-    }
-}
-
-/// The health of every backend of one upstream.
-pub struct UpstreamHealth {
-    backends: Vec<BackendHealth>,
-    epoch: Instant,
-    outlier: Option<OutlierDetectionConfig>,
-}
-
 /// What passive detection concluded from one outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Fine,
-    /// The backend was just ejected for this long.
-    Ejected(Duration),
+    /// The backend was just ejected until this instant.
+    Ejected {
+        length: Duration,
+        until: Instant,
+    },
 }
 
-impl UpstreamHealth {
-    pub fn new(backends: usize, outlier: Option<OutlierDetectionConfig>) -> Self {
+impl Default for BackendHealth {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BackendHealth {
+    pub fn new() -> Self {
         Self {
-            backends: (0..backends).map(|_| BackendHealth::new()).collect(),
             epoch: Instant::now(),
-            outlier,
+            up: AtomicBool::new(true),
+            ejected_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejection_streak: AtomicU32::new(0),
         }
     }
 
@@ -70,116 +65,132 @@ impl UpstreamHealth {
         u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether backend `index` may take a request at `now`.
-    pub fn is_available(&self, index: usize, now: Instant) -> bool {
-        let Some(backend) = self.backends.get(index) else {
-            return false;
-        };
-        backend.up.load(Ordering::Relaxed)
-            && backend.ejected_until_ms.load(Ordering::Relaxed) <= self.millis(now)
+    /// Whether the backend may take a request at `now`.
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.up.load(Ordering::Relaxed) && !self.is_ejected(now)
+    }
+
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > self.millis(now)
     }
 
     /// Sets the active checks' verdict; returns whether it changed. A backend that the checks
     /// find up again is also no longer ejected, as Envoy does: the checks have just seen it work.
-    pub fn set_up(&self, index: usize, up: bool) -> bool {
-        let Some(backend) = self.backends.get(index) else {
-            return false;
-        };
-        let changed = backend.up.swap(up, Ordering::Relaxed) != up;
+    pub fn set_up(&self, up: bool) -> bool {
+        let changed = self.up.swap(up, Ordering::Relaxed) != up;
         if changed && up {
-            backend.ejected_until_ms.store(0, Ordering::Relaxed);
-            backend.consecutive_failures.store(0, Ordering::Relaxed);
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
         }
         changed
     }
 
-    pub fn record_success(&self, index: usize) {
-        if let Some(backend) = self.backends.get(index) {
-            backend.consecutive_failures.store(0, Ordering::Relaxed);
+    /// Ends an ejection before its time; returns whether the backend was ejected.
+    pub fn uneject(&self, now: Instant) -> bool {
+        if !self.is_ejected(now) {
+            return false;
+        }
+        self.ejected_until_ms.store(0, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        true
+    }
+
+    pub fn record_success(&self) {
+        // Read first: most answers are successes, and most backends have no failures to forget.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
         }
     }
 
     /// Counts a failure of real traffic (connect error, reset, timeout or 5xx) and ejects the
     /// backend when it reached `consecutive_failures`, unless that would eject more than
-    /// `max_ejected_percent` of the backends.
-    pub fn record_failure(&self, index: usize, now: Instant) -> Verdict {
-        let (Some(outlier), Some(backend)) = (&self.outlier, self.backends.get(index)) else {
-            return Verdict::Fine;
-        };
-        let failures = backend.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+    /// `max_ejected_percent` of `fleet`, the health of every backend of the upstream.
+    pub fn record_failure<'a>(
+        &self,
+        outlier: &OutlierDetectionConfig,
+        fleet: impl ExactSizeIterator<Item = &'a BackendHealth>,
+        now: Instant,
+    ) -> Verdict {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < outlier.consecutive_failures {
             return Verdict::Fine;
         }
-        let now_ms = self.millis(now);
-        let ejected_now = self
-            .backends
-            .iter()
-            .filter(|other| other.ejected_until_ms.load(Ordering::Relaxed) > now_ms)
-            .count();
-        let allowed = self.backends.len() * outlier.max_ejected_percent as usize / 100;
+        let fleet_size = fleet.len();
+        let ejected_now = fleet.filter(|other| other.is_ejected(now)).count();
+        let allowed = fleet_size * outlier.max_ejected_percent as usize / 100;
         if ejected_now >= allowed {
             return Verdict::Fine;
         }
+        let now_ms = self.millis(now);
         let base = outlier.ejection_time;
         let base_ms = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
         // Ejected again within five ejection times of coming back: the next ejection is longer.
-        let previous_end = backend.ejected_until_ms.load(Ordering::Relaxed);
+        let previous_end = self.ejected_until_ms.load(Ordering::Relaxed);
         let streak = if previous_end > 0 && now_ms.saturating_sub(previous_end) < base_ms * 5 {
-            (backend.ejection_streak.load(Ordering::Relaxed) + 1).min(MAX_EJECTION_FACTOR)
+            (self.ejection_streak.load(Ordering::Relaxed) + 1).min(MAX_EJECTION_FACTOR)
         } else {
             1
         };
-        backend.ejection_streak.store(streak, Ordering::Relaxed);
+        self.ejection_streak.store(streak, Ordering::Relaxed);
         let length = base * streak;
         let until = now_ms.saturating_add(u64::try_from(length.as_millis()).unwrap_or(u64::MAX));
-        backend
-            .ejected_until_ms
-            .store(until.max(1), Ordering::Relaxed);
-        backend.consecutive_failures.store(0, Ordering::Relaxed);
-        Verdict::Ejected(length)
+        self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        Verdict::Ejected {
+            length,
+            until: now + length,
+        }
     }
 }
 
-/// Runs the active checks of every backend of `upstream`, each on its own timer with jitter, until
-/// the upstream is dropped.
-pub fn spawn_checks(upstream: &Arc<Upstream>, config: &HealthCheckConfig) {
-    for index in 0..upstream.backends.len() {
-        tokio::spawn(check_loop(Arc::downgrade(upstream), index, config.clone()));
-    }
+/// Runs the active checks of one backend on its own timer with jitter, for as long as both the
+/// backend and the upstream that spawned the checks exist.
+pub fn spawn_checks(upstream: &Arc<Upstream>, backend: &Arc<Backend>, config: &HealthCheckConfig) {
+    tokio::spawn(check_loop(
+        Arc::downgrade(upstream),
+        Arc::downgrade(backend),
+        config.clone(),
+    ));
 }
 
-async fn check_loop(upstream: Weak<Upstream>, index: usize, config: HealthCheckConfig) {
+async fn check_loop(upstream: Weak<Upstream>, backend: Weak<Backend>, config: HealthCheckConfig) {
     // Spread the first checks over one interval so that backends are not probed in lockstep.
     let first = config.interval.mul_f64(rand::random::<f64>());
     tokio::time::sleep(first).await;
     let mut successes = 0u32;
     let mut failures = 0u32;
     loop {
-        let Some(target) = upstream.upgrade() else {
+        let (Some(upstream), Some(backend)) = (upstream.upgrade(), backend.upgrade()) else {
             return;
         };
-        let backend = &target.backends[index];
-        let outcome = probe(backend.label.as_ref(), &backend.authority, &config).await;
+        let outcome = probe(backend.address, &backend.authority, &config).await;
         match outcome {
             Ok(()) => {
                 backend.metrics.checks_passed.inc();
                 successes += 1;
                 failures = 0;
-                if successes >= config.healthy_threshold && target.health.set_up(index, true) {
-                    tracing::info!(upstream = %target.name, backend = %backend.label, "backend is up: health checks pass");
+                if successes >= config.healthy_threshold {
+                    if backend.health.set_up(true) {
+                        tracing::info!(upstream = %upstream.name, backend = %backend.label, "backend is up: health checks pass");
+                        upstream.recovered(&backend);
+                    } else if backend.health.uneject(Instant::now()) {
+                        // Passing checks outweigh the failures of traffic, as in Envoy.
+                        tracing::info!(upstream = %upstream.name, backend = %backend.label, "ejection ended early: health checks pass");
+                        upstream.recovered(&backend);
+                    }
                 }
             }
             Err(reason) => {
                 backend.metrics.checks_failed.inc();
                 failures += 1;
                 successes = 0;
-                if failures >= config.unhealthy_threshold && target.health.set_up(index, false) {
-                    tracing::warn!(upstream = %target.name, backend = %backend.label, %reason, "backend is down: health checks fail");
+                if failures >= config.unhealthy_threshold && backend.health.set_up(false) {
+                    tracing::warn!(upstream = %upstream.name, backend = %backend.label, %reason, "backend is down: health checks fail");
                 }
             }
         }
-        target.refresh_health_gauge(index);
-        drop(target);
+        backend.refresh_health_gauge();
+        drop((upstream, backend));
         // Up to a tenth of the interval either way.
         let pause = config.interval.mul_f64(0.9 + 0.2 * rand::random::<f64>());
         tokio::time::sleep(pause).await;
@@ -188,12 +199,12 @@ async fn check_loop(upstream: Weak<Upstream>, index: usize, config: HealthCheckC
 
 /// One check: a fresh connection, `GET path`, a status in the expected range, all within the timeout.
 async fn probe(
-    label: &str,
+    address: SocketAddr,
     authority: &http::uri::Authority,
     config: &HealthCheckConfig,
 ) -> Result<(), String> {
     let attempt = async {
-        let stream = TcpStream::connect(label)
+        let stream = TcpStream::connect(address)
             .await
             .map_err(|error| format!("connect: {error}"))?;
         let _ = stream.set_nodelay(true);
@@ -229,87 +240,101 @@ async fn probe(
 mod tests {
     use super::*;
 
-    fn outlier(failures: u32, percent: u32) -> Option<OutlierDetectionConfig> {
-        Some(OutlierDetectionConfig {
+    fn outlier(failures: u32, percent: u32) -> OutlierDetectionConfig {
+        OutlierDetectionConfig {
             consecutive_failures: failures,
             ejection_time: Duration::from_secs(30),
             max_ejected_percent: percent,
-        })
+        }
+    }
+
+    fn fleet(count: usize) -> Vec<BackendHealth> {
+        (0..count).map(|_| BackendHealth::new()).collect()
+    }
+
+    fn fail(
+        fleet: &[BackendHealth],
+        index: usize,
+        outlier: &OutlierDetectionConfig,
+        now: Instant,
+    ) -> Verdict {
+        fleet[index].record_failure(outlier, fleet.iter(), now)
+    }
+
+    fn ejected_for(verdict: Verdict) -> Option<Duration> {
+        match verdict {
+            Verdict::Ejected { length, .. } => Some(length),
+            Verdict::Fine => None,
+        }
     }
 
     #[test]
     fn consecutive_failures_eject_for_the_ejection_time() {
-        let health = UpstreamHealth::new(3, outlier(3, 50));
-        let now = health.epoch;
-        assert_eq!(health.record_failure(0, now), Verdict::Fine);
-        assert_eq!(health.record_failure(0, now), Verdict::Fine);
+        let health = fleet(3);
+        let config = outlier(3, 50);
+        let now = health[0].epoch;
+        assert_eq!(fail(&health, 0, &config, now), Verdict::Fine);
+        assert_eq!(fail(&health, 0, &config, now), Verdict::Fine);
         assert_eq!(
-            health.record_failure(0, now),
-            Verdict::Ejected(Duration::from_secs(30))
+            ejected_for(fail(&health, 0, &config, now)),
+            Some(Duration::from_secs(30))
         );
-        assert!(!health.is_available(0, now + Duration::from_secs(29)));
-        assert!(health.is_available(0, now + Duration::from_secs(30)));
+        assert!(!health[0].is_available(now + Duration::from_secs(29)));
+        assert!(health[0].is_available(now + Duration::from_secs(30)));
     }
 
     #[test]
     fn a_success_resets_the_failure_count() {
-        let health = UpstreamHealth::new(3, outlier(2, 50));
-        let now = health.epoch;
-        health.record_failure(1, now);
-        health.record_success(1);
-        assert_eq!(health.record_failure(1, now), Verdict::Fine);
-        assert!(health.is_available(1, now));
+        let health = fleet(3);
+        let config = outlier(2, 50);
+        let now = health[1].epoch;
+        fail(&health, 1, &config, now);
+        health[1].record_success();
+        assert_eq!(fail(&health, 1, &config, now), Verdict::Fine);
+        assert!(health[1].is_available(now));
     }
 
     #[test]
     fn no_more_than_max_ejected_percent_are_ejected() {
-        let health = UpstreamHealth::new(4, outlier(1, 50));
-        let now = health.epoch;
-        assert!(matches!(health.record_failure(0, now), Verdict::Ejected(_)));
-        assert!(matches!(health.record_failure(1, now), Verdict::Ejected(_)));
-        assert_eq!(health.record_failure(2, now), Verdict::Fine);
-        assert!(health.is_available(2, now));
+        let health = fleet(4);
+        let config = outlier(1, 50);
+        let now = Instant::now();
+        assert!(ejected_for(fail(&health, 0, &config, now)).is_some());
+        assert!(ejected_for(fail(&health, 1, &config, now)).is_some());
+        assert_eq!(fail(&health, 2, &config, now), Verdict::Fine);
+        assert!(health[2].is_available(now));
     }
 
     #[test]
     fn ejected_again_soon_means_ejected_longer() {
-        let health = UpstreamHealth::new(2, outlier(1, 50));
-        let start = health.epoch;
+        let health = fleet(2);
+        let config = outlier(1, 50);
+        let start = health[0].epoch;
         assert_eq!(
-            health.record_failure(0, start),
-            Verdict::Ejected(Duration::from_secs(30))
+            ejected_for(fail(&health, 0, &config, start)),
+            Some(Duration::from_secs(30))
         );
         let back = start + Duration::from_secs(31);
         assert_eq!(
-            health.record_failure(0, back),
-            Verdict::Ejected(Duration::from_secs(60))
+            ejected_for(fail(&health, 0, &config, back)),
+            Some(Duration::from_secs(60))
         );
         // Long healthy after that ejection: back to the base time.
         let much_later = back + Duration::from_secs(60 + 30 * 5 + 1);
         assert_eq!(
-            health.record_failure(0, much_later),
-            Verdict::Ejected(Duration::from_secs(30))
+            ejected_for(fail(&health, 0, &config, much_later)),
+            Some(Duration::from_secs(30))
         );
     }
 
     #[test]
-    fn without_outlier_detection_nothing_is_ejected() {
-        let health = UpstreamHealth::new(1, None);
-        let now = health.epoch;
-        for _ in 0..100 {
-            assert_eq!(health.record_failure(0, now), Verdict::Fine);
-        }
-        assert!(health.is_available(0, now));
-    }
-
-    #[test]
     fn active_checks_decide_up_and_down() {
-        let health = UpstreamHealth::new(1, None);
+        let health = BackendHealth::new();
         let now = health.epoch;
-        assert!(health.set_up(0, false));
-        assert!(!health.is_available(0, now));
-        assert!(!health.set_up(0, false));
-        assert!(health.set_up(0, true));
-        assert!(health.is_available(0, now));
+        assert!(health.set_up(false));
+        assert!(!health.is_available(now));
+        assert!(!health.set_up(false));
+        assert!(health.set_up(true));
+        assert!(health.is_available(now));
     }
 }

@@ -15,7 +15,9 @@ mod listener;
 mod metrics;
 mod pipeline;
 mod pool;
+mod resolve;
 mod routing;
+mod sticky;
 mod upstream;
 
 use std::collections::HashMap;
@@ -32,6 +34,7 @@ pub use metrics::Metrics;
 
 use crate::access_log::AccessLog;
 use crate::listener::{Lifecycle, ListenerRuntime};
+use crate::resolve::Resolver;
 use crate::routing::{Route, RouteTable};
 use crate::upstream::Upstream;
 
@@ -51,6 +54,8 @@ pub enum StartError {
         #[source]
         source: http::Error,
     },
+    #[error("cannot set up the DNS resolver of [resolver]")]
+    Resolver(#[source] std::io::Error),
     #[error("cannot start the access log writer")]
     AccessLog(#[source] std::io::Error),
 }
@@ -118,22 +123,23 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         metrics.access_log_dropped().clone(),
     )
     .map_err(StartError::AccessLog)?;
+    let resolver = Arc::new(Resolver::new(&config.resolver).map_err(StartError::Resolver)?);
     let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
     for upstream in &config.upstreams {
-        let pool =
-            Upstream::new(upstream, &metrics).map_err(|source| StartError::BadServerAddress {
+        let placements = resolve::resolve_servers(upstream, &resolver, &[]).await;
+        let pool = Upstream::new(upstream, &metrics, None, &placements).map_err(|source| {
+            StartError::BadServerAddress {
                 upstream: upstream.name.clone(),
                 source,
-            })?;
+            }
+        })?;
         let pool = Arc::new(pool);
-        for index in 0..pool.backends.len() {
-            pool.refresh_health_gauge(index);
-        }
-        if let Some(check) = &upstream.health_check {
-            health::spawn_checks(&pool, check);
-        }
-        if upstream.outlier_detection.is_some() {
-            tokio::spawn(upstream::refresh_health_gauges(Arc::downgrade(&pool)));
+        pool.start_tasks();
+        if upstream.has_host_names() {
+            tokio::spawn(resolve::refresh_loop(
+                Arc::downgrade(&pool),
+                Arc::clone(&resolver),
+            ));
         }
         upstreams.insert(upstream.name.as_str(), pool);
     }

@@ -24,7 +24,7 @@ use crate::headers::{
 use crate::listener::ListenerRuntime;
 use crate::pool::Lease;
 use crate::routing::Route;
-use crate::upstream::InFlight;
+use crate::upstream::{InFlight, Picked};
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -172,39 +172,60 @@ async fn forward(
     parts.uri = http::Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
 
+    let idempotent = !websocket && is_idempotent(&parts.method);
     let (body, progress) = if incoming.is_end_stream() {
         (RequestBody::empty(), None)
     } else {
-        let progress = Arc::new(BodyProgress::default());
+        // A body is kept for a replay only where a replay may happen: an idempotent request
+        // whose body fits in `retry_buffer`.
+        let keep = upstream.replays
+            && idempotent
+            && upstream.retry_buffer > 0
+            && declared_length_of(&parts.headers)
+                .is_none_or(|length| length <= upstream.retry_buffer);
+        let progress = Arc::new(if keep {
+            BodyProgress::keeping(upstream.retry_buffer)
+        } else {
+            BodyProgress::default()
+        });
         exchange.body_progress = Some(Arc::clone(&progress));
         (
             RequestBody::streaming(incoming, max_body, Arc::clone(&progress)),
             Some(progress),
         )
     };
-    // A copy to send again after a failure that may have reached the backend: only for idempotent
-    // requests without a body, and only when some such failure is to be retried.
-    let replay =
-        (upstream.replays && progress.is_none() && !websocket && is_idempotent(&parts.method))
-            .then(|| Replay {
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                headers: parts.headers.clone(),
-            });
+    // What is needed to send the request again after a failure that may have reached the backend:
+    // only for idempotent requests, and only when some such failure is to be retried.
+    let replay = (upstream.replays && idempotent).then(|| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        headers: parts.headers.clone(),
+    });
+    let sticky = upstream
+        .sticky
+        .as_ref()
+        .map(|sticky| (sticky, sticky.target(&parts.headers)));
 
+    let set = upstream.current();
     let mut request = Request::from_parts(parts, body);
     let mut tried = 0u64;
     let mut attempt = 0u32;
     let mut last_error: Option<ProxyError> = None;
     loop {
-        let (backend_index, in_flight) = match upstream.pick(key_hash, tried) {
+        let picked = upstream
+            .pick(&set, key_hash, tried, sticky.and_then(|(_, target)| target))
+            .await;
+        let Picked {
+            index: backend_index,
+            backend,
+            guard,
+        } = match picked {
             Ok(picked) => picked,
             // No other backend to try: the client learns what went wrong with the last one.
             Err(none_left) => return Err(last_error.unwrap_or(none_left)),
         };
-        let backend = &upstream.backends[backend_index];
         exchange.backend = Some(Arc::clone(&backend.label));
-        exchange.backend_in_flight = Some(in_flight);
+        exchange.backend_in_flight = Some(guard);
         if host_missing {
             let authority = HeaderValue::from_str(backend.authority.as_str())
                 .map_err(|_| ProxyError::BadRequest("invalid target"))?;
@@ -212,27 +233,39 @@ async fn forward(
         }
         let may_retry = attempt < upstream.retries;
         let failure = match upstream
-            .send(backend_index, request, progress.clone())
+            .send(&set, &backend, request, progress.clone())
             .await
         {
-            Ok((response, lease, upstream_time)) => {
+            Ok((mut response, lease, upstream_time)) => {
                 let status = response.status().as_u16();
                 // The backend's own answer is kept when there is no other backend to ask.
-                let retry = may_retry
+                let again = (may_retry
                     && upstream.retry_on.retries_status(status)
-                    && replay.is_some()
-                    && upstream.any_available(tried | bit(backend_index));
-                match replay.as_ref() {
-                    Some(copy) if retry && upstream.take_retry(backend_index) => {
+                    && upstream.any_available(&set, tried | bit(backend_index)))
+                .then(|| {
+                    replay
+                        .as_ref()
+                        .and_then(|copy| copy.request(progress.as_deref()))
+                })
+                .flatten();
+                match again {
+                    Some(again) if upstream.take_retry(&backend) => {
                         tracing::debug!(backend = %backend.label, status, "retrying on another backend");
                         // The failed answer is dropped; its connection closes unless it was done.
                         drop((response, lease));
-                        request = copy.request();
+                        request = again;
                         tried |= bit(backend_index);
                         attempt += 1;
                         continue;
                     }
                     _ => {}
+                }
+                if let Some((cookie, target)) = sticky
+                    && target != Some(backend.sticky_id)
+                    && let Some(value) = cookie.set_cookie(backend.sticky_id, ctx.scheme == "https")
+                {
+                    // A new client, or one whose backend is gone: it sticks to this one now.
+                    response.headers_mut().append(header::SET_COOKIE, value);
                 }
                 exchange.upstream_time = Some(upstream_time);
                 return Ok(Forwarded {
@@ -264,10 +297,13 @@ async fn forward(
                 ProxyError::ResponseTimeout { .. } => upstream.retry_on.timeout,
                 _ => false,
             };
-            replay.as_ref().filter(|_| retryable).map(Replay::request)
+            replay
+                .as_ref()
+                .filter(|_| retryable)
+                .and_then(|copy| copy.request(progress.as_deref()))
         };
         match next {
-            Some(again) if upstream.take_retry(backend_index) => {
+            Some(again) if upstream.take_retry(&backend) => {
                 tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "retrying on another backend");
                 request = again;
                 tried |= bit(backend_index);
@@ -279,7 +315,7 @@ async fn forward(
     }
 }
 
-/// What is needed to send a bodiless request again.
+/// What is needed to send an idempotent request again.
 struct Replay {
     method: Method,
     uri: http::Uri,
@@ -287,12 +323,17 @@ struct Replay {
 }
 
 impl Replay {
-    fn request(&self) -> Request<RequestBody> {
-        let mut request = Request::new(RequestBody::empty());
+    /// The request again, when its whole body (if it has one) is still held.
+    fn request(&self, body: Option<&BodyProgress>) -> Option<Request<RequestBody>> {
+        let body = match body {
+            None => RequestBody::empty(),
+            Some(progress) => RequestBody::replay(progress.replay()?),
+        };
+        let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = self.headers.clone();
-        request
+        Some(request)
     }
 }
 
@@ -388,7 +429,7 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(X_REQUEST_ID.clone(), request_id);
-    if refusal == Refusal::NoBackend {
+    if matches!(refusal, Refusal::NoBackend | Refusal::QueueTimeout) {
         // Health checks go on; a client may come back shortly.
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -444,10 +485,11 @@ fn parse_length(value: &HeaderValue) -> Option<u64> {
 }
 
 fn declared_length(request: &Request<Incoming>) -> Option<u64> {
-    request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(parse_length)
+    declared_length_of(request.headers())
+}
+
+fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(parse_length)
 }
 
 fn is_websocket_upgrade(request: &Request<Incoming>) -> bool {

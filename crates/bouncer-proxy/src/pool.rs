@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -15,8 +15,6 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-use bouncer_config::ServerAddress;
 
 use crate::body::RequestBody;
 
@@ -47,7 +45,7 @@ impl SendError {
 }
 
 /// How a pool behaves; taken from the upstream's config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub max_idle: usize,
@@ -55,9 +53,16 @@ pub struct PoolSettings {
 }
 
 pub struct ConnectionPool {
-    target: ServerAddress,
+    target: SocketAddr,
+    label: Arc<str>,
+    /// Settings live beside the idle connections, under one lock that is taken anyway, so that a
+    /// reload can change them for a pool that carries on.
+    idle: Mutex<Idle>,
+}
+
+struct Idle {
+    connections: VecDeque<IdleConnection>,
     settings: PoolSettings,
-    idle: Mutex<VecDeque<IdleConnection>>,
 }
 
 struct IdleConnection {
@@ -68,18 +73,32 @@ struct IdleConnection {
 impl ConnectionPool {
     /// Makes a pool for `target`; inside a Tokio runtime it also starts a sweeper that closes
     /// connections idle for longer than the idle timeout, and that ends with the pool.
-    pub fn new(target: ServerAddress, settings: PoolSettings) -> Arc<Self> {
+    pub fn new(target: SocketAddr, label: Arc<str>, settings: PoolSettings) -> Arc<Self> {
         let pool = Arc::new(Self {
             target,
-            settings,
-            idle: Mutex::new(VecDeque::new()),
+            label,
+            idle: Mutex::new(Idle {
+                connections: VecDeque::new(),
+                settings,
+            }),
         });
-        if let Ok(runtime) = tokio::runtime::Handle::try_current()
-            && !pool.settings.idle_timeout.is_zero()
-        {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(sweep_idle(Arc::downgrade(&pool)));
         }
         pool
+    }
+
+    /// Takes a reloaded config's settings; connections already idle stay.
+    pub fn update_settings(&self, settings: PoolSettings) {
+        self.lock().settings = settings;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn settings(&self) -> PoolSettings {
+        self.lock().settings.clone()
     }
 
     /// Sends `request` on a pooled connection, or a new one. A request that a reused connection
@@ -119,43 +138,49 @@ impl ConnectionPool {
     /// The most recently returned live connection, once it is ready for another request.
     async fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
         loop {
-            let mut sender = self.pop_idle()?;
+            let (mut sender, patience) = self.pop_idle()?;
             if sender.is_ready() {
                 return Some(sender);
             }
             // It was returned when its response ended; its connection task has not run since to
             // take the next request. That takes one turn of the scheduler, unless the backend
             // closed the connection meanwhile.
-            if let Ok(Ok(())) =
-                tokio::time::timeout(self.settings.connect_timeout, sender.ready()).await
-            {
+            if let Ok(Ok(())) = tokio::time::timeout(patience, sender.ready()).await {
                 return Some(sender);
             }
         }
     }
 
-    fn pop_idle(&self) -> Option<SendRequest<RequestBody>> {
+    /// The most recent live idle connection, with how long to wait for it to be ready.
+    fn pop_idle(&self) -> Option<(SendRequest<RequestBody>, Duration)> {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(connection) = idle.pop_back() {
+        let mut idle = self.lock();
+        let Idle {
+            connections,
+            settings,
+        } = &mut *idle;
+        while let Some(connection) = connections.pop_back() {
             if !connection.sender.is_closed()
-                && now.duration_since(connection.since) < self.settings.idle_timeout
+                && now.duration_since(connection.since) < settings.idle_timeout
             {
-                return Some(connection.sender);
+                return Some((connection.sender, settings.connect_timeout));
             }
         }
         None
     }
 
     fn give_back(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() || self.settings.max_idle == 0 {
+        if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= self.settings.max_idle {
-            idle.pop_front();
+        let mut idle = self.lock();
+        if idle.settings.max_idle == 0 {
+            return;
         }
-        idle.push_back(IdleConnection {
+        if idle.connections.len() >= idle.settings.max_idle {
+            idle.connections.pop_front();
+        }
+        idle.connections.push_back(IdleConnection {
             sender,
             since: Instant::now(),
         });
@@ -164,15 +189,16 @@ impl ConnectionPool {
     /// Drops the connections that idled too long or that the backend closed.
     fn sweep(&self) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|connection| {
-            !connection.sender.is_closed()
-                && now.duration_since(connection.since) < self.settings.idle_timeout
+        let mut idle = self.lock();
+        let idle_timeout = idle.settings.idle_timeout;
+        idle.connections.retain(|connection| {
+            !connection.sender.is_closed() && now.duration_since(connection.since) < idle_timeout
         });
     }
 
     async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
-        let stream = tokio::time::timeout(self.settings.connect_timeout, self.open_stream())
+        let connect_timeout = self.settings().connect_timeout;
+        let stream = tokio::time::timeout(connect_timeout, self.open_stream())
             .await
             .map_err(|_| SendError::ConnectTimeout)?
             .map_err(SendError::Connect)?;
@@ -180,7 +206,7 @@ impl ConnectionPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Handshake)?;
-        let label = self.target.to_string();
+        let label = Arc::clone(&self.label);
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(backend = %label, %error, "backend connection closed with an error");
@@ -189,43 +215,25 @@ impl ConnectionPool {
         Ok(sender)
     }
 
-    /// Opens a TCP connection to the first of the target's addresses that answers.
     async fn open_stream(&self) -> io::Result<TcpStream> {
-        let addresses: Vec<SocketAddr> = match self.target.host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, self.target.port)],
-            Err(_) => tokio::net::lookup_host((self.target.host.as_str(), self.target.port))
-                .await?
-                .collect(),
-        };
-        let mut last_error = None;
-        for address in addresses {
-            match TcpStream::connect(address).await {
-                Ok(stream) => {
-                    stream.set_nodelay(true)?;
-                    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-                    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
-                    return Ok(stream);
-                }
-                Err(error) => last_error = Some(error),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "the host name has no address")
-        }))
+        let stream = TcpStream::connect(self.target).await?;
+        stream.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+        Ok(stream)
     }
 }
 
 async fn sweep_idle(pool: Weak<ConnectionPool>) {
-    let Some(period) = pool
-        .upgrade()
-        .map(|pool| (pool.settings.idle_timeout / 2).max(Duration::from_millis(100)))
-    else {
-        return;
-    };
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        // Read every round, as a reload may change the idle timeout.
+        let Some(period) = pool.upgrade().map(|pool| {
+            (pool.settings().idle_timeout / 2)
+                .clamp(Duration::from_millis(100), Duration::from_secs(30))
+        }) else {
+            return;
+        };
+        tokio::time::sleep(period).await;
         match pool.upgrade() {
             Some(pool) => pool.sweep(),
             None => return,

@@ -2,166 +2,416 @@
 //! connections, and the choice of backend for each request.
 
 use std::io;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio::sync::Notify;
 
 use bouncer_config::{HashKey, RetryOn, UpstreamConfig};
 
-use crate::balance::{BackendLoad, Balancer, PickInput};
+use crate::balance::{BackendLoad, Balancer, HasLoad, PickInput, stable_hash};
 use crate::body::{BodyProgress, RequestBody, RequestBodyError};
 use crate::error::{BoxError, ProxyError, Side, find_cause};
-use crate::health::{UpstreamHealth, Verdict};
+use crate::health::{self, BackendHealth, Verdict};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::pool::{ConnectionPool, Lease, PoolSettings, SendError};
+use crate::sticky::StickyCookie;
 
+/// One address of an upstream, with everything kept about it. It outlives its place in the
+/// upstream's set while requests still use it (a backend dropped by DNS drains that way), and it
+/// carries over into a reloaded config that keeps its address.
 pub struct Backend {
-    /// `host:port`, as written in the config; used in logs and metric labels.
+    /// `ip:port`; used in logs and metric labels.
     pub label: Arc<str>,
-    /// `host:port` as a `Host` header, for the rare request that arrives without one (HTTP/1.0).
+    pub address: SocketAddr,
+    /// The `servers` entry as written (a host name stays a name), as a `Host` header for the rare
+    /// request that arrives without one (HTTP/1.0).
     pub authority: Authority,
+    /// Names the backend in sticky cookies: a hash of its address, the same in every instance.
+    pub sticky_id: u64,
     pool: Arc<ConnectionPool>,
     pub metrics: BackendMetrics,
+    pub load: BackendLoad,
+    pub health: BackendHealth,
+}
+
+impl HasLoad for Arc<Backend> {
+    fn load(&self) -> &BackendLoad {
+        &self.load
+    }
+}
+
+impl Backend {
+    /// Sets the health gauge from the backend's state now.
+    pub fn refresh_health_gauge(&self) {
+        let available = self.health.is_available(tokio::time::Instant::now());
+        self.metrics.healthy.set(i64::from(available));
+    }
+}
+
+/// The backends of an upstream at one time, with the balancer's state over them. Replaced as a
+/// whole when the set changes; a request keeps the set it started with across its retries.
+pub struct BackendSet {
+    pub backends: Vec<Arc<Backend>>,
+    balancer: Balancer,
+}
+
+/// One backend to be: which `servers` entry it comes from, and its address.
+pub type Placement = (usize, SocketAddr);
+
+/// A request's backend, counted in flight there until `guard` is dropped.
+pub struct Picked {
+    pub index: usize,
+    pub backend: Arc<Backend>,
+    pub guard: InFlight,
 }
 
 pub struct Upstream {
-    pub name: String,
-    pub backends: Vec<Backend>,
-    /// The balancer's view of each backend, in the order of `backends`.
-    loads: Vec<BackendLoad>,
-    balancer: Balancer,
+    pub name: Arc<str>,
+    pub config: UpstreamConfig,
+    metrics: Arc<Metrics>,
+    settings: PoolSettings,
+    set: ArcSwap<BackendSet>,
+    /// Serialises changes of the set, so that two refreshes do not interleave.
+    changing: Mutex<()>,
     /// What `consistent_hash` hashes.
     pub hash_key: Option<HashKey>,
     /// Whether latencies are tracked (only peak EWMA uses them).
     tracks_latency: bool,
     pub response_timeout: Duration,
     pub read_timeout: Duration,
-    pub health: UpstreamHealth,
     /// Other backends to try after a failure that is safe to retry.
     pub retries: u32,
     pub retry_on: RetryOn,
     /// Whether a failure that may have reached a backend is ever retried, which is when a
-    /// bodiless request must be kept to be sent again.
+    /// request must be kept to be sent again.
     pub replays: bool,
+    pub retry_buffer: u64,
     retry_budget: RetryBudget,
+    queue: Option<Arc<Queue>>,
+    pub sticky: Option<StickyCookie>,
+}
+
+/// `max_connections_per_server`: requests beyond it wait here for a backend to free a slot.
+struct Queue {
+    max: u32,
+    timeout: Duration,
+    freed: Notify,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, metrics: &Metrics) -> Result<Self, http::Error> {
+    /// Builds an upstream over `placements`. Backends of `previous` (the upstream of the config
+    /// before a reload) at the same addresses carry on with their health, load, latency and
+    /// connections.
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Upstream>,
+        placements: &[Placement],
+    ) -> Result<Self, http::Error> {
         let settings = PoolSettings {
             connect_timeout: config.connect_timeout,
             max_idle: config.pool_max_idle,
             idle_timeout: config.pool_idle_timeout,
         };
-        let backends = config
-            .servers
-            .iter()
-            .map(|server| {
-                let label = server.address.to_string();
-                Ok(Backend {
-                    authority: Authority::try_from(label.as_str())?,
-                    metrics: metrics.backend(&config.name, &label),
-                    pool: ConnectionPool::new(server.address.clone(), settings.clone()),
-                    label: label.into(),
-                })
-            })
-            .collect::<Result<Vec<_>, http::Error>>()?;
-        let loads: Vec<BackendLoad> = config
-            .servers
-            .iter()
-            .map(|server| BackendLoad::new(server.weight, server.backup))
-            .collect();
-        let names: Vec<String> = config
-            .servers
-            .iter()
-            .map(|server| server.address.to_string())
-            .collect();
-        Ok(Self {
-            name: config.name.clone(),
-            balancer: Balancer::new(config.balance, &loads, &names),
-            loads,
-            backends,
+        let mut upstream = Self {
+            name: config.name.as_str().into(),
+            config: config.clone(),
+            metrics: Arc::clone(metrics),
+            settings,
+            set: ArcSwap::from_pointee(BackendSet {
+                backends: Vec::new(),
+                balancer: Balancer::new::<Arc<Backend>, &str>(
+                    config.balance,
+                    &[],
+                    &[],
+                    config.slow_start,
+                ),
+            }),
+            changing: Mutex::new(()),
             hash_key: config.hash_key.clone(),
             tracks_latency: config.balance == bouncer_config::Balance::PeakEwma,
             response_timeout: config.response_timeout,
             read_timeout: config.read_timeout,
-            health: UpstreamHealth::new(config.servers.len(), config.outlier_detection.clone()),
             retries: config.retries,
             retry_on: config.retry_on,
             replays: config.retries > 0 && config.retry_on != RetryOn::default(),
+            retry_buffer: config.retry_buffer,
             retry_budget: RetryBudget::new(),
-        })
+            queue: config.max_connections_per_server.map(|max| {
+                Arc::new(Queue {
+                    max,
+                    timeout: config.queue_timeout,
+                    freed: Notify::new(),
+                })
+            }),
+            sticky: config.sticky.as_ref().map(StickyCookie::new),
+        };
+        let known: Vec<Arc<Backend>> = previous
+            .map(|previous| previous.set.load().backends.clone())
+            .unwrap_or_default();
+        let set = upstream.build_set(&known, placements, false)?;
+        upstream.set = ArcSwap::from_pointee(set);
+        Ok(upstream)
     }
 
-    /// Sets backend `index`'s health gauge from its state now.
-    pub fn refresh_health_gauge(&self, index: usize) {
-        let available = self.health.is_available(index, tokio::time::Instant::now());
-        self.backends[index]
-            .metrics
-            .healthy
-            .set(i64::from(available));
+    /// The backends now.
+    pub fn current(&self) -> Arc<BackendSet> {
+        self.set.load_full()
     }
 
-    /// Whether any backend outside `tried` may take a request now.
-    pub fn any_available(&self, tried: u64) -> bool {
+    /// The placements of the backends now.
+    pub fn placements(&self) -> Vec<Placement> {
+        let set = self.set.load();
+        set.backends
+            .iter()
+            .filter_map(|backend| {
+                let entry =
+                    self.config.servers.iter().position(|server| {
+                        backend.authority.as_str() == server.address.to_string()
+                    })?;
+                Some((entry, backend.address))
+            })
+            .collect()
+    }
+
+    /// Starts what keeps the upstream's view true while it exists: active health checks and the
+    /// health gauges' refresh.
+    pub fn start_tasks(self: &Arc<Self>) {
+        let set = self.current();
+        for backend in &set.backends {
+            backend.refresh_health_gauge();
+            if let Some(check) = &self.config.health_check {
+                health::spawn_checks(self, backend, check);
+            }
+        }
+        if self.config.outlier_detection.is_some() {
+            tokio::spawn(refresh_health_gauges(Arc::downgrade(self)));
+        }
+    }
+
+    /// Replaces the backends with those at `placements` (after a DNS refresh). Backends that stay
+    /// keep their state; new ones start slow; those that vanished take no new requests and finish
+    /// the ones they have. Returns whether anything changed.
+    pub fn replace_backends(self: &Arc<Self>, placements: &[Placement]) -> bool {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current();
+        let unchanged = current.backends.len() == placements.len()
+            && placements.iter().all(|(_, address)| {
+                current
+                    .backends
+                    .iter()
+                    .any(|backend| backend.address == *address)
+            });
+        if unchanged {
+            return false;
+        }
+        let set = match self.build_set(&current.backends, placements, true) {
+            Ok(set) => set,
+            Err(error) => {
+                tracing::warn!(upstream = %self.name, %error, "cannot use the new backend addresses");
+                return false;
+            }
+        };
+        for backend in &set.backends {
+            if current.backends.iter().any(|old| Arc::ptr_eq(old, backend)) {
+                continue;
+            }
+            tracing::info!(upstream = %self.name, backend = %backend.label, "backend added");
+            backend.refresh_health_gauge();
+            if let Some(check) = &self.config.health_check {
+                health::spawn_checks(self, backend, check);
+            }
+        }
+        for old in &current.backends {
+            if !set.backends.iter().any(|backend| Arc::ptr_eq(old, backend)) {
+                tracing::info!(upstream = %self.name, backend = %old.label, in_flight = old.load.in_flight.load(Ordering::Relaxed), "backend removed: it finishes its requests and takes no new ones");
+                old.metrics.healthy.set(0);
+            }
+        }
+        self.set.store(Arc::new(set));
+        true
+    }
+
+    /// A set over `placements`, reusing the backends of `known` at the same addresses. New
+    /// backends start slow when `ramp` is set (they joined a running upstream).
+    fn build_set(
+        &self,
+        known: &[Arc<Backend>],
+        placements: &[Placement],
+        ramp: bool,
+    ) -> Result<BackendSet, http::Error> {
+        let mut backends: Vec<Arc<Backend>> = Vec::with_capacity(placements.len());
+        for &(entry, address) in placements {
+            let Some(spec) = self.config.servers.get(entry) else {
+                continue;
+            };
+            if backends.iter().any(|backend| backend.address == address) {
+                // Two entries that lead to one address make one backend.
+                continue;
+            }
+            let backend = match known.iter().find(|backend| backend.address == address) {
+                Some(backend) => {
+                    backend.load.set_role(spec.weight, spec.backup);
+                    backend.pool.update_settings(self.settings.clone());
+                    Arc::clone(backend)
+                }
+                None => {
+                    let label: Arc<str> = address.to_string().into();
+                    let load = BackendLoad::new(spec.weight, spec.backup);
+                    if ramp {
+                        load.start_ramp(tokio::time::Instant::now().into_std());
+                    }
+                    Arc::new(Backend {
+                        authority: Authority::try_from(spec.address.to_string())?,
+                        sticky_id: stable_hash(label.as_bytes(), 0),
+                        metrics: self.metrics.backend(&self.name, &label),
+                        pool: ConnectionPool::new(
+                            address,
+                            Arc::clone(&label),
+                            self.settings.clone(),
+                        ),
+                        load,
+                        health: BackendHealth::new(),
+                        address,
+                        label,
+                    })
+                }
+            };
+            backends.push(backend);
+        }
+        let names: Vec<&str> = backends.iter().map(|backend| &*backend.label).collect();
+        let balancer = Balancer::new(
+            self.config.balance,
+            &backends,
+            &names,
+            self.config.slow_start,
+        );
+        Ok(BackendSet { backends, balancer })
+    }
+
+    /// Whether any backend of `set` outside `tried` may take a request now.
+    pub fn any_available(&self, set: &BackendSet, tried: u64) -> bool {
         let now = tokio::time::Instant::now();
-        (0..self.backends.len()).any(|index| {
-            (index >= 64 || tried & (1 << index) == 0) && self.health.is_available(index, now)
-        })
+        set.backends
+            .iter()
+            .enumerate()
+            .any(|(index, backend)| not_tried(tried, index) && backend.health.is_available(now))
     }
 
     /// Whether a retry may be spent now; spends it when so.
-    pub fn take_retry(&self, failed_backend: usize) -> bool {
+    pub fn take_retry(&self, failed: &Backend) -> bool {
         let granted = self.retry_budget.withdraw();
         if granted {
-            self.backends[failed_backend].metrics.retries.inc();
+            failed.metrics.retries.inc();
         }
         granted
     }
 
-    /// Chooses the backend for a request and counts it in flight there until the returned guard
-    /// is dropped. `key_hash` is the hash of the configured key, for `consistent_hash`; `tried`
-    /// holds the backends this request already failed at (bit i for backend i), which are avoided.
-    pub fn pick(
-        self: &Arc<Self>,
+    /// Chooses the backend for a request among `set` and counts it in flight there. `key_hash` is
+    /// the hash of the configured key, for `consistent_hash`; `tried` holds the backends this
+    /// request already failed at (bit i for backend i), which are avoided; `sticky` names the
+    /// backend a valid sticky cookie points to, which is taken when it may take the request.
+    ///
+    /// When `max_connections_per_server` keeps every available backend busy, the request waits up
+    /// to `queue_timeout` for one to free a slot.
+    pub async fn pick(
+        &self,
+        set: &BackendSet,
         key_hash: Option<u64>,
         tried: u64,
-    ) -> Result<(usize, InFlight), ProxyError> {
-        let now = tokio::time::Instant::now();
+        sticky: Option<u64>,
+    ) -> Result<Picked, ProxyError> {
         if tried == 0 {
             self.retry_budget.deposit();
         }
-        let input = PickInput {
-            key_hash,
-            random: if self.balancer.uses_random(key_hash) {
-                rand::random()
-            } else {
-                0
-            },
-            now: now.into_std(),
+        let Some(queue) = &self.queue else {
+            return self
+                .pick_now(set, key_hash, tried, sticky, u32::MAX)
+                .ok_or_else(|| self.none_available());
         };
-        let not_tried = |index: usize| index >= 64 || tried & (1 << index) == 0;
-        let index = self
-            .balancer
-            .pick(
-                &self.loads,
-                |index| not_tried(index) && self.health.is_available(index, now),
-                &input,
-            )
-            .ok_or_else(|| ProxyError::NoBackendAvailable {
-                upstream: self.name.clone(),
-            })?;
-        self.loads[index].in_flight.fetch_add(1, Ordering::Relaxed);
-        self.backends[index].metrics.in_flight.inc();
+        let deadline = tokio::time::Instant::now() + queue.timeout;
+        loop {
+            // Registered before looking, so that a slot freed in between is not missed.
+            let freed = queue.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(picked) = self.pick_now(set, key_hash, tried, sticky, queue.max) {
+                return Ok(picked);
+            }
+            if !self.any_available(set, tried) {
+                return Err(self.none_available());
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(ProxyError::QueueTimeout {
+                    upstream: self.name.to_string(),
+                    timeout: queue.timeout,
+                });
+            }
+        }
+    }
+
+    fn none_available(&self) -> ProxyError {
+        ProxyError::NoBackendAvailable {
+            upstream: self.name.to_string(),
+        }
+    }
+
+    fn pick_now(
+        &self,
+        set: &BackendSet,
+        key_hash: Option<u64>,
+        tried: u64,
+        sticky: Option<u64>,
+        max_in_flight: u32,
+    ) -> Option<Picked> {
+        let now = tokio::time::Instant::now();
+        let may_take = |index: usize| {
+            let backend = &set.backends[index];
+            not_tried(tried, index)
+                && backend.health.is_available(now)
+                && backend.load.in_flight.load(Ordering::Relaxed) < max_in_flight
+        };
+        let stuck = sticky.filter(|_| tried == 0).and_then(|id| {
+            set.backends
+                .iter()
+                .position(|backend| backend.sticky_id == id)
+                .filter(|&index| may_take(index))
+        });
+        let index = match stuck {
+            Some(index) => index,
+            None => {
+                let input = PickInput {
+                    key_hash,
+                    random: if set.balancer.uses_random(key_hash) {
+                        rand::random()
+                    } else {
+                        0
+                    },
+                    now: now.into_std(),
+                    slow_start: self.config.slow_start,
+                };
+                set.balancer.pick(&set.backends, may_take, &input)?
+            }
+        };
+        let backend = Arc::clone(&set.backends[index]);
+        backend.load.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.metrics.in_flight.inc();
         let guard = InFlight {
-            upstream: Arc::clone(self),
-            index,
+            backend: Arc::clone(&backend),
+            queue: self.queue.clone(),
         };
-        Ok((index, guard))
+        Some(Picked {
+            index,
+            backend,
+            guard,
+        })
     }
 
     /// Sends `request` to `backend` and waits for its response headers. The response clock starts
@@ -169,12 +419,12 @@ impl Upstream {
     /// On failure, the request comes back when none of it was sent.
     pub async fn send(
         &self,
-        index: usize,
+        set: &BackendSet,
+        backend: &Backend,
         request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
     ) -> Result<(Response<Incoming>, Lease, Duration), (ProxyError, Option<Request<RequestBody>>)>
     {
-        let backend = &self.backends[index];
         backend.metrics.requests.inc();
         let started = Instant::now();
         let response_timeout = self.response_timeout;
@@ -197,7 +447,7 @@ impl Upstream {
         let elapsed = started.elapsed();
         if self.tracks_latency {
             // A failure counts as slow as it took, so that a failing backend is not preferred.
-            self.loads[index].observe_latency(elapsed, started + elapsed);
+            backend.load.observe_latency(elapsed, started + elapsed);
         }
         match result {
             Ok((response, lease)) => {
@@ -206,34 +456,51 @@ impl Upstream {
                     .response_duration
                     .observe(elapsed.as_secs_f64());
                 if response.status().is_server_error() {
-                    self.record_failure(index);
+                    self.record_failure(set, backend);
                 } else {
-                    self.health.record_success(index);
+                    backend.health.record_success();
                 }
                 Ok((response, lease, elapsed))
             }
             Err((error, unsent)) => {
                 if error.side() == Side::Upstream {
                     backend.metrics.failures.inc();
-                    self.record_failure(index);
+                    self.record_failure(set, backend);
                 }
                 Err((error, unsent))
             }
         }
     }
 
-    /// Passive outlier detection: a failure of real traffic at backend `index`.
-    fn record_failure(&self, index: usize) {
-        if let Verdict::Ejected(length) = self
-            .health
-            .record_failure(index, tokio::time::Instant::now())
+    /// Passive outlier detection: a failure of real traffic at `backend`.
+    fn record_failure(&self, set: &BackendSet, backend: &Backend) {
+        let Some(outlier) = &self.config.outlier_detection else {
+            return;
+        };
+        let fleet = set.backends.iter().map(|backend| &backend.health);
+        if let Verdict::Ejected { length, until } =
+            backend
+                .health
+                .record_failure(outlier, fleet, tokio::time::Instant::now())
         {
-            let backend = &self.backends[index];
             backend.metrics.ejections.inc();
+            // It comes back slowly when the ejection ends.
+            backend.load.start_ramp(until.into_std());
             tracing::warn!(upstream = %self.name, backend = %backend.label, ejected_for = ?length, "backend ejected after consecutive failures");
-            self.refresh_health_gauge(index);
+            backend.refresh_health_gauge();
         }
     }
+
+    /// Active checks found `backend` up again: it ramps its share up from now.
+    pub fn recovered(&self, backend: &Backend) {
+        backend
+            .load
+            .start_ramp(tokio::time::Instant::now().into_std());
+    }
+}
+
+fn not_tried(tried: u64, index: usize) -> bool {
+    index >= 64 || tried & (1 << index) == 0
 }
 
 /// Keeps the health gauges true when ejections run out, as long as the upstream exists.
@@ -245,8 +512,8 @@ pub async fn refresh_health_gauges(upstream: std::sync::Weak<Upstream>) {
         let Some(upstream) = upstream.upgrade() else {
             return;
         };
-        for index in 0..upstream.backends.len() {
-            upstream.refresh_health_gauge(index);
+        for backend in &upstream.current().backends {
+            backend.refresh_health_gauge();
         }
     }
 }
@@ -254,16 +521,18 @@ pub async fn refresh_health_gauges(upstream: std::sync::Weak<Upstream>) {
 /// Counts a request in flight at one backend until dropped, which is when its response has been
 /// passed on in full (or abandoned).
 pub struct InFlight {
-    upstream: Arc<Upstream>,
-    index: usize,
+    backend: Arc<Backend>,
+    /// Told when a slot frees, when the upstream limits requests per backend.
+    queue: Option<Arc<Queue>>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.upstream.loads[self.index]
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
-        self.upstream.backends[self.index].metrics.in_flight.dec();
+        self.backend.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.metrics.in_flight.dec();
+        if let Some(queue) = &self.queue {
+            queue.freed.notify_one();
+        }
     }
 }
 
@@ -347,5 +616,89 @@ fn classify(error: SendError, backend: &Backend) -> ProxyError {
             backend: backend_label(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bouncer_config::{BackendSpec, ServerAddress};
+
+    fn config(servers: &[(&str, u32)]) -> UpstreamConfig {
+        let text = "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbalance = \"peak_ewma\"\nservers = [\"127.0.0.1:1\"]\n";
+        let mut config = bouncer_config::parse(std::path::Path::new("t.toml"), text)
+            .map(|config| config.upstreams[0].clone())
+            .unwrap_or_else(|problems| panic!("{problems}"));
+        config.servers = servers
+            .iter()
+            .map(|(address, weight)| {
+                let (host, port) = address.rsplit_once(':').unwrap_or_default();
+                BackendSpec {
+                    address: ServerAddress {
+                        host: host.to_string(),
+                        port: port.parse().unwrap_or(1),
+                    },
+                    weight: *weight,
+                    backup: false,
+                }
+            })
+            .collect();
+        config
+    }
+
+    fn placements(config: &UpstreamConfig) -> Vec<Placement> {
+        config
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(entry, server)| {
+                let address = format!("{}:{}", server.address.host, server.address.port);
+                (
+                    entry,
+                    address
+                        .parse()
+                        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1))),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn backends_that_remain_keep_their_state_across_a_reload() {
+        let metrics = Metrics::new();
+        let before = config(&[("127.0.0.1:1001", 1), ("127.0.0.1:1002", 1)]);
+        let old = Upstream::new(&before, &metrics, None, &placements(&before))
+            .unwrap_or_else(|error| panic!("{error}"));
+        let set = old.current();
+        let Some(picked) = old.pick_now(&set, None, 0b01, None, u32::MAX) else {
+            panic!("no backend picked");
+        };
+        assert_eq!(picked.backend.address.port(), 1002);
+        let now = Instant::now();
+        picked
+            .backend
+            .load
+            .observe_latency(Duration::from_millis(250), now);
+        assert!(picked.backend.health.set_up(false));
+
+        let after = config(&[("127.0.0.1:1002", 5), ("127.0.0.1:1003", 1)]);
+        let new = Upstream::new(&after, &metrics, Some(&old), &placements(&after))
+            .unwrap_or_else(|error| panic!("{error}"));
+        let set = new.current();
+        assert_eq!(set.backends.len(), 2);
+        let kept = &set.backends[0];
+        assert!(
+            Arc::ptr_eq(kept, &picked.backend),
+            "the backend was not carried over"
+        );
+        assert_eq!(kept.load.in_flight.load(Ordering::Relaxed), 1);
+        assert!((kept.load.latency_estimate(now) - 0.25).abs() < 1e-9);
+        assert!(!kept.health.is_available(tokio::time::Instant::now()));
+        assert_eq!(kept.load.weight(), 5, "the new weight applies");
+        let fresh = &set.backends[1];
+        assert_eq!(fresh.load.in_flight.load(Ordering::Relaxed), 0);
+        assert!(fresh.health.is_available(tokio::time::Instant::now()));
+        drop(picked);
+        assert_eq!(kept.load.in_flight.load(Ordering::Relaxed), 0);
     }
 }

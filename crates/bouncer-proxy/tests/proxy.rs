@@ -5,14 +5,18 @@
 mod proxy_tests {
     pub mod balancing;
     pub mod bodies;
+    pub mod demo;
+    pub mod discovery;
     pub mod errors;
     pub mod failover;
     pub mod headers;
+    pub mod limits;
     pub mod metrics;
     pub mod pooling;
     pub mod protocols;
     pub mod proxy_protocol;
     pub mod routing;
     pub mod shutdown;
+    pub mod sticky;
     pub mod timeouts;
 }

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod certificates;
+pub mod dns;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,6 +23,7 @@ use tokio::net::TcpStream;
 pub use backend::{Backend, Behaviour, BoxBody, RecordedRequest, pattern_body};
 pub use bouncer_proxy::RunningProxy;
 pub use certificates::{TestCa, TestCertificate};
+pub use dns::DnsServer;
 
 /// A proxy started in this process from a TOML config.
 pub struct TestProxy {

@@ -158,7 +158,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 fn demo(bind: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     runtime(0)?.block_on(async {
-        let demo = bouncer_proxy::demo::start(bind, admin).await?;
+        let mut demo = bouncer_proxy::demo::start(bind, admin).await?;
         let backends: Vec<String> = demo.backends.iter().map(ToString::to_string).collect();
         println!(
             "Bouncer demo: a proxy on http://{bind} in front of three backends ({}).",
@@ -173,6 +173,25 @@ fn demo(bind: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
         println!("Load balancing at work, six requests through the proxy:");
         for answer in demo.sample_requests(6).await {
             println!("    {answer}");
+        }
+        println!();
+        println!("A backend failing without any client noticing: backend 3 crashes, twelve requests follow.");
+        let show = demo.show_failover(12).await;
+        for answer in &show.answers_while_down {
+            println!("    {answer}");
+        }
+        println!(
+            "    -> {} of {} requests failed: requests that found backend 3 gone went to another backend.",
+            show.failed,
+            show.answers_while_down.len()
+        );
+        match show.back_after {
+            Some(after) => println!(
+                "Backend {} restarted; health checks returned it to rotation after {:.1} s.",
+                show.crashed,
+                after.as_secs_f64()
+            ),
+            None => println!("Backend {} restarted, but is not back yet.", show.crashed),
         }
         println!();
         println!("Try it yourself:");

@@ -307,3 +307,98 @@ servers = [{ addr = "127.0.0.1:3", backup = true }]
         );
     }
 }
+
+#[test]
+fn sessions_limits_ramps_and_name_lookups_are_read() {
+    let dir = std::env::temp_dir().join(format!("bouncer-config-sticky-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("sticky.key"), "0123456789abcdef0123\n").expect("key");
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["app.internal:8080"]
+resolve_interval = "5s"
+sticky = { cookie = "route", ttl = "1h", secret_file = "sticky.key" }
+max_connections_per_server = 200
+queue_timeout = "250ms"
+slow_start = "30s"
+retry_buffer = "64KiB"
+
+[resolver]
+nameservers = ["127.0.0.1:5353", "10.0.0.2"]
+timeout = "500ms"
+"#;
+    let config = parse(&dir.join("bouncer.toml"), text).expect("valid");
+    let upstream = &config.upstreams[0];
+    assert!(upstream.has_host_names());
+    assert_eq!(upstream.resolve_interval, Duration::from_secs(5));
+    let sticky = upstream.sticky.as_ref().expect("sticky");
+    assert_eq!(sticky.cookie, "route");
+    assert_eq!(sticky.ttl, Some(Duration::from_secs(3600)));
+    assert_eq!(
+        sticky.secret.as_ref().map(|secret| secret.0.as_slice()),
+        Some(&b"0123456789abcdef0123"[..])
+    );
+    assert!(
+        !format!("{sticky:?}").contains("0123456789"),
+        "the secret is printed"
+    );
+    assert_eq!(upstream.max_connections_per_server, Some(200));
+    assert_eq!(upstream.queue_timeout, Duration::from_millis(250));
+    assert_eq!(upstream.slow_start, Duration::from_secs(30));
+    assert_eq!(upstream.retry_buffer, 64 * 1024);
+    assert_eq!(
+        config.resolver.nameservers,
+        vec![
+            "127.0.0.1:5353".parse().expect("address"),
+            "10.0.0.2:53".parse().expect("address")
+        ]
+    );
+    assert_eq!(config.resolver.timeout, Some(Duration::from_millis(500)));
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+#[test]
+fn session_and_lookup_mistakes_are_each_reported() {
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+balance = "consistent_hash"
+servers = ["127.0.0.1:1"]
+slow_start = "10s"
+sticky = { cookie = "bad name", secret_file = "/nonexistent/sticky.key" }
+max_connections_per_server = 0
+
+[upstreams.b]
+servers = ["127.0.0.1:2"]
+sticky = { secret_file = "/nonexistent/b.key" }
+
+[resolver]
+nameservers = ["dns.example"]
+"#;
+    let lines: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+    for fragment in [
+        "upstreams.app.slow_start: slow_start does not work with consistent_hash",
+        "upstreams.app.sticky.cookie: \"bad name\" is not a cookie name",
+        "upstreams.app.max_connections_per_server: 0 is out of range",
+        "upstreams.b.sticky.secret_file: cannot read /nonexistent/b.key",
+        "resolver.nameservers[0]: \"dns.example\" is not an IP address",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(fragment)),
+            "missing {fragment:?} in {lines:#?}"
+        );
+    }
+}

@@ -18,6 +18,7 @@ fn input(random: u64, key_hash: Option<u64>, now: Instant) -> PickInput {
         key_hash,
         random,
         now,
+        slow_start: Duration::ZERO,
     }
 }
 
@@ -31,7 +32,7 @@ fn picks(balancer: &Balancer, backends: &[BackendLoad], count: usize) -> Vec<usi
 #[test]
 fn smooth_weighted_round_robin_spreads_the_heavy_backend() {
     let backends = loads(&[5, 1, 1]);
-    let balancer = Balancer::new(Balance::RoundRobin, &backends, &names(3));
+    let balancer = Balancer::new(Balance::RoundRobin, &backends, &names(3), Duration::ZERO);
     assert_eq!(picks(&balancer, &backends, 7), vec![0, 0, 1, 0, 2, 0, 0]);
     // Over many rounds the shares are exact.
     let mut counts = [0usize; 3];
@@ -44,7 +45,7 @@ fn smooth_weighted_round_robin_spreads_the_heavy_backend() {
 #[test]
 fn equal_weights_go_round_robin() {
     let backends = loads(&[1, 1, 1]);
-    let balancer = Balancer::new(Balance::RoundRobin, &backends, &names(3));
+    let balancer = Balancer::new(Balance::RoundRobin, &backends, &names(3), Duration::ZERO);
     assert_eq!(picks(&balancer, &backends, 6), vec![0, 1, 2, 0, 1, 2]);
 }
 
@@ -52,7 +53,7 @@ fn equal_weights_go_round_robin() {
 fn unavailable_backends_are_skipped_and_backups_used_only_when_no_primary_is_left() {
     let mut backends = loads(&[1, 1]);
     backends.push(BackendLoad::new(1, true));
-    let balancer = Balancer::new(Balance::RoundRobin, &backends, &names(3));
+    let balancer = Balancer::new(Balance::RoundRobin, &backends, &names(3), Duration::ZERO);
     let now = Instant::now();
     for n in 0..10 {
         let chosen = balancer.pick(&backends, |index| index != 0, &input(n, None, now));
@@ -72,7 +73,12 @@ fn least_connections_prefers_the_least_loaded_per_weight() {
     backends[0].in_flight.store(3, Ordering::Relaxed);
     backends[1].in_flight.store(1, Ordering::Relaxed);
     backends[2].in_flight.store(4, Ordering::Relaxed);
-    let balancer = Balancer::new(Balance::LeastConnections, &backends, &names(3));
+    let balancer = Balancer::new(
+        Balance::LeastConnections,
+        &backends,
+        &names(3),
+        Duration::ZERO,
+    );
     assert_eq!(picks(&balancer, &backends, 5), vec![1; 5]);
     // Ties rotate.
     backends[0].in_flight.store(0, Ordering::Relaxed);
@@ -86,7 +92,7 @@ fn least_connections_prefers_the_least_loaded_per_weight() {
 #[test]
 fn weighted_random_follows_the_weights() {
     let backends = loads(&[3, 1]);
-    let balancer = Balancer::new(Balance::Random, &backends, &names(2));
+    let balancer = Balancer::new(Balance::Random, &backends, &names(2), Duration::ZERO);
     let now = Instant::now();
     let mut counts = [0usize; 2];
     for n in 0..4000u64 {
@@ -106,7 +112,7 @@ fn peak_ewma_avoids_a_slow_backend() {
         let latency = if index == 2 { 100 } else { 1 };
         backend.observe_latency(Duration::from_millis(latency), start);
     }
-    let balancer = Balancer::new(Balance::PeakEwma, &backends, &names(3));
+    let balancer = Balancer::new(Balance::PeakEwma, &backends, &names(3), Duration::ZERO);
     let mut counts = [0usize; 3];
     for n in 0..3000u64 {
         if let Some(index) = balancer.pick(&backends, |_| true, &input(mix(n), None, start)) {
@@ -190,4 +196,39 @@ fn the_stable_hash_does_not_change_between_builds() {
     assert_ne!(stable_hash(b"client-1", 0), stable_hash(b"client-2", 0));
     // A fixed value: instances of different builds must agree on where a key goes.
     assert_eq!(stable_hash(b"", 0), mix(0xcbf2_9ce4_8422_2325));
+}
+
+#[test]
+fn slow_start_ramps_a_backend_from_a_tenth_to_its_full_weight() {
+    let backends = loads(&[1, 1]);
+    let slow_start = Duration::from_secs(10);
+    let balancer = Balancer::new(Balance::RoundRobin, &backends, &names(2), slow_start);
+    let start = Instant::now();
+    backends[1].start_ramp(start);
+    let share_at = |at: Duration| {
+        let now = start + at;
+        let input = PickInput {
+            key_hash: None,
+            random: 0,
+            now,
+            slow_start,
+        };
+        let picks = (0..1000)
+            .filter_map(|_| balancer.pick(&backends, |_| true, &input))
+            .filter(|&index| index == 1)
+            .count();
+        picks as f64 / 1000.0
+    };
+    // Weight 0.1 against 1, then 0.5 against 1, then equal.
+    assert!((share_at(Duration::ZERO) - 0.1 / 1.1).abs() < 0.01);
+    assert!((share_at(Duration::from_secs(5)) - 0.5 / 1.5).abs() < 0.01);
+    assert!((share_at(Duration::from_secs(10)) - 0.5).abs() < 0.01);
+    // A ramp may be set to begin later, when an ejection ends.
+    backends[0].start_ramp(start + Duration::from_secs(20));
+    assert!(
+        (backends[0].weight_at(start + Duration::from_secs(15), slow_start) - 0.1).abs() < 1e-9
+    );
+    assert!(
+        (backends[0].weight_at(start + Duration::from_secs(25), slow_start) - 0.5).abs() < 1e-9
+    );
 }

@@ -37,6 +37,18 @@ format = "off"
     )
 }
 
+/// Waits until the proxy's health gauge for the backend at `address` reads `healthy`.
+async fn wait_for_health(proxy: &TestProxy, address: std::net::SocketAddr, healthy: bool) {
+    let gauge = format!("bouncer_upstream_healthy{{upstream=\"app\",backend=\"{address}\"}}");
+    let expected = if healthy { 1.0 } else { 0.0 };
+    eventually(
+        Duration::from_secs(5),
+        "the health gauge changes",
+        || async { metric(&proxy.scrape().await, &gauge) == Some(expected) },
+    )
+    .await;
+}
+
 async fn all_ok(clients: &Clients, url: &str, count: usize) {
     for n in 0..count {
         let answer = clients.get(url).await;
@@ -169,25 +181,14 @@ async fn killing_a_backend_under_load_fails_no_request_and_it_returns_after_heal
     }
     assert_eq!(failures, 0, "client requests failed while a backend died");
 
-    let gauge = format!("bouncer_upstream_healthy{{upstream=\"app\",backend=\"{address}\"}}");
-    eventually(
-        Duration::from_secs(5),
-        "health checks mark it down",
-        || async { metric(&proxy.scrape().await, &gauge) == Some(0.0) },
-    )
-    .await;
+    wait_for_health(&proxy, address, false).await;
 
     // Back on the same port: two passing checks and it takes requests again.
     let listener = TcpListener::bind(address)
         .await
         .expect("rebind the backend's port");
     let revived = Backend::serve(listener, 2);
-    eventually(
-        Duration::from_secs(5),
-        "health checks mark it up",
-        || async { metric(&proxy.scrape().await, &gauge) == Some(1.0) },
-    )
-    .await;
+    wait_for_health(&proxy, address, true).await;
     let before = revived.count();
     all_ok(&clients, &url, 30).await;
     assert!(
@@ -225,4 +226,54 @@ async fn with_every_backend_down_the_answer_is_a_quick_503_with_retry_after() {
             .iter()
             .all(|request| request.uri.path() == "/status/500")
     );
+}
+
+#[tokio::test]
+async fn an_idempotent_request_with_a_kept_body_is_replayed_whole_on_another_backend() {
+    let dying = Backend::start_with(0, Behaviour::Reset).await;
+    let good = Backend::start(1).await;
+    let put = |proxy: &TestProxy| {
+        Request::put(proxy.url("/count"))
+            .body(full(vec![b'u'; 10_000]))
+            .expect("request")
+    };
+
+    // Kept up to retry_buffer: the reset backend read it, the other one gets it again, whole.
+    let proxy = TestProxy::start(&config(&[&dying, &good], "retry_buffer = \"64KiB\"")).await;
+    let answer = Clients::new().send(put(&proxy)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "10000");
+    assert_eq!((dying.count(), good.count()), (1, 1));
+    assert_eq!(dying.requests()[0].body_bytes, 10_000);
+    assert_eq!(good.requests()[0].body_bytes, 10_000);
+
+    // Larger than retry_buffer: not kept, so not sent twice.
+    let proxy = TestProxy::start(&config(&[&dying, &good], "retry_buffer = \"4KiB\"")).await;
+    let answer = Clients::new().send(put(&proxy)).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!((dying.count(), good.count()), (2, 1));
+}
+
+#[tokio::test]
+async fn a_recovered_backend_ramps_up_under_slow_start() {
+    let backends = Backend::start_many(2).await;
+    let address = backends[1].address;
+    let toml = config(
+        &[&backends[0], &backends[1]],
+        "slow_start = \"20s\"\n[upstreams.app.health_check]\npath = \"/\"\ninterval = \"50ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1",
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let clients = Clients::new();
+    let url = proxy.url("/");
+    backends[1].kill();
+    wait_for_health(&proxy, address, false).await;
+    let listener = TcpListener::bind(address).await.expect("rebind the port");
+    let revived = Backend::serve(listener, 1);
+    wait_for_health(&proxy, address, true).await;
+    // Within the first seconds of a 20 s ramp its weight is about a tenth of the other's, where
+    // without slow start it would take half of the requests.
+    let before = revived.count();
+    all_ok(&clients, &url, 100).await;
+    let share = revived.count() - before;
+    assert!((2..=25).contains(&share), "{share} of 100 requests");
 }
