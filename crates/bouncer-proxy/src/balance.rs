@@ -270,18 +270,36 @@ impl Balancer {
                 }
             },
             Balance::LeastConnections => {
-                // Ties go round robin, so that an idle fleet is not served by its first backend.
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let load = |index: usize| {
+                    let backend = backends[index].load();
+                    f64::from(backend.in_flight.load(Ordering::Relaxed))
+                        / backend.weight_at(input.now, input.slow_start)
+                };
+                let mut least = f64::INFINITY;
+                let mut ties = 0usize;
+                for index in (0..count).filter(|&index| eligible(index)) {
+                    let load = load(index);
+                    if load < least {
+                        least = load;
+                        ties = 1;
+                    } else if load == least {
+                        ties += 1;
+                    }
+                }
+                if ties == 0 {
+                    return None;
+                }
+                // Ties go in turn among the tied backends, so that an idle fleet is not served by
+                // its first backend, nor the backend after a busy one favoured.
+                let turn = self.next.fetch_add(1, Ordering::Relaxed) % ties;
                 (0..count)
-                    .map(|offset| (start + offset) % count)
-                    .filter(|&index| eligible(index))
-                    .min_by(|&a, &b| {
-                        let load = |index: usize| {
-                            let backend = backends[index].load();
-                            f64::from(backend.in_flight.load(Ordering::Relaxed))
-                                / backend.weight_at(input.now, input.slow_start)
-                        };
-                        load(a).total_cmp(&load(b))
+                    .filter(|&index| eligible(index) && load(index) == least)
+                    .nth(turn)
+                    // Loads moved between the two passes: the least loaded now.
+                    .or_else(|| {
+                        (0..count)
+                            .filter(|&index| eligible(index))
+                            .min_by(|&a, &b| load(a).total_cmp(&load(b)))
                     })
             }
             Balance::Random => weighted_random(backends, eligible, input),

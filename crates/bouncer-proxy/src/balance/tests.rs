@@ -237,3 +237,18 @@ fn slow_start_ramps_a_backend_from_a_tenth_to_its_full_weight() {
         (backends[0].weight_at(start + Duration::from_secs(25), slow_start) - 0.5).abs() < 1e-9
     );
 }
+
+#[test]
+fn least_connections_shares_ties_evenly_beside_a_busy_backend() {
+    let backends = loads(&[1, 1, 1]);
+    backends[0].in_flight.store(1, Ordering::Relaxed);
+    let balancer = Balancer::new(
+        Balance::LeastConnections,
+        &backends,
+        &names(3),
+        Duration::ZERO,
+    );
+    let picks = picks(&balancer, &backends, 600);
+    let to = |index: usize| picks.iter().filter(|&&pick| pick == index).count();
+    assert_eq!((to(0), to(1), to(2)), (0, 300, 300));
+}
