@@ -114,7 +114,9 @@ impl ConnectionPool {
         loop {
             let (mut sender, reused) = match self.take_idle().await {
                 Some(sender) => (sender, true),
-                None => match self.connect().await {
+                // Boxed: connecting is rare on a warm pool, and its large future would otherwise
+                // make every send bigger to create and move.
+                None => match Box::pin(self.connect()).await {
                     Ok(sender) => (sender, false),
                     Err(error) => return Err((error, Some(request))),
                 },
