@@ -148,9 +148,9 @@ impl PeakEwma {
             None => self.seconds,
             Some(stamp) => {
                 let elapsed = now.saturating_duration_since(stamp).as_secs_f64();
-                let keep = (-elapsed / Self::DECAY.as_secs_f64()).exp();
-                // Decay is towards the default, so that an idle slow backend is tried again.
-                self.seconds * keep + Self::DEFAULT.as_secs_f64() * (1.0 - keep)
+                // Decay is towards zero, so that a backend avoided for being slow (and so getting
+                // no new samples) is tried again after a while: after about 50 s for 100 ms.
+                self.seconds * (-elapsed / Self::DECAY.as_secs_f64()).exp()
             }
         }
     }

@@ -252,3 +252,28 @@ fn least_connections_shares_ties_evenly_beside_a_busy_backend() {
     let to = |index: usize| picks.iter().filter(|&&pick| pick == index).count();
     assert_eq!((to(0), to(1), to(2)), (0, 300, 300));
 }
+
+#[test]
+fn peak_ewma_tries_an_avoided_slow_backend_again_after_a_while() {
+    let backends = loads(&[1, 1]);
+    let balancer = Balancer::new(Balance::PeakEwma, &backends, &names(2), Duration::ZERO);
+    let start = Instant::now();
+    backends[1].observe_latency(Duration::from_millis(100), start);
+    let fast_answer_at =
+        |at: Duration| backends[0].observe_latency(Duration::from_millis(1), start + at);
+    fast_answer_at(Duration::ZERO);
+    assert_eq!(
+        balancer.pick(&backends, |_| true, &input(7, None, start)),
+        Some(0)
+    );
+    // The fast backend keeps answering; the slow one gets no requests and so no new samples,
+    // until its estimate has decayed below the fast one's.
+    for second in 1..=60 {
+        fast_answer_at(Duration::from_secs(second));
+    }
+    let later = start + Duration::from_secs(60);
+    assert_eq!(
+        balancer.pick(&backends, |_| true, &input(7, None, later)),
+        Some(1)
+    );
+}
