@@ -81,8 +81,13 @@ impl BackendLoad {
         let ramp_ms = u64::try_from(slow_start.as_millis()).unwrap_or(u64::MAX);
         let elapsed = now_ms.saturating_sub(started);
         if now_ms >= started && elapsed >= ramp_ms {
-            // Done: later picks skip the arithmetic.
-            self.ramp_started_ms.store(NOT_RAMPING, Ordering::Relaxed);
+            // Done: later picks skip the arithmetic, unless a new ramp began meanwhile.
+            let _ = self.ramp_started_ms.compare_exchange(
+                started,
+                NOT_RAMPING,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             return weight;
         }
         let share = (elapsed as f64 / ramp_ms as f64).max(RAMP_FLOOR);
@@ -98,6 +103,7 @@ impl BackendLoad {
     }
 
     /// The peak-EWMA latency now, in seconds.
+    #[cfg(test)]
     pub fn latency_estimate(&self, now: Instant) -> f64 {
         self.latency
             .lock()
@@ -107,8 +113,18 @@ impl BackendLoad {
 
     /// Expected cost of one more request: latency times the load it would join, per unit weight.
     fn cost(&self, input: &PickInput) -> f64 {
-        let load = f64::from(self.in_flight.load(Ordering::Relaxed)) + 1.0;
-        self.latency_estimate(input.now) * load / self.weight_at(input.now, input.slow_start)
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let latency = {
+            let ewma = self.latency.lock().unwrap_or_else(PoisonError::into_inner);
+            // Without answers the estimate decays, but not while requests are pending: a
+            // backend that stalls must not look fast for having answered nothing lately.
+            if in_flight > 0 {
+                ewma.seconds
+            } else {
+                ewma.estimate(input.now)
+            }
+        };
+        latency * (f64::from(in_flight) + 1.0) / self.weight_at(input.now, input.slow_start)
     }
 }
 

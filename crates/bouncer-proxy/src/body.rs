@@ -72,6 +72,15 @@ impl BodyProgress {
         (kept.complete && !kept.given_up).then(|| kept.chunks.iter().cloned().collect())
     }
 
+    /// Frees the kept copy once the request cannot be sent again.
+    pub fn release_kept(&self) {
+        if let Some(kept) = &self.kept {
+            let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+            kept.given_up = true;
+            kept.chunks = Vec::new();
+        }
+    }
+
     fn keep(&self, frame: &Frame<Bytes>) {
         let Some(kept) = &self.kept else {
             return;

@@ -70,7 +70,7 @@ impl BackendHealth {
         self.up.load(Ordering::Relaxed) && !self.is_ejected(now)
     }
 
-    fn is_ejected(&self, now: Instant) -> bool {
+    pub fn is_ejected(&self, now: Instant) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > self.millis(now)
     }
 
@@ -79,10 +79,21 @@ impl BackendHealth {
     pub fn set_up(&self, up: bool) -> bool {
         let changed = self.up.swap(up, Ordering::Relaxed) != up;
         if changed && up {
-            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.end_ejection(Instant::now());
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
         changed
+    }
+
+    /// Ends an ejection at `now`. The end is kept (not cleared), so that an ejection soon after
+    /// still counts as a repeat and lasts longer.
+    fn end_ejection(&self, now: Instant) {
+        let now_ms = self.millis(now).max(1);
+        let _ = self
+            .ejected_until_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |until| {
+                (until > now_ms).then_some(now_ms)
+            });
     }
 
     /// Ends an ejection before its time; returns whether the backend was ejected.
@@ -90,7 +101,7 @@ impl BackendHealth {
         if !self.is_ejected(now) {
             return false;
         }
-        self.ejected_until_ms.store(0, Ordering::Relaxed);
+        self.end_ejection(now);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         true
     }
@@ -159,10 +170,26 @@ async fn check_loop(upstream: Weak<Upstream>, backend: Weak<Backend>, config: He
     tokio::time::sleep(first).await;
     let mut successes = 0u32;
     let mut failures = 0u32;
+    let mut ejection_seen = false;
     loop {
         let (Some(upstream), Some(backend)) = (upstream.upgrade(), backend.upgrade()) else {
             return;
         };
+        if !upstream.contains(&backend) {
+            // Dropped by DNS and kept aside in case it returns: not probed meanwhile.
+            drop((upstream, backend));
+            tokio::time::sleep(config.interval).await;
+            continue;
+        }
+        // An ejection is ended early by `healthy_threshold` passing checks after it began.
+        if backend.health.is_ejected(Instant::now()) {
+            if !ejection_seen {
+                successes = 0;
+                ejection_seen = true;
+            }
+        } else {
+            ejection_seen = false;
+        }
         let outcome = probe(backend.address, &backend.authority, &config).await;
         match outcome {
             Ok(()) => {
@@ -336,5 +363,23 @@ mod tests {
         assert!(!health.set_up(false));
         assert!(health.set_up(true));
         assert!(health.is_available(now));
+    }
+
+    #[test]
+    fn an_ejection_ended_early_by_checks_still_counts_as_a_repeat() {
+        let health = fleet(2);
+        let config = outlier(1, 50);
+        let start = Instant::now();
+        assert_eq!(
+            ejected_for(fail(&health, 0, &config, start)),
+            Some(Duration::from_secs(30))
+        );
+        assert!(health[0].uneject(start + Duration::from_secs(1)));
+        assert!(health[0].is_available(start + Duration::from_secs(1)));
+        assert!(!health[0].uneject(start + Duration::from_secs(1)));
+        assert_eq!(
+            ejected_for(fail(&health, 0, &config, start + Duration::from_secs(2))),
+            Some(Duration::from_secs(60))
+        );
     }
 }

@@ -24,7 +24,7 @@ use crate::headers::{
 use crate::listener::ListenerRuntime;
 use crate::pool::Lease;
 use crate::routing::Route;
-use crate::upstream::{InFlight, Picked};
+use crate::upstream::{InFlight, Picked, bit};
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -172,14 +172,14 @@ async fn forward(
     parts.uri = http::Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
 
-    let idempotent = !websocket && is_idempotent(&parts.method);
-    let (body, progress) = if incoming.is_end_stream() {
-        (RequestBody::empty(), None)
+    // A request may be sent again after a failure that may have reached the backend only when it
+    // is idempotent, some such failure is to be retried, and its whole body is held: bodiless,
+    // or kept while it streams because it fits in `retry_buffer`.
+    let replayable = upstream.replays && !websocket && is_idempotent(&parts.method);
+    let (body, progress, keep) = if incoming.is_end_stream() {
+        (RequestBody::empty(), None, true)
     } else {
-        // A body is kept for a replay only where a replay may happen: an idempotent request
-        // whose body fits in `retry_buffer`.
-        let keep = upstream.replays
-            && idempotent
+        let keep = replayable
             && upstream.retry_buffer > 0
             && declared_length_of(&parts.headers)
                 .is_none_or(|length| length <= upstream.retry_buffer);
@@ -192,11 +192,10 @@ async fn forward(
         (
             RequestBody::streaming(incoming, max_body, Arc::clone(&progress)),
             Some(progress),
+            keep,
         )
     };
-    // What is needed to send the request again after a failure that may have reached the backend:
-    // only for idempotent requests, and only when some such failure is to be retried.
-    let replay = (upstream.replays && idempotent).then(|| Replay {
+    let replay = (replayable && keep).then(|| Replay {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),
@@ -217,13 +216,13 @@ async fn forward(
             .await;
         let Picked {
             index: backend_index,
-            backend,
             guard,
         } = match picked {
             Ok(picked) => picked,
             // No other backend to try: the client learns what went wrong with the last one.
             Err(none_left) => return Err(last_error.unwrap_or(none_left)),
         };
+        let backend = Arc::clone(guard.backend());
         exchange.backend = Some(Arc::clone(&backend.label));
         exchange.backend_in_flight = Some(guard);
         if host_missing {
@@ -253,6 +252,8 @@ async fn forward(
                         tracing::debug!(backend = %backend.label, status, "retrying on another backend");
                         // The failed answer is dropped; its connection closes unless it was done.
                         drop((response, lease));
+                        // Its slot at the failed backend is freed before another is taken.
+                        exchange.backend_in_flight = None;
                         request = again;
                         tried |= bit(backend_index);
                         attempt += 1;
@@ -268,6 +269,10 @@ async fn forward(
                     response.headers_mut().append(header::SET_COOKIE, value);
                 }
                 exchange.upstream_time = Some(upstream_time);
+                if let Some(progress) = &progress {
+                    // The answer is committed: a kept copy of the body is not needed any more.
+                    progress.release_kept();
+                }
                 return Ok(Forwarded {
                     response,
                     lease,
@@ -283,6 +288,7 @@ async fn forward(
             // to the fleet: such retries are not counted against the budget.
             tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "sending to another backend");
             backend.metrics.retries.inc();
+            exchange.backend_in_flight = None;
             request = unsent;
             tried |= bit(backend_index);
             attempt += 1;
@@ -305,6 +311,7 @@ async fn forward(
         match next {
             Some(again) if upstream.take_retry(&backend) => {
                 tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "retrying on another backend");
+                exchange.backend_in_flight = None;
                 request = again;
                 tried |= bit(backend_index);
                 attempt += 1;
@@ -335,11 +342,6 @@ impl Replay {
         *request.headers_mut() = self.headers.clone();
         Some(request)
     }
-}
-
-fn bit(index: usize) -> u64 {
-    1u64.checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
-        .unwrap_or(0)
 }
 
 /// Methods that may be sent twice without changing the outcome (RFC 9110 section 9.2.2).

@@ -36,6 +36,15 @@ impl StickyCookie {
         }
     }
 
+    /// The id that names the backend at `label` in cookies: keyed, so that a cookie does not tell
+    /// the backend's address to whoever can guess the private address ranges.
+    pub fn backend_id(&self, label: &str) -> u64 {
+        let tag = hmac::sign(&self.key, format!("backend {label}").as_bytes());
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_be_bytes(id)
+    }
+
     /// The backend id a valid, unexpired cookie in `headers` names.
     pub fn target(&self, headers: &http::HeaderMap) -> Option<u64> {
         let value = std::str::from_utf8(cookie_value(headers, &self.name)?).ok()?;

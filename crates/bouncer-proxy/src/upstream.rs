@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use bouncer_config::{HashKey, RetryOn, UpstreamConfig};
 
-use crate::balance::{BackendLoad, Balancer, HasLoad, PickInput, stable_hash};
+use crate::balance::{BackendLoad, Balancer, HasLoad, PickInput};
 use crate::body::{BodyProgress, RequestBody, RequestBodyError};
 use crate::error::{BoxError, ProxyError, Side, find_cause};
 use crate::health::{self, BackendHealth, Verdict};
@@ -65,10 +65,9 @@ pub struct BackendSet {
 /// One backend to be: which `servers` entry it comes from, and its address.
 pub type Placement = (usize, SocketAddr);
 
-/// A request's backend, counted in flight there until `guard` is dropped.
+/// A request's backend (its index in the set), counted in flight there until `guard` is dropped.
 pub struct Picked {
     pub index: usize,
-    pub backend: Arc<Backend>,
     pub guard: InFlight,
 }
 
@@ -78,8 +77,9 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     settings: PoolSettings,
     set: ArcSwap<BackendSet>,
-    /// Serialises changes of the set, so that two refreshes do not interleave.
-    changing: Mutex<()>,
+    /// Backends that DNS dropped lately, with when: taken back with their state when their address
+    /// returns soon (resolvers often answer with a varying subset of the addresses).
+    retired: Mutex<Vec<(Arc<Backend>, tokio::time::Instant)>>,
     /// What `consistent_hash` hashes.
     pub hash_key: Option<HashKey>,
     /// Whether latencies are tracked (only peak EWMA uses them).
@@ -102,7 +102,7 @@ pub struct Upstream {
 struct Queue {
     max: u32,
     timeout: Duration,
-    freed: Notify,
+    freed: Arc<Notify>,
 }
 
 impl Upstream {
@@ -134,7 +134,7 @@ impl Upstream {
                     config.slow_start,
                 ),
             }),
-            changing: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
             hash_key: config.hash_key.clone(),
             tracks_latency: config.balance == bouncer_config::Balance::PeakEwma,
             response_timeout: config.response_timeout,
@@ -148,7 +148,11 @@ impl Upstream {
                 Arc::new(Queue {
                     max,
                     timeout: config.queue_timeout,
-                    freed: Notify::new(),
+                    // Shared with the upstream before a reload, whose requests in flight free
+                    // the slots of backends carried over.
+                    freed: previous
+                        .and_then(|previous| previous.queue.as_ref())
+                        .map_or_else(|| Arc::new(Notify::new()), |queue| Arc::clone(&queue.freed)),
                 })
             }),
             sticky: config.sticky.as_ref().map(StickyCookie::new),
@@ -200,10 +204,14 @@ impl Upstream {
     /// keep their state; new ones start slow; those that vanished take no new requests and finish
     /// the ones they have. Returns whether anything changed.
     pub fn replace_backends(self: &Arc<Self>, placements: &[Placement]) -> bool {
-        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.current();
-        let unchanged = current.backends.len() == placements.len()
-            && placements.iter().all(|(_, address)| {
+        let mut addresses: Vec<SocketAddr> =
+            placements.iter().map(|&(_, address)| address).collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        let unchanged = current.backends.len() == addresses.len()
+            && addresses.iter().all(|address| {
                 current
                     .backends
                     .iter()
@@ -212,13 +220,23 @@ impl Upstream {
         if unchanged {
             return false;
         }
-        let set = match self.build_set(&current.backends, placements, true) {
+        let now = tokio::time::Instant::now();
+        let keep_for = (self.config.resolve_interval * 5).max(Duration::from_secs(60));
+        retired.retain(|(_, since)| now.saturating_duration_since(*since) < keep_for);
+        let known: Vec<Arc<Backend>> = current
+            .backends
+            .iter()
+            .chain(retired.iter().map(|(backend, _)| backend))
+            .cloned()
+            .collect();
+        let set = match self.build_set(&known, placements, true) {
             Ok(set) => set,
             Err(error) => {
                 tracing::warn!(upstream = %self.name, %error, "cannot use the new backend addresses");
                 return false;
             }
         };
+        retired.retain(|(old, _)| !set.backends.iter().any(|backend| Arc::ptr_eq(old, backend)));
         for backend in &set.backends {
             if current.backends.iter().any(|old| Arc::ptr_eq(old, backend)) {
                 continue;
@@ -233,10 +251,20 @@ impl Upstream {
             if !set.backends.iter().any(|backend| Arc::ptr_eq(old, backend)) {
                 tracing::info!(upstream = %self.name, backend = %old.label, in_flight = old.load.in_flight.load(Ordering::Relaxed), "backend removed: it finishes its requests and takes no new ones");
                 old.metrics.healthy.set(0);
+                retired.push((Arc::clone(old), now));
             }
         }
         self.set.store(Arc::new(set));
         true
+    }
+
+    /// Whether `backend` is in the set now (a retired one is not).
+    pub fn contains(&self, backend: &Arc<Backend>) -> bool {
+        self.set
+            .load()
+            .backends
+            .iter()
+            .any(|member| Arc::ptr_eq(member, backend))
     }
 
     /// A set over `placements`, reusing the backends of `known` at the same addresses. New
@@ -270,7 +298,10 @@ impl Upstream {
                     }
                     Arc::new(Backend {
                         authority: Authority::try_from(spec.address.to_string())?,
-                        sticky_id: stable_hash(label.as_bytes(), 0),
+                        sticky_id: self
+                            .sticky
+                            .as_ref()
+                            .map_or(0, |sticky| sticky.backend_id(&label)),
                         metrics: self.metrics.backend(&self.name, &label),
                         pool: ConnectionPool::new(
                             address,
@@ -336,9 +367,13 @@ impl Upstream {
                 .pick_now(set, key_hash, tried, sticky, u32::MAX)
                 .ok_or_else(|| self.none_available());
         };
+        // The waiter list is only touched when the request has to wait.
+        if let Some(picked) = self.pick_now(set, key_hash, tried, sticky, queue.max) {
+            return Ok(picked);
+        }
         let deadline = tokio::time::Instant::now() + queue.timeout;
         loop {
-            // Registered before looking, so that a slot freed in between is not missed.
+            // Registered before looking again, so that a slot freed in between is not missed.
             let freed = queue.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
@@ -363,6 +398,9 @@ impl Upstream {
         }
     }
 
+    /// Picks a backend that may take the request now and reserves one of its slots. Backups are
+    /// candidates only when no primary is available; a primary that is merely full makes the
+    /// request wait rather than go to a backup.
     fn pick_now(
         &self,
         set: &BackendSet,
@@ -372,46 +410,70 @@ impl Upstream {
         max_in_flight: u32,
     ) -> Option<Picked> {
         let now = tokio::time::Instant::now();
-        let may_take = |index: usize| {
+        let usable =
+            |index: usize| not_tried(tried, index) && set.backends[index].health.is_available(now);
+        let use_backups = !(0..set.backends.len())
+            .any(|index| !set.backends[index].load.backup() && usable(index));
+        // Backends whose slot was taken by a concurrent request between the choice and the
+        // reservation; they are passed over on the next round.
+        let mut full = 0u64;
+        for _ in 0..set.backends.len().min(64) {
+            let may_take = |index: usize| {
+                let backend = &set.backends[index];
+                backend.load.backup() == use_backups
+                    && usable(index)
+                    && not_tried(full, index)
+                    && backend.load.in_flight.load(Ordering::Relaxed) < max_in_flight
+            };
+            let stuck = sticky.filter(|_| tried == 0).and_then(|id| {
+                set.backends
+                    .iter()
+                    .position(|backend| backend.sticky_id == id)
+                    .filter(|&index| may_take(index))
+            });
+            let index = match stuck {
+                Some(index) => index,
+                None => {
+                    let input = PickInput {
+                        key_hash,
+                        random: if set.balancer.uses_random(key_hash) {
+                            rand::random()
+                        } else {
+                            0
+                        },
+                        now: now.into_std(),
+                        slow_start: self.config.slow_start,
+                    };
+                    set.balancer.pick(&set.backends, may_take, &input)?
+                }
+            };
             let backend = &set.backends[index];
-            not_tried(tried, index)
-                && backend.health.is_available(now)
-                && backend.load.in_flight.load(Ordering::Relaxed) < max_in_flight
-        };
-        let stuck = sticky.filter(|_| tried == 0).and_then(|id| {
-            set.backends
-                .iter()
-                .position(|backend| backend.sticky_id == id)
-                .filter(|&index| may_take(index))
-        });
-        let index = match stuck {
-            Some(index) => index,
-            None => {
-                let input = PickInput {
-                    key_hash,
-                    random: if set.balancer.uses_random(key_hash) {
-                        rand::random()
-                    } else {
-                        0
-                    },
-                    now: now.into_std(),
-                    slow_start: self.config.slow_start,
-                };
-                set.balancer.pick(&set.backends, may_take, &input)?
+            let reserved = if max_in_flight == u32::MAX {
+                backend.load.in_flight.fetch_add(1, Ordering::Relaxed);
+                true
+            } else {
+                backend
+                    .load
+                    .in_flight
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |count| {
+                        (count < max_in_flight).then_some(count + 1)
+                    })
+                    .is_ok()
+            };
+            if !reserved {
+                full |= bit(index);
+                continue;
             }
-        };
-        let backend = Arc::clone(&set.backends[index]);
-        backend.load.in_flight.fetch_add(1, Ordering::Relaxed);
-        backend.metrics.in_flight.inc();
-        let guard = InFlight {
-            backend: Arc::clone(&backend),
-            queue: self.queue.clone(),
-        };
-        Some(Picked {
-            index,
-            backend,
-            guard,
-        })
+            backend.metrics.in_flight.inc();
+            return Some(Picked {
+                index,
+                guard: InFlight {
+                    backend: Arc::clone(backend),
+                    queue: self.queue.clone(),
+                },
+            });
+        }
+        None
     }
 
     /// Sends `request` to `backend` and waits for its response headers. The response clock starts
@@ -503,6 +565,12 @@ fn not_tried(tried: u64, index: usize) -> bool {
     index >= 64 || tried & (1 << index) == 0
 }
 
+/// Bit `index` of a set of backends; backends past the 64th are not tracked.
+pub fn bit(index: usize) -> u64 {
+    1u64.checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
 /// Keeps the health gauges true when ejections run out, as long as the upstream exists.
 pub async fn refresh_health_gauges(upstream: std::sync::Weak<Upstream>) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
@@ -526,12 +594,20 @@ pub struct InFlight {
     queue: Option<Arc<Queue>>,
 }
 
+impl InFlight {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.backend.load.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.backend.metrics.in_flight.dec();
         if let Some(queue) = &self.queue {
-            queue.freed.notify_one();
+            // Every waiter looks again: one woken alone might be unable to use this backend
+            // (it already failed there), and the wakeup would be lost to the others.
+            queue.freed.notify_waiters();
         }
     }
 }
@@ -673,13 +749,14 @@ mod tests {
         let Some(picked) = old.pick_now(&set, None, 0b01, None, u32::MAX) else {
             panic!("no backend picked");
         };
-        assert_eq!(picked.backend.address.port(), 1002);
+        assert_eq!(picked.guard.backend().address.port(), 1002);
         let now = Instant::now();
         picked
-            .backend
+            .guard
+            .backend()
             .load
             .observe_latency(Duration::from_millis(250), now);
-        assert!(picked.backend.health.set_up(false));
+        assert!(picked.guard.backend().health.set_up(false));
 
         let after = config(&[("127.0.0.1:1002", 5), ("127.0.0.1:1003", 1)]);
         let new = Upstream::new(&after, &metrics, Some(&old), &placements(&after))
@@ -688,7 +765,7 @@ mod tests {
         assert_eq!(set.backends.len(), 2);
         let kept = &set.backends[0];
         assert!(
-            Arc::ptr_eq(kept, &picked.backend),
+            Arc::ptr_eq(kept, picked.guard.backend()),
             "the backend was not carried over"
         );
         assert_eq!(kept.load.in_flight.load(Ordering::Relaxed), 1);
@@ -700,5 +777,31 @@ mod tests {
         assert!(fresh.health.is_available(tokio::time::Instant::now()));
         drop(picked);
         assert_eq!(kept.load.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_address_dns_drops_and_returns_keeps_its_backend() {
+        let metrics = Metrics::new();
+        let config = config(&[("127.0.0.1:1001", 1)]);
+        let two: Vec<Placement> = vec![
+            (0, SocketAddr::from(([127, 0, 0, 2], 1001))),
+            (0, SocketAddr::from(([127, 0, 0, 3], 1001))),
+        ];
+        let upstream = Arc::new(
+            Upstream::new(&config, &metrics, None, &two).unwrap_or_else(|error| panic!("{error}")),
+        );
+        let first = Arc::clone(&upstream.current().backends[1]);
+        assert!(first.health.set_up(false));
+        assert!(upstream.replace_backends(&two[..1]));
+        assert!(!upstream.contains(&first));
+        // The same answer again, with a duplicate: nothing changes.
+        assert!(!upstream.replace_backends(&[two[0], two[0]]));
+        assert!(upstream.replace_backends(&two));
+        let back = &upstream.current().backends[1];
+        assert!(
+            Arc::ptr_eq(back, &first),
+            "the returning address lost its state"
+        );
+        assert!(!back.health.is_available(tokio::time::Instant::now()));
     }
 }

@@ -277,3 +277,25 @@ fn peak_ewma_tries_an_avoided_slow_backend_again_after_a_while() {
         Some(1)
     );
 }
+
+#[test]
+fn peak_ewma_does_not_let_a_stalled_backend_decay_to_fast() {
+    let backends = loads(&[1, 1]);
+    let balancer = Balancer::new(Balance::PeakEwma, &backends, &names(2), Duration::ZERO);
+    let start = Instant::now();
+    backends[0].observe_latency(Duration::from_millis(1), start);
+    backends[1].observe_latency(Duration::from_millis(50), start);
+    // The slow one holds requests that never end; a minute later it is still the costlier.
+    backends[1].in_flight.store(3, Ordering::Relaxed);
+    for second in 1..=60 {
+        backends[0].observe_latency(
+            Duration::from_millis(1),
+            start + Duration::from_secs(second),
+        );
+    }
+    let later = start + Duration::from_secs(60);
+    assert_eq!(
+        balancer.pick(&backends, |_| true, &input(7, None, later)),
+        Some(0)
+    );
+}
