@@ -42,6 +42,35 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Whether connections start with a PROXY protocol (v1 or v2) header.
     pub proxy_protocol: bool,
+    /// TLS termination; `None` for plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[listeners.tls]`: HTTPS on a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Picked by SNI from each certificate's names; the first is the default.
+    pub certificates: Vec<CertificateFiles>,
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in order of preference: `h2` and `http/1.1`.
+    pub alpn: Vec<String>,
+    pub handshake_timeout: Duration,
+    /// Refuse the handshake when the client names no host any certificate covers, rather than
+    /// answering with the default certificate.
+    pub strict_sni: bool,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
 }
 
 impl ListenerConfig {

@@ -33,7 +33,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
     let admin = root
         .table(&mut d, "admin")
         .map(|section| read_admin(&mut d, section));
-    let listeners = read_listeners(&mut d, &mut root);
+    let listeners = read_listeners(&mut d, &mut root, file);
     let upstreams = read_upstreams(&mut d, &mut root, file);
     let routes = read_routes(&mut d, &mut root, &listeners, &upstreams);
     let server = match root.table(&mut d, "server") {
@@ -115,7 +115,11 @@ fn read_admin(d: &mut Diagnostics, mut section: Section) -> AdminConfig {
     AdminConfig { bind }
 }
 
-fn read_listeners(d: &mut Diagnostics, root: &mut Section) -> Vec<(ListenerConfig, Span)> {
+fn read_listeners(
+    d: &mut Diagnostics,
+    root: &mut Section,
+    file: &Path,
+) -> Vec<(ListenerConfig, Span)> {
     let sections = root.tables(d, "listeners");
     if sections.is_empty() {
         d.report(
@@ -170,6 +174,11 @@ fn read_listeners(d: &mut Diagnostics, root: &mut Section) -> Vec<(ListenerConfi
                 "a PROXY protocol header is only accepted from trusted peers: list them in trusted_proxies",
             );
         }
+        let tls = section.table(d, "tls").map(|mut tls_section| {
+            let tls = read_tls(d, &mut tls_section, file);
+            tls_section.finish(d);
+            tls
+        });
         section.finish(d);
         listeners.push((
             ListenerConfig {
@@ -177,6 +186,7 @@ fn read_listeners(d: &mut Diagnostics, root: &mut Section) -> Vec<(ListenerConfi
                 bind: bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
                 trusted_proxies,
                 proxy_protocol,
+                tls,
             },
             span,
         ));
@@ -412,6 +422,83 @@ fn read_server_table(d: &mut Diagnostics, entry: &mut Section) -> Option<Backend
             );
             None
         }
+    }
+}
+
+/// `[listeners.tls]`. The files are only named here; they are read, and checked, when the proxy
+/// loads them (and by `bouncer check`).
+fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> TlsConfig {
+    let mut certificates = Vec::new();
+    let entries = section.tables(d, "certificates");
+    if entries.is_empty() {
+        d.report(
+            section.span(),
+            section.key_path("certificates"),
+            "TLS needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }]",
+        );
+    }
+    for mut entry in entries {
+        let cert = entry.string(d, "cert");
+        let key = entry.string(d, "key");
+        match (cert, key) {
+            (Some((cert, _)), Some((key, _))) => certificates.push(CertificateFiles {
+                cert: relative_to(config_file, &cert),
+                key: relative_to(config_file, &key),
+            }),
+            _ => d.report(
+                entry.span(),
+                entry.path().to_string(),
+                "a certificate needs both cert = \"FILE\" and key = \"FILE\" (PEM)",
+            ),
+        }
+        entry.finish(d);
+    }
+    let min_version = match section.string(d, "min_version") {
+        None => TlsVersion::V1_2,
+        Some((text, _)) if text == "1.2" => TlsVersion::V1_2,
+        Some((text, _)) if text == "1.3" => TlsVersion::V1_3,
+        Some((text, span)) => {
+            d.report(
+                span,
+                section.key_path("min_version"),
+                format!(
+                    "\"{text}\" is not a TLS version this proxy offers: use \"1.2\" or \"1.3\""
+                ),
+            );
+            TlsVersion::V1_2
+        }
+    };
+    let alpn = match section.strings(d, "alpn") {
+        None => vec!["h2".to_string(), "http/1.1".to_string()],
+        Some(entries) => {
+            let mut alpn = Vec::new();
+            for (index, (protocol, span)) in entries.into_iter().enumerate() {
+                if protocol == "h2" || protocol == "http/1.1" {
+                    alpn.push(protocol);
+                } else {
+                    d.report(
+                        span,
+                        format!("{}[{index}]", section.key_path("alpn")),
+                        format!("\"{protocol}\" is not a protocol this proxy serves: use \"h2\" and \"http/1.1\""),
+                    );
+                }
+            }
+            alpn
+        }
+    };
+    let handshake_timeout = section.duration(
+        d,
+        "handshake_timeout",
+        Duration::from_secs(10),
+        Duration::from_millis(1),
+    );
+    let strict_sni = section.bool(d, "strict_sni").unwrap_or(false);
+    TlsConfig {
+        certificates,
+        min_version,
+        alpn,
+        handshake_timeout,
+        strict_sni,
     }
 }
 

@@ -23,6 +23,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("no route matches this request")]
     NoRoute,
+    #[error("the request's host is not covered by the certificate its connection asked for")]
+    Misdirected,
     #[error("the method is not supported by this proxy")]
     MethodNotAllowed,
     #[error("the client's request body failed")]
@@ -66,6 +68,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::NoRoute
+            | ProxyError::Misdirected
             | ProxyError::MethodNotAllowed
             | ProxyError::ClientBody { .. } => Side::Client,
             ProxyError::ConnectFailed { .. }
@@ -88,6 +91,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::NoRoute
+            | ProxyError::Misdirected
             | ProxyError::MethodNotAllowed
             | ProxyError::ClientBody { .. }
             | ProxyError::ResponseTimeout { .. }
@@ -110,6 +114,11 @@ impl ProxyError {
                 Refusal::BodyTooLarge,
             ),
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no route\n", Refusal::NoRoute),
+            ProxyError::Misdirected => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected request\n",
+                Refusal::Misdirected,
+            ),
             ProxyError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n",
@@ -175,10 +184,13 @@ pub enum Refusal {
     ProxyProtocol,
     NoBackend,
     QueueTimeout,
+    TlsHandshake,
+    TlsHandshakeTimeout,
+    Misdirected,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 16] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -192,6 +204,9 @@ impl Refusal {
         Refusal::ProxyProtocol,
         Refusal::NoBackend,
         Refusal::QueueTimeout,
+        Refusal::TlsHandshake,
+        Refusal::TlsHandshakeTimeout,
+        Refusal::Misdirected,
     ];
 
     pub fn label(self) -> &'static str {
@@ -209,6 +224,9 @@ impl Refusal {
             Refusal::ProxyProtocol => "proxy_protocol",
             Refusal::NoBackend => "no_backend",
             Refusal::QueueTimeout => "queue_timeout",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Refusal::Misdirected => "misdirected",
         }
     }
 

@@ -352,6 +352,7 @@ mod tests {
                 .map(|net| net.parse().expect("net"))
                 .collect(),
             proxy_protocol: false,
+            tls: None,
         }
     }
 

@@ -18,6 +18,7 @@ mod pool;
 mod resolve;
 mod routing;
 mod sticky;
+pub mod tls;
 mod upstream;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use crate::access_log::AccessLog;
 use crate::listener::{Lifecycle, ListenerRuntime};
 use crate::resolve::Resolver;
 use crate::routing::{Route, RouteTable};
+use crate::tls::ListenerTls;
 use crate::upstream::Upstream;
 
 /// Why the proxy could not start.
@@ -53,6 +55,12 @@ pub enum StartError {
         upstream: String,
         #[source]
         source: http::Error,
+    },
+    #[error("cannot set up TLS on listener \"{listener}\"")]
+    Tls {
+        listener: String,
+        #[source]
+        source: tls::TlsSetupError,
     },
     #[error("cannot set up the DNS resolver of [resolver]")]
     Resolver(#[source] std::io::Error),
@@ -173,7 +181,17 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 )))
             })
             .collect();
+        let tls = listener_config
+            .tls
+            .as_ref()
+            .map(ListenerTls::new)
+            .transpose()
+            .map_err(|source| StartError::Tls {
+                listener: listener_config.name.clone(),
+                source,
+            })?;
         let runtime = Arc::new(ListenerRuntime {
+            tls,
             name: listener_config.name.as_str().into(),
             config: listener_config.clone(),
             routes: RouteTable::new(routes),

@@ -25,6 +25,7 @@ use crate::headers::{forwarded_for, peer_header};
 use crate::metrics::ListenerMetrics;
 use crate::pipeline::{ConnectionContext, handle};
 use crate::routing::RouteTable;
+use crate::tls::ListenerTls;
 
 /// Running: serve. Draining: finish what is in flight, accept nothing. Closing: drop everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,6 +43,8 @@ pub struct ListenerRuntime {
     pub server: ServerConfig,
     pub metrics: ListenerMetrics,
     pub access_log: AccessLog,
+    /// TLS termination, when the listener has `[listeners.tls]`.
+    pub tls: Option<ListenerTls>,
 }
 
 /// Binds a listening socket with a deep accept queue, as a busy proxy needs.
@@ -159,14 +162,68 @@ async fn serve_connection(
         runtime.server.header_timeout,
         metrics.clone(),
     );
-    let context = Arc::new(ConnectionContext {
+    let Some(tls) = &runtime.tls else {
+        let context = ConnectionContext {
+            runtime,
+            peer,
+            peer_header: peer_header(peer),
+            forwarded_for: forwarded_for(peer),
+            activity,
+            scheme: "http",
+            sni_certificate: None,
+        };
+        return serve_http(io, context, &builder, lifecycle).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io)) => handshake,
+        _ = lifecycle.wait_for(|state| *state != Lifecycle::Running) => return,
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            metrics.refused(Refusal::TlsHandshake);
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics.refused(Refusal::TlsHandshakeTimeout);
+            tracing::debug!(%peer, timeout = ?tls.handshake_timeout, "TLS handshake timed out");
+            return;
+        }
+    };
+    // The certificate the client asked for by name, whose names every request must then stay
+    // within (421 otherwise).
+    let sni_certificate = stream
+        .get_ref()
+        .1
+        .server_name()
+        .and_then(|name| tls.resolver.matching(name))
+        .cloned();
+    let context = ConnectionContext {
         runtime,
         peer,
         peer_header: peer_header(peer),
         forwarded_for: forwarded_for(peer),
         activity,
-        scheme: "http",
-    });
+        scheme: "https",
+        sni_certificate,
+    };
+    serve_http(stream, context, &builder, lifecycle).await;
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on an established connection until it ends or the proxy closes.
+async fn serve_http<I>(
+    io: I,
+    context: ConnectionContext,
+    builder: &auto::Builder<TokioExecutor>,
+    mut lifecycle: watch::Receiver<Lifecycle>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = context.runtime.metrics.clone();
+    let peer = context.peer;
+    let context = Arc::new(context);
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);
         async move { Ok::<_, Infallible>(handle(&context, request).await) }

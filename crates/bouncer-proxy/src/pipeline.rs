@@ -36,6 +36,8 @@ pub struct ConnectionContext {
     pub peer_header: HeaderValue,
     /// The peer as a `Forwarded` node, made once for all the connection's requests.
     pub forwarded_for: bytes::Bytes,
+    /// On TLS, the certificate the client's SNI matched: every request's host must be one it covers.
+    pub sni_certificate: Option<Arc<crate::tls::LoadedCertificate>>,
 }
 
 /// Handles one request from a client and produces the response to send back.
@@ -89,6 +91,12 @@ async fn forward(
     let host_source = request_host(&request)?;
     let host = normalise_host(host_source.as_str())?;
     exchange.host = Some(host_source.clone());
+    if let Some(certificate) = &ctx.sni_certificate
+        && !host.is_empty()
+        && !certificate.covers(host.trim_start_matches('[').trim_end_matches(']'))
+    {
+        return Err(ProxyError::Misdirected);
+    }
 
     let path =
         normalise_path(request.uri().path()).map_err(|_| ProxyError::BadRequest("invalid path"))?;

@@ -19,4 +19,5 @@ mod proxy_tests {
     pub mod shutdown;
     pub mod sticky;
     pub mod timeouts;
+    pub mod tls;
 }

@@ -16,6 +16,22 @@ pub struct TestCertificate {
     pub key_pem: String,
 }
 
+impl TestCertificate {
+    /// Writes the certificate and key as `STEM.pem` and `STEM.key` in `dir`; returns both paths.
+    pub fn write(
+        &self,
+        dir: &std::path::Path,
+        stem: &str,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        std::fs::create_dir_all(dir).expect("certificate directory");
+        let cert = dir.join(format!("{stem}.pem"));
+        let key = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert, &self.cert_pem).expect("write the certificate");
+        std::fs::write(&key, &self.key_pem).expect("write the key");
+        (cert, key)
+    }
+}
+
 impl TestCa {
     pub fn new(name: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
@@ -32,8 +48,25 @@ impl TestCa {
 
     /// A certificate for `names` (DNS names or IP addresses), signed by this CA.
     pub fn issue(&self, names: &[&str]) -> TestCertificate {
+        self.issue_with(names, |_| {})
+    }
+
+    /// A certificate for `names` that expired in 2001.
+    pub fn issue_expired(&self, names: &[&str]) -> TestCertificate {
+        self.issue_with(names, |params| {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        })
+    }
+
+    fn issue_with(
+        &self,
+        names: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> TestCertificate {
         let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("leaf parameters");
+        adjust(&mut params);
         if let Some(first) = names.first() {
             params
                 .distinguished_name

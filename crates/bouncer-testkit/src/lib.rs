@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod certificates;
 pub mod dns;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -101,6 +101,24 @@ fn init_logging(filter: Option<&str>) {
 fn check(path: &Path) -> ExitCode {
     match bouncer_config::load(path) {
         Ok(config) => {
+            // Certificates are files of their own: they are read and checked as a start would.
+            let mut broken = 0;
+            for (index, listener) in config.listeners.iter().enumerate() {
+                if let Some(tls) = &listener.tls
+                    && let Err(error) = bouncer_proxy::tls::ListenerTls::new(tls)
+                {
+                    broken += 1;
+                    eprintln!(
+                        "{}: listeners[{index}].tls: {}",
+                        path.display(),
+                        error_chain(&error)
+                    );
+                }
+            }
+            if broken > 0 {
+                eprintln!("{}: {broken} problem(s) found", path.display());
+                return ExitCode::FAILURE;
+            }
             println!(
                 "{}: ok ({} listeners, {} routes, {} upstreams)",
                 path.display(),
@@ -231,4 +249,16 @@ fn report_open_file_limit() {
         Ok(limit) => tracing::info!(limit, "open-file limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }

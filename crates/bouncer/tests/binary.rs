@@ -154,6 +154,38 @@ fn check_accepts_a_valid_config() {
 }
 
 #[test]
+fn check_reads_certificates_and_names_a_broken_one() {
+    let config = ConfigFile::new(
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:8443\"\n[listeners.tls]\ncertificates = [{ cert = \"site.pem\", key = \"site.key\" }]\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nservers = [\"127.0.0.1:3001\"]\n",
+    );
+    let ca = bouncer_testkit::TestCa::new("check CA");
+    let site = ca.issue(&["site.example"]);
+    site.write(&config.dir, "site");
+    let run = || {
+        Command::new(BINARY)
+            .args(["check", "-c"])
+            .arg(&config.path)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(run().status.code(), Some(0), "{:?}", run());
+    // A key of another certificate: refused, naming both files.
+    std::fs::write(
+        config.dir.join("site.key"),
+        ca.issue(&["x.example"]).key_pem,
+    )
+    .unwrap();
+    let output = run();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("listeners[0].tls: the key in")
+            && stderr.contains("site.key does not belong to the certificate in"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn check_lists_every_problem_with_its_place_and_exits_1() {
     let config = ConfigFile::new(
         "[[listeners]]\nname = \"a\"\nbind = \"nowhere\"\n[[routes]]\nupstream = \"u2\"\n[upstreams.u]\nservers = [\"127.0.0.1:3001\"]\nconect_timeout = \"1s\"\n",

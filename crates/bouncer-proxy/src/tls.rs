@@ -1,0 +1,300 @@
+//! TLS termination: certificates loaded from PEM files and checked (chain, key, match, expiry),
+//! chosen per handshake by SNI from each certificate's names (exact and wildcard), and the rustls
+//! server configuration of a listener (versions, ALPN, session resumption).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use bouncer_config::{CertificateFiles, TlsConfig, TlsVersion};
+
+/// Sessions kept for stateful resumption per listener (clients that do not take tickets).
+const SESSION_CACHE_ENTRIES: usize = 4096;
+
+/// Why a certificate could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} is not a valid PEM certificate chain: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("{path} holds no usable private key (PEM PKCS#8, RSA or SEC1): {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("the key in {key} does not belong to the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("the certificate in {path} expired {days} days ago")]
+    Expired { path: PathBuf, days: u64 },
+    #[error("the certificate in {path} names no DNS host (no subjectAltName or common name)")]
+    NoNames { path: PathBuf },
+}
+
+/// A certificate ready for handshakes, with the host names it covers (lower case; wildcards as
+/// `*.example.com`).
+#[derive(Debug)]
+pub struct LoadedCertificate {
+    pub key: Arc<CertifiedKey>,
+    pub names: Vec<String>,
+    pub not_after: SystemTime,
+    pub cert_path: PathBuf,
+}
+
+impl LoadedCertificate {
+    /// Whether this certificate covers `host` (lower case, without port).
+    pub fn covers(&self, host: &str) -> bool {
+        self.names.iter().any(|name| name_covers(name, host))
+    }
+}
+
+/// Whether certificate name `name` covers `host`: exactly, or as a wildcard for one label.
+fn name_covers(name: &str, host: &str) -> bool {
+    match name.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => name == host,
+    }
+}
+
+/// Reads and checks one certificate chain and its key.
+pub fn load_certificate(
+    files: &CertificateFiles,
+    provider: &CryptoProvider,
+) -> Result<LoadedCertificate, CertificateError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| CertificateError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let cert_pem = read(&files.cert)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| CertificateError::BadCertificate {
+            path: files.cert.clone(),
+            reason: error.to_string(),
+        })?;
+    let Some(leaf) = chain.first() else {
+        return Err(CertificateError::NoCertificate {
+            path: files.cert.clone(),
+        });
+    };
+    let (names, not_after) =
+        leaf_facts(leaf).map_err(|reason| CertificateError::BadCertificate {
+            path: files.cert.clone(),
+            reason,
+        })?;
+    if names.is_empty() {
+        return Err(CertificateError::NoNames {
+            path: files.cert.clone(),
+        });
+    }
+    if let Ok(ago) = SystemTime::now().duration_since(not_after) {
+        return Err(CertificateError::Expired {
+            path: files.cert.clone(),
+            days: ago.as_secs() / 86_400,
+        });
+    }
+    let key_pem = read(&files.key)?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|error| CertificateError::BadKey {
+            path: files.key.clone(),
+            reason: error.to_string(),
+        })?;
+    let key = CertifiedKey::from_der(chain, key, provider).map_err(|error| match error {
+        rustls::Error::InconsistentKeys(_) => CertificateError::KeyMismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+        other => CertificateError::BadKey {
+            path: files.key.clone(),
+            reason: other.to_string(),
+        },
+    })?;
+    Ok(LoadedCertificate {
+        key: Arc::new(key),
+        names,
+        not_after,
+        cert_path: files.cert.clone(),
+    })
+}
+
+/// The DNS names a leaf certificate covers (its subjectAltNames, else its common name) and the
+/// end of its validity.
+fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime), String> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|error| error.to_string())?;
+    let mut names = Vec::new();
+    if let Ok(Some(alt_names)) = parsed.subject_alternative_name() {
+        for name in &alt_names.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => {
+                    names.push(dns.to_ascii_lowercase());
+                }
+                x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                    if let Some(ip) = ip_from_bytes(bytes) {
+                        names.push(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if names.is_empty() {
+        names.extend(
+            parsed
+                .subject()
+                .iter_common_name()
+                .filter_map(|name| name.as_str().ok())
+                .map(str::to_ascii_lowercase),
+        );
+    }
+    let seconds = parsed.validity().not_after.timestamp();
+    let not_after = UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
+    Ok((names, not_after))
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
+}
+
+/// Chooses a certificate by the SNI name: an exact name first, then a wildcard for its parent
+/// domain, else the default (the first configured), unless `strict` refuses unknown names.
+#[derive(Debug)]
+pub struct SniResolver {
+    certificates: Vec<Arc<LoadedCertificate>>,
+    exact: HashMap<String, usize>,
+    /// Wildcard suffixes (`example.com` for `*.example.com`).
+    wildcard: HashMap<String, usize>,
+    strict: bool,
+}
+
+impl SniResolver {
+    pub fn new(certificates: Vec<Arc<LoadedCertificate>>, strict: bool) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for (index, certificate) in certificates.iter().enumerate() {
+            for name in &certificate.names {
+                // The first certificate to name a host keeps it.
+                match name.strip_prefix("*.") {
+                    Some(suffix) => wildcard.entry(suffix.to_string()).or_insert(index),
+                    None => exact.entry(name.clone()).or_insert(index),
+                };
+            }
+        }
+        Self {
+            certificates,
+            exact,
+            wildcard,
+            strict,
+        }
+    }
+
+    /// The certificate whose names cover `server_name`, if any.
+    pub fn matching(&self, server_name: &str) -> Option<&Arc<LoadedCertificate>> {
+        let name = server_name.trim_end_matches('.').to_ascii_lowercase();
+        let index = self.exact.get(&name).copied().or_else(|| {
+            let (_, parent) = name.split_once('.')?;
+            self.wildcard.get(parent).copied()
+        })?;
+        self.certificates.get(index)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = match client_hello.server_name() {
+            Some(name) => match self.matching(name) {
+                Some(certificate) => Some(certificate),
+                None if self.strict => None,
+                None => self.certificates.first(),
+            },
+            // Clients that send no name (by IP address) get the default.
+            None => self.certificates.first(),
+        };
+        chosen.map(|certificate| Arc::clone(&certificate.key))
+    }
+}
+
+/// A listener's TLS: its rustls configuration and the resolver, kept to tell after a handshake
+/// which certificate the client's SNI matched.
+pub struct ListenerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub resolver: Arc<SniResolver>,
+    pub handshake_timeout: Duration,
+}
+
+/// Why a listener's TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
+    #[error("the TLS configuration was refused")]
+    Rustls(#[source] rustls::Error),
+}
+
+impl ListenerTls {
+    pub fn new(config: &TlsConfig) -> Result<Self, TlsSetupError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let certificates = config
+            .certificates
+            .iter()
+            .map(|files| load_certificate(files, &provider).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resolver = Arc::new(SniResolver::new(certificates, config.strict_sni));
+        let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
+            TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::V1_3 => &[&rustls::version::TLS13],
+        };
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(versions)
+            .map_err(TlsSetupError::Rustls)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
+        server.alpn_protocols = config
+            .alpn
+            .iter()
+            .map(|protocol| protocol.as_bytes().to_vec())
+            .collect();
+        // Resumption both ways: stateless tickets from the provider's rotating ticketer, and a
+        // bounded cache of sessions for clients that do not take tickets.
+        server.ticketer =
+            rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsSetupError::Rustls)?;
+        server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+        Ok(Self {
+            config: Arc::new(server),
+            resolver,
+            handshake_timeout: config.handshake_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_cover_one_label() {
+        assert!(name_covers("*.app.example", "a.app.example"));
+        assert!(!name_covers("*.app.example", "app.example"));
+        assert!(!name_covers("*.app.example", "a.b.app.example"));
+        assert!(name_covers("app.example", "app.example"));
+        assert!(!name_covers("app.example", "x.app.example"));
+    }
+}

@@ -1,0 +1,262 @@
+//! TLS termination: certificates chosen by SNI (exact, wildcard, unknown, strict), ALPN, TLS
+//! versions, 421 for a host the connection's certificate does not cover, handshake timeouts, and
+//! broken certificates refused at start.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bouncer_testkit::tls::{TlsClient, Trust, leaf_der};
+use bouncer_testkit::{Backend, TestCa, TestCertificate, TestProxy, metric};
+use tokio::io::AsyncReadExt;
+
+const BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+struct Site {
+    ca: TestCa,
+    app: TestCertificate,
+    other: TestCertificate,
+    dir: PathBuf,
+}
+
+impl Site {
+    fn new(test: &str) -> Site {
+        let ca = TestCa::new("Bouncer test CA");
+        let app = ca.issue(&["app.example", "*.app.example"]);
+        let other = ca.issue(&["other.example"]);
+        let dir = std::env::temp_dir().join(format!("bouncer-tls-{test}-{}", std::process::id()));
+        app.write(&dir, "app");
+        other.write(&dir, "other");
+        Site {
+            ca,
+            app,
+            other,
+            dir,
+        }
+    }
+
+    fn config(&self, backend: &Backend, tls_keys: &str) -> String {
+        let dir = self.dir.display();
+        format!(
+            r#"
+[admin]
+bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+[listeners.tls]
+certificates = [
+  {{ cert = "{dir}/app.pem", key = "{dir}/app.key" }},
+  {{ cert = "{dir}/other.pem", key = "{dir}/other.key" }},
+]
+handshake_timeout = "300ms"
+{tls_keys}
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["{backend}"]
+
+[access_log]
+format = "off"
+"#,
+            backend = backend.address
+        )
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn address(proxy: &TestProxy) -> std::net::SocketAddr {
+    proxy.address
+}
+
+#[tokio::test]
+async fn the_certificate_is_chosen_by_sni_exact_wildcard_or_default() {
+    let site = Site::new("sni");
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let verified = TlsClient::new(Trust::Ca(&site.ca.cert_pem), &["http/1.1"], BOTH);
+    for (name, expected) in [
+        ("other.example", &site.other),
+        ("app.example", &site.app),
+        ("shop.app.example", &site.app),
+    ] {
+        let mut connection = verified.connect(address(&proxy), name).await.unwrap();
+        assert_eq!(connection.leaf, leaf_der(&expected.cert_pem), "{name}");
+        let answer = connection.get(name, "/").await;
+        assert_eq!(answer.status, 200, "{name}");
+    }
+    // A name no certificate covers gets the default, the first one.
+    let anything = TlsClient::new(Trust::Anything, &["http/1.1"], BOTH);
+    let connection = anything
+        .connect(address(&proxy), "unknown.example")
+        .await
+        .unwrap();
+    assert_eq!(connection.leaf, leaf_der(&site.app.cert_pem));
+}
+
+#[tokio::test]
+async fn strict_sni_refuses_unknown_names() {
+    let site = Site::new("strict");
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "strict_sni = true")).await;
+    let anything = TlsClient::new(Trust::Anything, &["http/1.1"], BOTH);
+    assert!(
+        anything
+            .connect(address(&proxy), "unknown.example")
+            .await
+            .is_err()
+    );
+    assert!(
+        anything
+            .connect(address(&proxy), "other.example")
+            .await
+            .is_ok()
+    );
+    let text = proxy.scrape().await;
+    assert!(text.contains("reason=\"tls_handshake\"} 1"), "{text}");
+}
+
+#[tokio::test]
+async fn alpn_chooses_http2_or_http1_and_backends_hear_https() {
+    let site = Site::new("alpn");
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    for (offered, chosen) in [
+        (&["h2", "http/1.1"][..], "h2"),
+        (&["http/1.1"][..], "http/1.1"),
+    ] {
+        let client = TlsClient::new(Trust::Ca(&site.ca.cert_pem), offered, BOTH);
+        let mut connection = client
+            .connect(address(&proxy), "app.example")
+            .await
+            .unwrap();
+        assert_eq!(connection.alpn.as_deref(), Some(chosen.as_bytes()));
+        let answer = connection.get("app.example", "/").await;
+        assert_eq!(answer.status, 200);
+        let seen = backend.last_request();
+        assert_eq!(
+            seen.headers
+                .get("x-forwarded-proto")
+                .and_then(|value| value.to_str().ok()),
+            Some("https")
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_1_2_is_served_unless_the_minimum_is_1_3() {
+    let site = Site::new("versions");
+    let backend = Backend::start(0).await;
+    let only_1_2 = TlsClient::new(
+        Trust::Ca(&site.ca.cert_pem),
+        &["http/1.1"],
+        &[&rustls::version::TLS12],
+    );
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let mut connection = only_1_2
+        .connect(address(&proxy), "app.example")
+        .await
+        .unwrap();
+    assert_eq!(connection.version, Some(rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(connection.get("app.example", "/").await.status, 200);
+    let modern = TestProxy::start(&site.config(&backend, "min_version = \"1.3\"")).await;
+    assert!(
+        only_1_2
+            .connect(address(&modern), "app.example")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_host_outside_the_sni_certificate_gets_421() {
+    let site = Site::new("misdirected");
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let client = TlsClient::new(Trust::Ca(&site.ca.cert_pem), &["h2", "http/1.1"], BOTH);
+    let mut connection = client
+        .connect(address(&proxy), "other.example")
+        .await
+        .unwrap();
+    assert_eq!(connection.get("app.example", "/").await.status, 421);
+    assert_eq!(connection.get("other.example", "/").await.status, 200);
+    assert_eq!(backend.count(), 1);
+}
+
+#[tokio::test]
+async fn a_stuck_handshake_is_closed_after_the_handshake_timeout() {
+    let site = Site::new("timeout");
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let mut silent = tokio::net::TcpStream::connect(address(&proxy))
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buffer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection stayed open: {read:?}"
+    );
+    let text = proxy.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "bouncer_refusals_total{listener=\"public\",reason=\"tls_handshake_timeout\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_key_that_does_not_match_its_certificate_stops_the_start() {
+    let site = Site::new("mismatch");
+    // The other certificate's key under the app certificate.
+    std::fs::copy(site.dir.join("other.key"), site.dir.join("app.key")).unwrap();
+    let backend = Backend::start(0).await;
+    let config =
+        bouncer_config::parse(std::path::Path::new("t.toml"), &site.config(&backend, "")).unwrap();
+    let error = bouncer_proxy::start(&config)
+        .await
+        .err()
+        .expect("the start must fail");
+    let chain = format!(
+        "{error}: {}",
+        std::error::Error::source(&error)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    assert!(
+        chain.contains("does not belong to the certificate"),
+        "{chain}"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_certificate_stops_the_start() {
+    let site = Site::new("expired");
+    site.ca
+        .issue_expired(&["app.example"])
+        .write(&site.dir, "app");
+    let backend = Backend::start(0).await;
+    let config =
+        bouncer_config::parse(std::path::Path::new("t.toml"), &site.config(&backend, "")).unwrap();
+    let error = bouncer_proxy::start(&config)
+        .await
+        .err()
+        .expect("the start must fail");
+    let chain = format!(
+        "{error}: {}",
+        std::error::Error::source(&error)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    assert!(chain.contains("app.pem expired"), "{chain}");
+}
