@@ -162,16 +162,17 @@ async fn serve_connection(
         runtime.server.header_timeout,
         metrics.clone(),
     );
+    let context = |runtime, scheme, sni_certificate| ConnectionContext {
+        runtime,
+        peer,
+        peer_header: peer_header(peer),
+        forwarded_for: forwarded_for(peer),
+        activity,
+        scheme,
+        sni_certificate,
+    };
     let Some(tls) = &runtime.tls else {
-        let context = ConnectionContext {
-            runtime,
-            peer,
-            peer_header: peer_header(peer),
-            forwarded_for: forwarded_for(peer),
-            activity,
-            scheme: "http",
-            sni_certificate: None,
-        };
+        let context = context(Arc::clone(&runtime), "http", None);
         return serve_http(io, context, &builder, lifecycle).await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
@@ -200,15 +201,7 @@ async fn serve_connection(
         .server_name()
         .and_then(|name| tls.resolver.matching(name))
         .cloned();
-    let context = ConnectionContext {
-        runtime,
-        peer,
-        peer_header: peer_header(peer),
-        forwarded_for: forwarded_for(peer),
-        activity,
-        scheme: "https",
-        sni_certificate,
-    };
+    let context = context(Arc::clone(&runtime), "https", sni_certificate);
     serve_http(stream, context, &builder, lifecycle).await;
 }
 

@@ -215,11 +215,8 @@ async fn a_stuck_handshake_is_closed_after_the_handshake_timeout() {
     );
 }
 
-#[tokio::test]
-async fn a_key_that_does_not_match_its_certificate_stops_the_start() {
-    let site = Site::new("mismatch");
-    // The other certificate's key under the app certificate.
-    std::fs::copy(site.dir.join("other.key"), site.dir.join("app.key")).unwrap();
+/// Why the proxy refused to start with the site's certificates.
+async fn start_error(site: &Site) -> String {
     let backend = Backend::start(0).await;
     let config =
         bouncer_config::parse(std::path::Path::new("t.toml"), &site.config(&backend, "")).unwrap();
@@ -227,12 +224,20 @@ async fn a_key_that_does_not_match_its_certificate_stops_the_start() {
         .await
         .err()
         .expect("the start must fail");
-    let chain = format!(
+    format!(
         "{error}: {}",
         std::error::Error::source(&error)
             .map(ToString::to_string)
             .unwrap_or_default()
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_key_that_does_not_match_its_certificate_stops_the_start() {
+    let site = Site::new("mismatch");
+    // The other certificate's key under the app certificate.
+    std::fs::copy(site.dir.join("other.key"), site.dir.join("app.key")).unwrap();
+    let chain = start_error(&site).await;
     assert!(
         chain.contains("does not belong to the certificate"),
         "{chain}"
@@ -245,18 +250,6 @@ async fn an_expired_certificate_stops_the_start() {
     site.ca
         .issue_expired(&["app.example"])
         .write(&site.dir, "app");
-    let backend = Backend::start(0).await;
-    let config =
-        bouncer_config::parse(std::path::Path::new("t.toml"), &site.config(&backend, "")).unwrap();
-    let error = bouncer_proxy::start(&config)
-        .await
-        .err()
-        .expect("the start must fail");
-    let chain = format!(
-        "{error}: {}",
-        std::error::Error::source(&error)
-            .map(ToString::to_string)
-            .unwrap_or_default()
-    );
+    let chain = start_error(&site).await;
     assert!(chain.contains("app.pem expired"), "{chain}");
 }
