@@ -44,6 +44,9 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
     /// TLS termination; `None` for plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// The name of a TLS listener that requests to this one are redirected to (308), except ACME
+    /// http-01 challenges.
+    pub redirect_to_https: Option<String>,
 }
 
 /// `[listeners.tls]`: HTTPS on a listener.
@@ -58,6 +61,8 @@ pub struct TlsConfig {
     /// Refuse the handshake when the client names no host any certificate covers, rather than
     /// answering with the default certificate.
     pub strict_sni: bool,
+    /// A `Strict-Transport-Security` value added to every response.
+    pub hsts: Option<String>,
 }
 
 /// A certificate chain and its private key, as PEM files.

@@ -49,6 +49,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         None => ResolverConfig::default(),
     };
     check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
+    check_redirects(&mut d, &listeners);
     root.finish(&mut d);
 
     let problems = d.into_problems();
@@ -174,6 +175,7 @@ fn read_listeners(
                 "a PROXY protocol header is only accepted from trusted peers: list them in trusted_proxies",
             );
         }
+        let redirect_to_https = section.string(d, "redirect_to_https").map(|(name, _)| name);
         let tls = section.table(d, "tls").map(|mut tls_section| {
             let tls = read_tls(d, &mut tls_section, file);
             tls_section.finish(d);
@@ -187,6 +189,7 @@ fn read_listeners(
                 trusted_proxies,
                 proxy_protocol,
                 tls,
+                redirect_to_https,
             },
             span,
         ));
@@ -493,12 +496,30 @@ fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> T
         Duration::from_millis(1),
     );
     let strict_sni = section.bool(d, "strict_sni").unwrap_or(false);
+    let hsts = match section.string(d, "hsts") {
+        None => None,
+        Some((value, _))
+            if value.starts_with("max-age=")
+                && value.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+        {
+            Some(value)
+        }
+        Some((value, span)) => {
+            d.report(
+                span,
+                section.key_path("hsts"),
+                format!("\"{value}\" is not a Strict-Transport-Security value: it starts with max-age=SECONDS, such as \"max-age=63072000; includeSubDomains\""),
+            );
+            None
+        }
+    };
     TlsConfig {
         certificates,
         min_version,
         alpn,
         handshake_timeout,
         strict_sni,
+        hsts,
     }
 }
 
@@ -1076,6 +1097,33 @@ fn networks(d: &mut Diagnostics, section: &mut Section, key: &'static str) -> Ve
 }
 
 /// Two listeners (or a listener and the admin API) on one address would fail at bind time; say so now.
+/// `redirect_to_https` must name a listener with TLS, and not be set on one.
+fn check_redirects(d: &mut Diagnostics, listeners: &[(ListenerConfig, Span)]) {
+    for (index, (listener, span)) in listeners.iter().enumerate() {
+        let Some(target) = &listener.redirect_to_https else {
+            continue;
+        };
+        let path = format!("listeners[{index}].redirect_to_https");
+        if listener.tls.is_some() {
+            d.report(
+                span.clone(),
+                path,
+                "a TLS listener cannot redirect to HTTPS: it is HTTPS",
+            );
+            continue;
+        }
+        match listeners.iter().find(|(other, _)| &other.name == target) {
+            Some((other, _)) if other.tls.is_some() => {}
+            Some(_) => d.report(
+                span.clone(),
+                path,
+                format!("listener \"{target}\" has no [listeners.tls]: redirects go to an HTTPS listener"),
+            ),
+            None => d.report(span.clone(), path, format!("no listener is named \"{target}\"")),
+        }
+    }
+}
+
 fn check_bind_conflicts(
     d: &mut Diagnostics,
     root: &Section,

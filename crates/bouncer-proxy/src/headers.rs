@@ -353,6 +353,7 @@ mod tests {
                 .collect(),
             proxy_protocol: false,
             tls: None,
+            redirect_to_https: None,
         }
     }
 

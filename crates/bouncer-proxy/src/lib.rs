@@ -153,19 +153,22 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
     }
 
     let (lifecycle, lifecycle_receiver) = watch::channel(Lifecycle::Running);
+    // Every socket is bound first, so that a redirect can name the port its HTTPS listener got.
     let mut bound = Vec::with_capacity(config.listeners.len());
-    let mut runtimes = Vec::with_capacity(config.listeners.len());
+    let mut sockets = Vec::with_capacity(config.listeners.len());
     for listener_config in &config.listeners {
-        let socket = listener::bind(listener_config.bind).map_err(|source| StartError::Bind {
+        let bind_error = |source| StartError::Bind {
             listener: listener_config.name.clone(),
             address: listener_config.bind,
             source,
-        })?;
-        let address = socket.local_addr().map_err(|source| StartError::Bind {
-            listener: listener_config.name.clone(),
-            address: listener_config.bind,
-            source,
-        })?;
+        };
+        let socket = listener::bind(listener_config.bind).map_err(bind_error)?;
+        let address = socket.local_addr().map_err(bind_error)?;
+        bound.push((listener_config.name.clone(), address));
+        sockets.push(socket);
+    }
+    let mut runtimes = Vec::with_capacity(config.listeners.len());
+    for (listener_config, socket) in config.listeners.iter().zip(sockets) {
         let routes = config
             .routes
             .iter()
@@ -190,8 +193,18 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 listener: listener_config.name.clone(),
                 source,
             })?;
+        let redirect_https_port = listener_config
+            .redirect_to_https
+            .as_ref()
+            .and_then(|target| {
+                bound
+                    .iter()
+                    .find(|(name, _)| name == target)
+                    .map(|(_, address)| address.port())
+            });
         let runtime = Arc::new(ListenerRuntime {
             tls,
+            redirect_https_port,
             name: listener_config.name.as_str().into(),
             config: listener_config.clone(),
             routes: RouteTable::new(routes),
@@ -199,7 +212,6 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             metrics: metrics.listener(&listener_config.name),
             access_log: access_log.clone(),
         });
-        bound.push((listener_config.name.clone(), address));
         runtimes.push((socket, runtime));
     }
     let admin = match &config.admin {

@@ -45,6 +45,8 @@ pub struct ListenerRuntime {
     pub access_log: AccessLog,
     /// TLS termination, when the listener has `[listeners.tls]`.
     pub tls: Option<ListenerTls>,
+    /// The port of the HTTPS listener that `redirect_to_https` names.
+    pub redirect_https_port: Option<u16>,
 }
 
 /// Binds a listening socket with a deep accept queue, as a busy proxy needs.

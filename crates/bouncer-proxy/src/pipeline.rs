@@ -66,10 +66,63 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
         upstream_time: None,
         upstream_body_failed: false,
     };
+    if let Some(port) = ctx.runtime.redirect_https_port
+        && !request.uri().path().starts_with(ACME_CHALLENGE_PREFIX)
+    {
+        return redirect_to_https(&request, port, exchange);
+    }
     match forward(ctx, &client, &mut exchange, request).await {
         Ok(forwarded) => respond(exchange, forwarded),
         Err(error) => answer_error(&error, exchange),
     }
+}
+
+/// ACME http-01 challenges are answered over plain HTTP, never redirected.
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// `308 Permanent Redirect` to the same host and target on the HTTPS listener's port; the method
+/// and body are kept by a client that follows it.
+fn redirect_to_https(
+    request: &Request<Incoming>,
+    port: u16,
+    mut exchange: Exchange,
+) -> Response<ResponseBody> {
+    let location = request_host(request)
+        .ok()
+        .and_then(|source| Some(normalise_host(source.as_str()).ok()?.into_owned()))
+        .filter(|host| !host.is_empty())
+        .and_then(|host| {
+            let target = request
+                .uri()
+                .path_and_query()
+                .map_or("/", PathAndQuery::as_str);
+            let location = if port == 443 {
+                format!("https://{host}{target}")
+            } else {
+                format!("https://{host}:{port}{target}")
+            };
+            HeaderValue::from_str(&location).ok()
+        });
+    let Some(location) = location else {
+        return answer_error(&ProxyError::BadRequest("invalid Host header"), exchange);
+    };
+    exchange.status = StatusCode::PERMANENT_REDIRECT.as_u16();
+    exchange.host = request_host(request).ok();
+    let request_id = exchange.request_id.clone();
+    let mut response = Response::new(ResponseBody::fixed(
+        "redirecting to HTTPS\n",
+        Some(exchange),
+    ));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    response.headers_mut().insert(header::LOCATION, location);
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// A backend's answer, with what is needed to pass it on.
@@ -395,6 +448,17 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+    if let Some(hsts) = exchange
+        .runtime
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.hsts.as_ref())
+    {
+        parts
+            .headers
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| hsts.clone());
+    }
     exchange.status = parts.status.as_u16();
     Response::from_parts(
         parts,
@@ -431,6 +495,11 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
     }
     exchange.status = status.as_u16();
     let request_id = exchange.request_id.clone();
+    let hsts = exchange
+        .runtime
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.hsts.clone());
     let mut response = Response::new(ResponseBody::fixed(text, Some(exchange)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -439,6 +508,9 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(X_REQUEST_ID.clone(), request_id);
+    if let Some(hsts) = hsts {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+    }
     if matches!(refusal, Refusal::NoBackend | Refusal::QueueTimeout) {
         // Health checks go on; a client may come back shortly.
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -238,6 +238,8 @@ pub struct ListenerTls {
     pub config: Arc<rustls::ServerConfig>,
     pub resolver: Arc<SniResolver>,
     pub handshake_timeout: Duration,
+    /// `Strict-Transport-Security`, added to every response.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 /// Why a listener's TLS could not be set up.
@@ -281,6 +283,10 @@ impl ListenerTls {
             config: Arc::new(server),
             resolver,
             handshake_timeout: config.handshake_timeout,
+            hsts: config
+                .hsts
+                .as_deref()
+                .and_then(|value| http::HeaderValue::from_str(value).ok()),
         })
     }
 }

@@ -402,3 +402,47 @@ nameservers = ["dns.example"]
         );
     }
 }
+
+#[test]
+fn tls_and_redirect_mistakes_are_each_reported() {
+    let text = r#"
+[[listeners]]
+name = "http"
+bind = "127.0.0.1:8080"
+redirect_to_https = "plain"
+
+[[listeners]]
+name = "plain"
+bind = "127.0.0.1:8081"
+
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:8443"
+redirect_to_https = "https"
+[listeners.tls]
+certificates = [{ cert = "a.pem" }]
+min_version = "1.1"
+alpn = ["h3"]
+hsts = "forever"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+"#;
+    let lines: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+    for fragment in [
+        "listeners[0].redirect_to_https: listener \"plain\" has no [listeners.tls]",
+        "listeners[2].redirect_to_https: a TLS listener cannot redirect to HTTPS",
+        "listeners[2].tls.certificates[0]: a certificate needs both cert",
+        "listeners[2].tls.min_version: \"1.1\" is not a TLS version this proxy offers",
+        "listeners[2].tls.alpn[0]: \"h3\" is not a protocol this proxy serves",
+        "listeners[2].tls.hsts: \"forever\" is not a Strict-Transport-Security value",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(fragment)),
+            "missing {fragment:?} in {lines:#?}"
+        );
+    }
+}

@@ -253,3 +253,48 @@ async fn an_expired_certificate_stops_the_start() {
     let chain = start_error(&site).await;
     assert!(chain.contains("app.pem expired"), "{chain}");
 }
+
+#[tokio::test]
+async fn plain_http_is_redirected_to_https_except_acme_challenges_and_https_adds_hsts() {
+    let site = Site::new("redirect");
+    let backend = Backend::start(0).await;
+    let toml = site
+        .config(&backend, "hsts = \"max-age=63072000; includeSubDomains\"")
+        .replace(
+            "[[routes]]",
+            "[[listeners]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\nredirect_to_https = \"public\"\n\n[[routes]]",
+        );
+    let proxy = TestProxy::start(&toml).await;
+    let http = proxy.proxy.listener_address("http").unwrap();
+    let https_port = proxy.address.port();
+    let clients = bouncer_testkit::Clients::new();
+    let request = http::Request::post(format!("http://{http}/cart?item=7"))
+        .header("host", "app.example")
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    let answer = clients.send(request).await;
+    assert_eq!(answer.status, 308);
+    assert_eq!(
+        answer.header("location"),
+        Some(format!("https://app.example:{https_port}/cart?item=7").as_str())
+    );
+    assert_eq!(backend.count(), 0);
+    // ACME http-01 challenges go through to the backend over plain HTTP.
+    let challenge = clients
+        .get(&format!("http://{http}/.well-known/acme-challenge/token"))
+        .await;
+    assert_eq!(challenge.status, 200);
+    assert_eq!(backend.count(), 1);
+
+    let client = TlsClient::new(Trust::Ca(&site.ca.cert_pem), &["h2"], BOTH);
+    let mut connection = client.connect(proxy.address, "app.example").await.unwrap();
+    let answer = connection.get("app.example", "/").await;
+    assert_eq!(
+        answer.header("strict-transport-security"),
+        Some("max-age=63072000; includeSubDomains")
+    );
+    // Error answers carry it too.
+    let answer = connection.get("other.example", "/").await;
+    assert_eq!(answer.status, 421);
+    assert!(answer.header("strict-transport-security").is_some());
+}
