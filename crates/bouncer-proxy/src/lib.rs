@@ -187,7 +187,10 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         let tls = listener_config
             .tls
             .as_ref()
-            .map(ListenerTls::new)
+            .map(|tls| {
+                let reloads = metrics.certificate_reloads(&listener_config.name);
+                ListenerTls::new(&listener_config.name, tls, Some(reloads))
+            })
             .transpose()
             .map_err(|source| StartError::Tls {
                 listener: listener_config.name.clone(),

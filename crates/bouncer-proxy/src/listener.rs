@@ -201,8 +201,7 @@ async fn serve_connection(
         .get_ref()
         .1
         .server_name()
-        .and_then(|name| tls.resolver.matching(name))
-        .cloned();
+        .and_then(|name| tls.resolver.matching(name));
     let context = context(Arc::clone(&runtime), "https", sni_certificate);
     serve_http(stream, context, &builder, lifecycle).await;
 }

@@ -73,7 +73,21 @@ pub struct Metrics {
     connections_accepted: Family<ListenerLabels, Counter>,
     accept_errors: Family<ListenerLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
+    certificate_reloads: Family<ReloadLabels, Counter>,
     access_log_dropped: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    listener: String,
+    result: &'static str,
+}
+
+/// Counts a listener's certificate reloads, by outcome.
+#[derive(Clone)]
+pub struct ReloadMetrics {
+    pub succeeded: Counter,
+    pub failed: Counter,
 }
 
 impl Metrics {
@@ -169,6 +183,12 @@ impl Metrics {
             "Requests and connections refused or failed, by reason",
             refusals.clone(),
         );
+        let certificate_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "tls_certificate_reloads",
+            "Reloads of a listener's certificates after their files changed, by result (success, failure)",
+            certificate_reloads.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -191,6 +211,7 @@ impl Metrics {
             connections_accepted,
             accept_errors,
             refusals,
+            certificate_reloads,
             access_log_dropped,
         })
     }
@@ -261,6 +282,19 @@ impl Metrics {
                 backend: backend.to_string(),
                 result: "failure",
             }),
+        }
+    }
+
+    pub fn certificate_reloads(&self, listener: &str) -> ReloadMetrics {
+        let counter = |result| {
+            self.certificate_reloads.get_or_create_owned(&ReloadLabels {
+                listener: listener.to_string(),
+                result,
+            })
+        };
+        ReloadMetrics {
+            succeeded: counter("success"),
+            failed: counter("failure"),
         }
     }
 

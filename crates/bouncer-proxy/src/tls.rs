@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
@@ -14,6 +15,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use bouncer_config::{CertificateFiles, TlsConfig, TlsVersion};
+
+use crate::metrics::ReloadMetrics;
 
 /// Sessions kept for stateful resumption per listener (clients that do not take tickets).
 const SESSION_CACHE_ENTRIES: usize = 4096;
@@ -175,21 +178,28 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
 }
 
 /// Chooses a certificate by the SNI name: an exact name first, then a wildcard for its parent
-/// domain, else the default (the first configured), unless `strict` refuses unknown names.
+/// domain, else the default (the first configured), unless `strict` refuses unknown names. The
+/// certificates can be replaced while handshakes go on.
 #[derive(Debug)]
 pub struct SniResolver {
-    certificates: Vec<Arc<LoadedCertificate>>,
-    exact: HashMap<String, usize>,
-    /// Wildcard suffixes (`example.com` for `*.example.com`).
-    wildcard: HashMap<String, usize>,
+    certificates: ArcSwap<Certificates>,
     strict: bool,
 }
 
-impl SniResolver {
-    pub fn new(certificates: Vec<Arc<LoadedCertificate>>, strict: bool) -> Self {
+/// One generation of a listener's certificates, indexed by name.
+#[derive(Debug)]
+struct Certificates {
+    list: Vec<Arc<LoadedCertificate>>,
+    exact: HashMap<String, usize>,
+    /// Wildcard suffixes (`example.com` for `*.example.com`).
+    wildcard: HashMap<String, usize>,
+}
+
+impl Certificates {
+    fn new(list: Vec<Arc<LoadedCertificate>>) -> Self {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
-        for (index, certificate) in certificates.iter().enumerate() {
+        for (index, certificate) in list.iter().enumerate() {
             for name in &certificate.names {
                 // The first certificate to name a host keeps it.
                 match name.strip_prefix("*.") {
@@ -199,37 +209,113 @@ impl SniResolver {
             }
         }
         Self {
-            certificates,
+            list,
             exact,
             wildcard,
-            strict,
         }
     }
 
-    /// The certificate whose names cover `server_name`, if any.
-    pub fn matching(&self, server_name: &str) -> Option<&Arc<LoadedCertificate>> {
+    fn matching(&self, server_name: &str) -> Option<&Arc<LoadedCertificate>> {
         let name = server_name.trim_end_matches('.').to_ascii_lowercase();
         let index = self.exact.get(&name).copied().or_else(|| {
             let (_, parent) = name.split_once('.')?;
             self.wildcard.get(parent).copied()
         })?;
-        self.certificates.get(index)
+        self.list.get(index)
+    }
+}
+
+impl SniResolver {
+    pub fn new(certificates: Vec<Arc<LoadedCertificate>>, strict: bool) -> Self {
+        Self {
+            certificates: ArcSwap::from_pointee(Certificates::new(certificates)),
+            strict,
+        }
+    }
+
+    /// The certificate whose names cover `server_name`, if any.
+    pub fn matching(&self, server_name: &str) -> Option<Arc<LoadedCertificate>> {
+        self.certificates.load().matching(server_name).cloned()
+    }
+
+    /// New handshakes use `certificates` from now on; connections already open keep theirs.
+    fn replace(&self, certificates: Vec<Arc<LoadedCertificate>>) {
+        self.certificates
+            .store(Arc::new(Certificates::new(certificates)));
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let certificates = self.certificates.load();
         let chosen = match client_hello.server_name() {
-            Some(name) => match self.matching(name) {
+            Some(name) => match certificates.matching(name) {
                 Some(certificate) => Some(certificate),
                 None if self.strict => None,
-                None => self.certificates.first(),
+                None => certificates.list.first(),
             },
             // Clients that send no name (by IP address) get the default.
-            None => self.certificates.first(),
+            None => certificates.list.first(),
         };
         chosen.map(|certificate| Arc::clone(&certificate.key))
     }
+}
+
+/// How often certificate files are looked at for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reloads a listener's certificates when their files change, for as long as the resolver
+/// exists. A set that fails to load is logged and the certificates in use stay.
+async fn watch_certificates(
+    listener: String,
+    resolver: std::sync::Weak<SniResolver>,
+    files: Vec<CertificateFiles>,
+    provider: Arc<CryptoProvider>,
+    metrics: Option<ReloadMetrics>,
+) {
+    let mut seen = fingerprint(&files);
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let Some(resolver) = resolver.upgrade() else {
+            return;
+        };
+        let now = fingerprint(&files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded = files
+            .iter()
+            .map(|files| load_certificate(files, &provider).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>();
+        match loaded {
+            Ok(certificates) => {
+                resolver.replace(certificates);
+                tracing::info!(%listener, "certificates reloaded: new handshakes use them");
+                if let Some(metrics) = &metrics {
+                    metrics.succeeded.inc();
+                }
+            }
+            Err(error) => {
+                tracing::error!(%listener, %error, "the changed certificate files were not loaded; the certificates in use stay");
+                if let Some(metrics) = &metrics {
+                    metrics.failed.inc();
+                }
+            }
+        }
+    }
+}
+
+/// What tells a changed file: its length and modification time, for every file.
+fn fingerprint(files: &[CertificateFiles]) -> Vec<Option<(u64, SystemTime)>> {
+    files
+        .iter()
+        .flat_map(|files| [&files.cert, &files.key])
+        .map(|path| {
+            let metadata = std::fs::metadata(path).ok()?;
+            Some((metadata.len(), metadata.modified().ok()?))
+        })
+        .collect()
 }
 
 /// A listener's TLS: its rustls configuration and the resolver, kept to tell after a handshake
@@ -252,7 +338,13 @@ pub enum TlsSetupError {
 }
 
 impl ListenerTls {
-    pub fn new(config: &TlsConfig) -> Result<Self, TlsSetupError> {
+    /// Loads the certificates of `config`. Inside a Tokio runtime it also starts watching their
+    /// files, to reload them when they change (counted in `metrics` when given).
+    pub fn new(
+        listener: &str,
+        config: &TlsConfig,
+        metrics: Option<ReloadMetrics>,
+    ) -> Result<Self, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let certificates = config
             .certificates
@@ -260,6 +352,15 @@ impl ListenerTls {
             .map(|files| load_certificate(files, &provider).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let resolver = Arc::new(SniResolver::new(certificates, config.strict_sni));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(watch_certificates(
+                listener.to_string(),
+                Arc::downgrade(&resolver),
+                config.certificates.clone(),
+                Arc::clone(&provider),
+                metrics,
+            ));
+        }
         let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
             TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::V1_3 => &[&rustls::version::TLS13],

@@ -118,8 +118,18 @@ impl TlsClient {
 }
 
 impl TlsConnection {
-    /// `GET path` with `Host: host` (`:authority` on HTTP/2).
+    /// `GET path` with `Host: host` (`:authority` on HTTP/2), read whole.
     pub async fn get(&mut self, host: &str, path: &str) -> Answer {
+        read_whole(self.start_get(host, path).await).await
+    }
+
+    /// `GET path`, returning as soon as the response headers arrived; the body is read by the
+    /// caller.
+    pub async fn start_get(
+        &mut self,
+        host: &str,
+        path: &str,
+    ) -> http::Response<hyper::body::Incoming> {
         let response = match &mut self.sender {
             Sender::Http1(sender) => {
                 let request = Request::get(path)
@@ -136,7 +146,7 @@ impl TlsConnection {
                 sender.send_request(request).await
             }
         };
-        read_whole(response.expect("a response over TLS")).await
+        response.expect("a response over TLS")
     }
 }
 

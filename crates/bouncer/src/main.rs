@@ -105,7 +105,8 @@ fn check(path: &Path) -> ExitCode {
             let mut broken = 0;
             for (index, listener) in config.listeners.iter().enumerate() {
                 if let Some(tls) = &listener.tls
-                    && let Err(error) = bouncer_proxy::tls::ListenerTls::new(tls)
+                    && let Err(error) =
+                        bouncer_proxy::tls::ListenerTls::new(&listener.name, tls, None)
                 {
                     broken += 1;
                     eprintln!(

@@ -298,3 +298,72 @@ async fn plain_http_is_redirected_to_https_except_acme_challenges_and_https_adds
     assert_eq!(answer.status, 421);
     assert!(answer.header("strict-transport-security").is_some());
 }
+
+#[tokio::test]
+async fn changed_certificate_files_are_used_by_new_handshakes_while_old_connections_go_on() {
+    use http_body_util::BodyExt;
+
+    let site = Site::new("reload");
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let client = TlsClient::new(Trust::Ca(&site.ca.cert_pem), &["http/1.1"], BOTH);
+
+    // A long download on a connection made with the first certificate.
+    let mut old = client.connect(proxy.address, "app.example").await.unwrap();
+    assert_eq!(old.leaf, leaf_der(&site.app.cert_pem));
+    let total: u64 = 32 << 20;
+    let mut download = old
+        .start_get("app.example", &format!("/bytes/{total}"))
+        .await
+        .into_body();
+    let mut received = 0u64;
+    while received < 1 << 20 {
+        let frame = download.frame().await.unwrap().unwrap();
+        received += frame.data_ref().map_or(0, |data| data.len() as u64);
+    }
+
+    let renewed = site.ca.issue(&["app.example", "*.app.example"]);
+    renewed.write(&site.dir, "app");
+    bouncer_testkit::eventually(
+        Duration::from_secs(10),
+        "new handshakes get the new certificate",
+        || async {
+            client
+                .connect(proxy.address, "app.example")
+                .await
+                .unwrap()
+                .leaf
+                == leaf_der(&renewed.cert_pem)
+        },
+    )
+    .await;
+
+    // A broken file is refused, counted, and the renewed certificate stays. (The renewal itself
+    // may have counted a failure, when the new certificate was seen before its new key.)
+    let failures = "bouncer_tls_certificate_reloads_total{listener=\"public\",result=\"failure\"}";
+    let before = metric(&proxy.scrape().await, failures).unwrap_or(0.0);
+    std::fs::write(
+        site.dir.join("app.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .unwrap();
+    bouncer_testkit::eventually(
+        Duration::from_secs(10),
+        "the broken file is refused",
+        || async { metric(&proxy.scrape().await, failures).unwrap_or(0.0) > before },
+    )
+    .await;
+    let connection = client.connect(proxy.address, "app.example").await.unwrap();
+    assert_eq!(connection.leaf, leaf_der(&renewed.cert_pem));
+
+    while let Some(frame) = download.frame().await {
+        received += frame
+            .unwrap()
+            .data_ref()
+            .map_or(0, |data| data.len() as u64);
+    }
+    assert_eq!(
+        received, total,
+        "the download on the old connection broke off"
+    );
+}
