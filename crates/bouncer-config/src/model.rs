@@ -63,6 +63,21 @@ pub struct TlsConfig {
     pub strict_sni: bool,
     /// A `Strict-Transport-Security` value added to every response.
     pub hsts: Option<String>,
+    /// Mutual TLS: client certificates checked against a CA.
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// `client_auth = { ca, required, subject_header }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuthConfig {
+    /// PEM file of the CA (or CAs) that client certificates must chain to.
+    pub ca: PathBuf,
+    /// Refuse the handshake without a valid client certificate; otherwise one is only checked
+    /// when sent.
+    pub required: bool,
+    /// The request header that carries the verified certificate's subject to the backend; it is
+    /// removed from every request first.
+    pub subject_header: String,
 }
 
 /// A certificate chain and its private key, as PEM files.

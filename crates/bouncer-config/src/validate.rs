@@ -513,6 +513,35 @@ fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> T
             None
         }
     };
+    let client_auth = section.table(d, "client_auth").and_then(|mut auth| {
+        let ca = auth.string(d, "ca").map(|(name, _)| relative_to(config_file, &name));
+        let required = auth.bool(d, "required").unwrap_or(true);
+        let subject_header = match auth.string(d, "subject_header") {
+            None => "x-client-subject".to_string(),
+            Some((name, _)) if is_header_name(&name) => name.to_ascii_lowercase(),
+            Some((name, span)) => {
+                d.report(
+                    span,
+                    auth.key_path("subject_header"),
+                    format!("\"{name}\" is not a header name"),
+                );
+                "x-client-subject".to_string()
+            }
+        };
+        if ca.is_none() {
+            d.report(
+                auth.span(),
+                auth.key_path("ca"),
+                "client_auth needs ca = \"FILE\": the PEM CA that client certificates must chain to",
+            );
+        }
+        auth.finish(d);
+        Some(ClientAuthConfig {
+            ca: ca?,
+            required,
+            subject_header,
+        })
+    });
     TlsConfig {
         certificates,
         min_version,
@@ -520,7 +549,33 @@ fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> T
         handshake_timeout,
         strict_sni,
         hsts,
+        client_auth,
     }
+}
+
+/// An HTTP field name: a token (RFC 9110 section 5.1).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
 }
 
 /// `sticky = { cookie, ttl, secret_file }`; the secret file is read now so that a missing or weak

@@ -164,7 +164,7 @@ async fn serve_connection(
         runtime.server.header_timeout,
         metrics.clone(),
     );
-    let context = |runtime, scheme, sni_certificate| ConnectionContext {
+    let context = |runtime, scheme, sni_certificate, client_subject| ConnectionContext {
         runtime,
         peer,
         peer_header: peer_header(peer),
@@ -172,9 +172,10 @@ async fn serve_connection(
         activity,
         scheme,
         sni_certificate,
+        client_subject,
     };
     let Some(tls) = &runtime.tls else {
-        let context = context(Arc::clone(&runtime), "http", None);
+        let context = context(Arc::clone(&runtime), "http", None, None);
         return serve_http(io, context, &builder, lifecycle).await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
@@ -197,12 +198,21 @@ async fn serve_connection(
     };
     // The certificate the client asked for by name, whose names every request must then stay
     // within (421 otherwise).
-    let sni_certificate = stream
-        .get_ref()
-        .1
+    let session = stream.get_ref().1;
+    let sni_certificate = session
         .server_name()
         .and_then(|name| tls.resolver.matching(name));
-    let context = context(Arc::clone(&runtime), "https", sni_certificate);
+    // Verified by the handshake when the listener asks for client certificates.
+    let client_subject = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::tls::client_subject);
+    let context = context(
+        Arc::clone(&runtime),
+        "https",
+        sni_certificate,
+        client_subject,
+    );
     serve_http(stream, context, &builder, lifecycle).await;
 }
 

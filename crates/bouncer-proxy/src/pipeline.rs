@@ -38,6 +38,8 @@ pub struct ConnectionContext {
     pub forwarded_for: bytes::Bytes,
     /// On TLS, the certificate the client's SNI matched: every request's host must be one it covers.
     pub sni_certificate: Option<Arc<crate::tls::LoadedCertificate>>,
+    /// With mutual TLS, the subject of the client's verified certificate.
+    pub client_subject: Option<HeaderValue>,
 }
 
 /// Handles one request from a client and produces the response to send back.
@@ -227,6 +229,18 @@ async fn forward(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+    if let Some(name) = ctx
+        .runtime
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.subject_header.as_ref())
+    {
+        // Only the handshake may say who the client is: whatever the client sent is dropped.
+        parts.headers.remove(name);
+        if let Some(subject) = &ctx.client_subject {
+            parts.headers.insert(name.clone(), subject.clone());
+        }
+    }
     // An HTTP/1.0 request may come without a host; the backend's own name is sent then.
     let host_missing = !parts.headers.contains_key(header::HOST);
     // Backends get the origin form (`/path?query`); the host travels in `Host`.

@@ -14,7 +14,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use bouncer_config::{CertificateFiles, TlsConfig, TlsVersion};
+use bouncer_config::{CertificateFiles, ClientAuthConfig, TlsConfig, TlsVersion};
 
 use crate::metrics::ReloadMetrics;
 
@@ -326,6 +326,8 @@ pub struct ListenerTls {
     pub handshake_timeout: Duration,
     /// `Strict-Transport-Security`, added to every response.
     pub hsts: Option<http::HeaderValue>,
+    /// With mutual TLS: the header that carries the client certificate's subject.
+    pub subject_header: Option<http::HeaderName>,
 }
 
 /// Why a listener's TLS could not be set up.
@@ -335,6 +337,8 @@ pub enum TlsSetupError {
     Certificate(#[from] CertificateError),
     #[error("the TLS configuration was refused")]
     Rustls(#[source] rustls::Error),
+    #[error("cannot use {path} as the CA for client certificates: {reason}")]
+    ClientCa { path: PathBuf, reason: String },
 }
 
 impl ListenerTls {
@@ -365,11 +369,15 @@ impl ListenerTls {
             TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::V1_3 => &[&rustls::version::TLS13],
         };
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(versions)
-            .map_err(TlsSetupError::Rustls)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
+            .map_err(TlsSetupError::Rustls)?;
+        let builder = match &config.client_auth {
+            None => builder.with_no_client_auth(),
+            Some(auth) => builder.with_client_cert_verifier(client_verifier(auth, &provider)?),
+        };
+        let mut server =
+            builder.with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
         server.alpn_protocols = config
             .alpn
             .iter()
@@ -388,8 +396,53 @@ impl ListenerTls {
                 .hsts
                 .as_deref()
                 .and_then(|value| http::HeaderValue::from_str(value).ok()),
+            subject_header: config
+                .client_auth
+                .as_ref()
+                .and_then(|auth| http::HeaderName::try_from(auth.subject_header.as_str()).ok()),
         })
     }
+}
+
+/// Checks client certificates against the CA of `client_auth`; without `required`, a client that
+/// sends none is let in unauthenticated.
+fn client_verifier(
+    auth: &ClientAuthConfig,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsSetupError> {
+    let failure = |reason: String| TlsSetupError::ClientCa {
+        path: auth.ca.clone(),
+        reason,
+    };
+    let pem = std::fs::read(&auth.ca).map_err(|error| failure(error.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|error| failure(error.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|error| failure(error.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(failure("it holds no PEM certificate".to_string()));
+    }
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(provider),
+    );
+    let builder = if auth.required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|error| failure(error.to_string()))
+}
+
+/// The subject of a client's verified leaf certificate, as `CN=alice,O=Example` (RFC 4514 order
+/// as the certificate holds it).
+pub fn client_subject(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let subject = parsed.subject().to_string();
+    http::HeaderValue::from_str(&subject).ok()
 }
 
 #[cfg(test)]

@@ -48,6 +48,16 @@ impl TlsClient {
         alpn: &[&str],
         versions: &[&'static SupportedProtocolVersion],
     ) -> Self {
+        Self::with_identity(trust, alpn, versions, None)
+    }
+
+    /// A client that presents `identity` (a certificate and its key) when the server asks.
+    pub fn with_identity(
+        trust: Trust<'_>,
+        alpn: &[&str],
+        versions: &[&'static SupportedProtocolVersion],
+        identity: Option<&crate::TestCertificate>,
+    ) -> Self {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(versions)
@@ -58,7 +68,22 @@ impl TlsClient {
                 for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
                     roots.add(cert.expect("CA PEM")).expect("a CA certificate");
                 }
-                builder.with_root_certificates(roots).with_no_client_auth()
+                let builder = builder.with_root_certificates(roots);
+                match identity {
+                    Some(identity) => {
+                        let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+                            .collect::<Result<Vec<_>, _>>()
+                            .expect("the identity's certificate");
+                        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(
+                            identity.key_pem.as_bytes(),
+                        )
+                        .expect("the identity's key");
+                        builder
+                            .with_client_auth_cert(chain, key)
+                            .expect("a client identity")
+                    }
+                    None => builder.with_no_client_auth(),
+                }
             }
             Trust::Anything => builder
                 .dangerous()
@@ -118,6 +143,16 @@ impl TlsClient {
 }
 
 impl TlsConnection {
+    /// Sends `request` (origin-form target, `Host` header) over HTTP/1.1 and reads the answer
+    /// whole; `None` when the exchange failed (for example after a refused client certificate).
+    pub async fn send(&mut self, request: Request<BoxBody>) -> Option<Answer> {
+        let Sender::Http1(sender) = &mut self.sender else {
+            panic!("send is for HTTP/1.1 connections");
+        };
+        let response = sender.send_request(request).await.ok()?;
+        Some(read_whole(response).await)
+    }
+
     /// `GET path` with `Host: host` (`:authority` on HTTP/2), read whole.
     pub async fn get(&mut self, host: &str, path: &str) -> Answer {
         read_whole(self.start_get(host, path).await).await

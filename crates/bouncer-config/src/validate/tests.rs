@@ -424,6 +424,7 @@ certificates = [{ cert = "a.pem" }]
 min_version = "1.1"
 alpn = ["h3"]
 hsts = "forever"
+client_auth = { required = true, subject_header = "bad header" }
 
 [[routes]]
 upstream = "app"
@@ -439,6 +440,8 @@ servers = ["127.0.0.1:1"]
         "listeners[2].tls.min_version: \"1.1\" is not a TLS version this proxy offers",
         "listeners[2].tls.alpn[0]: \"h3\" is not a protocol this proxy serves",
         "listeners[2].tls.hsts: \"forever\" is not a Strict-Transport-Security value",
+        "listeners[2].tls.client_auth.ca: client_auth needs ca",
+        "listeners[2].tls.client_auth.subject_header: \"bad header\" is not a header name",
     ] {
         assert!(
             lines.iter().any(|line| line.contains(fragment)),

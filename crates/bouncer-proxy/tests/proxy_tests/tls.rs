@@ -367,3 +367,74 @@ async fn changed_certificate_files_are_used_by_new_handshakes_while_old_connecti
         "the download on the old connection broke off"
     );
 }
+
+/// A site whose listener asks for client certificates from a CA of its own.
+async fn mutual_tls_site(test: &str, required: bool) -> (Site, TestCa, Backend, TestProxy) {
+    let site = Site::new(test);
+    let clients_ca = TestCa::new("clients CA");
+    std::fs::write(site.dir.join("clients-ca.pem"), &clients_ca.cert_pem).unwrap();
+    let backend = Backend::start(0).await;
+    let keys = format!(
+        "client_auth = {{ ca = \"{}/clients-ca.pem\", required = {required}, subject_header = \"X-Client-Subject\" }}",
+        site.dir.display()
+    );
+    let proxy = TestProxy::start(&site.config(&backend, &keys)).await;
+    (site, clients_ca, backend, proxy)
+}
+
+/// Sends `GET /` with a forged subject header; the answer's status, or `None` when the handshake
+/// or the request failed.
+async fn forged_get(client: &TlsClient, proxy: &TestProxy) -> Option<u16> {
+    let mut connection = client.connect(proxy.address, "app.example").await.ok()?;
+    let request = http::Request::get("/")
+        .header("host", "app.example")
+        .header("x-client-subject", "CN=admin")
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    connection
+        .send(request)
+        .await
+        .map(|answer| answer.status.as_u16())
+}
+
+#[tokio::test]
+async fn mutual_tls_passes_the_verified_subject_and_drops_a_forged_one() {
+    let (site, clients_ca, backend, proxy) = mutual_tls_site("mtls-required", true).await;
+    let alice = clients_ca.issue(&["alice"]);
+    let with_certificate = TlsClient::with_identity(
+        Trust::Ca(&site.ca.cert_pem),
+        &["http/1.1"],
+        BOTH,
+        Some(&alice),
+    );
+    assert_eq!(forged_get(&with_certificate, &proxy).await, Some(200));
+    let seen = backend.last_request();
+    assert_eq!(
+        seen.headers
+            .get("x-client-subject")
+            .and_then(|value| value.to_str().ok()),
+        Some("CN=alice")
+    );
+    assert_eq!(seen.headers.get_all("x-client-subject").iter().count(), 1);
+
+    // Without a certificate, or with one of another CA, nothing gets through.
+    let without = TlsClient::new(Trust::Ca(&site.ca.cert_pem), &["http/1.1"], BOTH);
+    assert_eq!(forged_get(&without, &proxy).await, None);
+    let stranger = TestCa::new("another CA").issue(&["mallory"]);
+    let foreign = TlsClient::with_identity(
+        Trust::Ca(&site.ca.cert_pem),
+        &["http/1.1"],
+        BOTH,
+        Some(&stranger),
+    );
+    assert_eq!(forged_get(&foreign, &proxy).await, None);
+    assert_eq!(backend.count(), 1);
+}
+
+#[tokio::test]
+async fn optional_client_certificates_let_anonymous_clients_in_without_a_subject() {
+    let (site, _clients_ca, backend, proxy) = mutual_tls_site("mtls-optional", false).await;
+    let without = TlsClient::new(Trust::Ca(&site.ca.cert_pem), &["http/1.1"], BOTH);
+    assert_eq!(forged_get(&without, &proxy).await, Some(200));
+    assert_eq!(backend.last_request().headers.get("x-client-subject"), None);
+}
