@@ -212,7 +212,14 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             config: listener_config.clone(),
             routes: RouteTable::new(routes),
             server: config.server.clone(),
-            metrics: metrics.listener(&listener_config.name),
+            metrics: {
+                let mut listener_metrics = metrics.listener(&listener_config.name);
+                if listener_config.tls.is_some() {
+                    listener_metrics.handshakes =
+                        Some(metrics.tls_handshakes(&listener_config.name));
+                }
+                listener_metrics
+            },
             access_log: access_log.clone(),
         });
         runtimes.push((socket, runtime));

@@ -183,14 +183,25 @@ async fn serve_connection(
         handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io)) => handshake,
         _ = lifecycle.wait_for(|state| *state != Lifecycle::Running) => return,
     };
+    let record = |result| {
+        if let Some(handshakes) = &metrics.handshakes {
+            handshakes.record(result);
+        }
+    };
     let stream = match handshake {
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => {
+            record("ok");
+            stream
+        }
         Ok(Err(error)) => {
+            let reason = crate::tls::handshake_failure_reason(&error);
+            record(reason);
             metrics.refused(Refusal::TlsHandshake);
-            tracing::debug!(%peer, %error, "TLS handshake failed");
+            tracing::debug!(%peer, %error, reason, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            record("timeout");
             metrics.refused(Refusal::TlsHandshakeTimeout);
             tracing::debug!(%peer, timeout = ?tls.handshake_timeout, "TLS handshake timed out");
             return;

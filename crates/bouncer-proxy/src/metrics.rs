@@ -74,7 +74,14 @@ pub struct Metrics {
     accept_errors: Family<ListenerLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
     certificate_reloads: Family<ReloadLabels, Counter>,
+    tls_handshakes: Family<HandshakeLabels, Counter>,
     access_log_dropped: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    listener: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -189,6 +196,12 @@ impl Metrics {
             "Reloads of a listener's certificates after their files changed, by result (success, failure)",
             certificate_reloads.clone(),
         );
+        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes, by result: ok, or why they failed (not_tls, incompatible, alpn, client_certificate, no_certificate, alert_received, misbehaved, connection, timeout, other)",
+            tls_handshakes.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -212,6 +225,7 @@ impl Metrics {
             accept_errors,
             refusals,
             certificate_reloads,
+            tls_handshakes,
             access_log_dropped,
         })
     }
@@ -256,6 +270,7 @@ impl Metrics {
                 })
             }),
             no_route: self.route(listener, "none"),
+            handshakes: None,
         }
     }
 
@@ -298,6 +313,18 @@ impl Metrics {
         }
     }
 
+    /// The handshake counters of a TLS listener, one per result.
+    pub fn tls_handshakes(&self, listener: &str) -> HandshakeMetrics {
+        HandshakeMetrics {
+            counters: HANDSHAKE_RESULTS.map(|result| {
+                self.tls_handshakes.get_or_create_owned(&HandshakeLabels {
+                    listener: listener.to_string(),
+                    result,
+                })
+            }),
+        }
+    }
+
     pub fn access_log_dropped(&self) -> &Counter {
         &self.access_log_dropped
     }
@@ -325,6 +352,39 @@ pub struct ListenerMetrics {
     refusals: [Counter; Refusal::ALL.len()],
     /// Requests that matched no route are counted under the route label `none`.
     pub no_route: RouteMetrics,
+    /// On a TLS listener, its handshakes by result.
+    pub handshakes: Option<HandshakeMetrics>,
+}
+
+/// Every result a TLS handshake is counted under.
+const HANDSHAKE_RESULTS: [&str; 11] = [
+    "ok",
+    "not_tls",
+    "incompatible",
+    "alpn",
+    "client_certificate",
+    "no_certificate",
+    "alert_received",
+    "misbehaved",
+    "connection",
+    "timeout",
+    "other",
+];
+
+#[derive(Clone, Debug)]
+pub struct HandshakeMetrics {
+    counters: [Counter; HANDSHAKE_RESULTS.len()],
+}
+
+impl HandshakeMetrics {
+    /// Counts a handshake under `result`, one of the results above (`other` if not).
+    pub fn record(&self, result: &str) {
+        let index = HANDSHAKE_RESULTS
+            .iter()
+            .position(|known| *known == result)
+            .unwrap_or(HANDSHAKE_RESULTS.len() - 1);
+        self.counters[index].inc();
+    }
 }
 
 impl ListenerMetrics {

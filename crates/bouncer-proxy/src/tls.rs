@@ -445,6 +445,31 @@ pub fn client_subject(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
     http::HeaderValue::from_str(&subject).ok()
 }
 
+/// Why a handshake failed, as a metric label.
+pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        // The client went away, or the socket failed, before the handshake finished.
+        return "connection";
+    };
+    match tls {
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => "not_tls",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        rustls::Error::NoApplicationProtocol => "alpn",
+        rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_) => {
+            "client_certificate"
+        }
+        rustls::Error::General(_) => "no_certificate",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::PeerMisbehaved(_) | rustls::Error::DecryptError => "misbehaved",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

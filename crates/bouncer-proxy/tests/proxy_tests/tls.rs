@@ -122,6 +122,36 @@ async fn strict_sni_refuses_unknown_names() {
     );
     let text = proxy.scrape().await;
     assert!(text.contains("reason=\"tls_handshake\"} 1"), "{text}");
+    let handshakes = |result: &str| {
+        metric(
+            &text,
+            &format!("bouncer_tls_handshakes_total{{listener=\"public\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(handshakes("no_certificate"), Some(1.0));
+    assert_eq!(handshakes("ok"), Some(1.0));
+}
+
+#[tokio::test]
+async fn plain_http_to_a_tls_listener_counts_as_not_tls() {
+    use tokio::io::AsyncWriteExt;
+
+    let site = Site::new("not-tls");
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let mut plain = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut rest)).await;
+    assert_eq!(backend.count(), 0);
+    let result = "bouncer_tls_handshakes_total{listener=\"public\",result=\"not_tls\"}";
+    bouncer_testkit::eventually(Duration::from_secs(5), "the refusal is counted", || async {
+        metric(&proxy.scrape().await, result) == Some(1.0)
+    })
+    .await;
 }
 
 #[tokio::test]
