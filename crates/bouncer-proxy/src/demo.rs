@@ -23,6 +23,14 @@ use crate::{RunningProxy, StartError};
 pub enum DemoError {
     #[error("cannot start a demo backend")]
     Backend(#[source] std::io::Error),
+    #[error("cannot make the demo's certificate")]
+    Certificate(#[source] rcgen::Error),
+    #[error("cannot write the demo's certificate to {path}")]
+    CertificateFiles {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the demo config is invalid:\n{0}")]
     Config(#[source] bouncer_config::ConfigProblems),
     #[error("cannot start the demo proxy")]
@@ -34,8 +42,11 @@ pub struct Demo {
     pub proxy: RunningProxy,
     pub backends: Vec<SocketAddr>,
     pub config_text: String,
+    /// The self-signed certificate the HTTPS listener serves, PEM, for `curl --cacert`.
+    pub certificate: std::path::PathBuf,
     /// Stops each backend, like a crash.
     stops: Vec<watch::Sender<bool>>,
+    _certificate_dir: TemporaryDir,
 }
 
 /// What happened while a demo backend was down and after it came back.
@@ -50,8 +61,14 @@ pub struct FailoverShow {
     pub back_after: Option<Duration>,
 }
 
-/// Starts three demo backends and a proxy listening on `bind`, with its admin API on `admin`.
-pub async fn start(bind: SocketAddr, admin: SocketAddr) -> Result<Demo, DemoError> {
+/// Starts three demo backends and a proxy listening on `bind` (HTTP) and `https` (HTTPS, with a
+/// certificate it makes itself), with its admin API on `admin`.
+pub async fn start(
+    bind: SocketAddr,
+    https: SocketAddr,
+    admin: SocketAddr,
+) -> Result<Demo, DemoError> {
+    let (certificate, key) = write_certificate()?;
     let mut backends = Vec::with_capacity(3);
     let mut stops = Vec::with_capacity(3);
     for index in 1..=3 {
@@ -73,6 +90,12 @@ bind = "{admin}"
 name = "public"
 bind = "{bind}"
 
+[[listeners]]
+name = "https"
+bind = "{https}"
+[listeners.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+
 [[routes]]
 name = "demo"
 path_prefix = "/"
@@ -91,7 +114,9 @@ unhealthy_threshold = 2
 [access_log]
 format = "common"
 "#,
-        servers = servers.join(", ")
+        servers = servers.join(", "),
+        cert = certificate.display(),
+        key = key.display(),
     );
     let config =
         bouncer_config::parse(Path::new("<demo>"), &config_text).map_err(DemoError::Config)?;
@@ -100,8 +125,56 @@ format = "common"
         proxy,
         backends,
         config_text,
+        _certificate_dir: TemporaryDir(
+            certificate
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default(),
+        ),
+        certificate,
         stops,
     })
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1, written with its key (mode 0600) to a
+/// directory of this demo under the temporary directory, removed when the demo ends.
+fn write_certificate() -> Result<(std::path::PathBuf, std::path::PathBuf), DemoError> {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .map_err(DemoError::Certificate)?;
+    let dir = std::env::temp_dir().join(format!(
+        "bouncer-demo-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let write = |name: &str, text: String, private: bool| {
+        let path = dir.join(name);
+        let failure = |source| DemoError::CertificateFiles {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(failure)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        if private {
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        }
+        let mut file = options.open(&path).map_err(failure)?;
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(failure)?;
+        Ok(path)
+    };
+    let cert = write("demo.pem", certified.cert.pem(), false)?;
+    let key = write("demo.key", certified.signing_key.serialize_pem(), true)?;
+    Ok((cert, key))
+}
+
+/// The demo's certificate directory, removed when the demo ends.
+struct TemporaryDir(std::path::PathBuf);
+
+impl Drop for TemporaryDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Demo {

@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
     about,
     long_about = None,
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  bouncer demo                      start demo backends and a proxy on 127.0.0.1:8080\n  bouncer check -c bouncer.toml     validate a config file\n  bouncer run -c bouncer.toml       run the proxy (same as: bouncer -c bouncer.toml)"
+    after_help = "Examples:\n  bouncer demo                      start demo backends and a proxy on 127.0.0.1:8080 (HTTPS on 8443)\n  bouncer check -c bouncer.toml     validate a config file\n  bouncer run -c bouncer.toml       run the proxy (same as: bouncer -c bouncer.toml)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -52,6 +52,9 @@ enum Command {
         /// Where the demo proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
+        /// Where the demo proxy listens for HTTPS, with a certificate it makes itself.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: SocketAddr,
         /// Where the demo's admin API (metrics) listens.
         #[arg(long, default_value = "127.0.0.1:9900")]
         admin: SocketAddr,
@@ -74,7 +77,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Check { config } => return check(&config),
         Command::Run { config } => run(&config),
-        Command::Demo { bind, admin } => demo(bind, admin),
+        Command::Demo { bind, https, admin } => demo(bind, https, admin),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,12 +178,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
     })
 }
 
-fn demo(bind: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     runtime(0)?.block_on(async {
-        let mut demo = bouncer_proxy::demo::start(bind, admin).await?;
+        let mut demo = bouncer_proxy::demo::start(bind, https, admin).await?;
         let backends: Vec<String> = demo.backends.iter().map(ToString::to_string).collect();
         println!(
-            "Bouncer demo: a proxy on http://{bind} in front of three backends ({}).",
+            "Bouncer demo: a proxy on http://{bind} and https://localhost:{} in front of three backends ({}).",
+            https.port(),
             backends.join(", ")
         );
         println!();
@@ -215,6 +219,11 @@ fn demo(bind: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
         println!();
         println!("Try it yourself:");
         println!("    curl -i http://{bind}/hello          # round robin over the three backends");
+        println!(
+            "    curl --cacert {} https://localhost:{}/hello   # HTTPS, HTTP/2 by ALPN, with the certificate the demo made",
+            demo.certificate.display(),
+            https.port()
+        );
         println!("    curl --http2-prior-knowledge http://{bind}/h2   # HTTP/2 without TLS");
         println!(
             "    curl -s http://{admin}/metrics | grep bouncer_requests   # Prometheus metrics"

@@ -8,7 +8,7 @@ use bouncer_proxy::demo;
 #[tokio::test]
 async fn the_demo_balances_and_survives_a_crashed_backend() {
     let loopback = "127.0.0.1:0".parse().unwrap();
-    let mut demo = demo::start(loopback, loopback).await.unwrap();
+    let mut demo = demo::start(loopback, loopback, loopback).await.unwrap();
     let answers = demo.sample_requests(6).await;
     let backends: HashSet<&str> = answers
         .iter()
@@ -27,4 +27,28 @@ async fn the_demo_balances_and_survives_a_crashed_backend() {
         show.answers_while_down
     );
     assert!(show.back_after.is_some(), "backend 3 did not come back");
+}
+
+#[tokio::test]
+async fn the_demo_serves_https_with_a_certificate_it_made() {
+    use bouncer_testkit::tls::{TlsClient, Trust};
+
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let demo = demo::start(loopback, loopback, loopback).await.unwrap();
+    let https = demo.proxy.listener_address("https").unwrap();
+    let ca = std::fs::read_to_string(&demo.certificate).unwrap();
+    let client = TlsClient::new(
+        Trust::Ca(&ca),
+        &["h2", "http/1.1"],
+        &[&rustls::version::TLS13],
+    );
+    let mut connection = client.connect(https, "localhost").await.unwrap();
+    assert_eq!(connection.alpn.as_deref(), Some(&b"h2"[..]));
+    let answer = connection.get("localhost", "/hello").await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        answer.text().starts_with("hello from demo backend"),
+        "{}",
+        answer.text()
+    );
 }
