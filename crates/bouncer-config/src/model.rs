@@ -181,6 +181,19 @@ pub struct UpstreamConfig {
     pub queue_timeout: Duration,
     /// A backend that is new or has just recovered ramps its share up over this time; zero for off.
     pub slow_start: Duration,
+    /// TLS to the backends; `None` for plain HTTP.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// `[upstreams.NAME.tls]`: TLS to the backends, always verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA the backends' certificates must chain to; the system's CAs when `None`.
+    pub ca: Option<PathBuf>,
+    /// The name to send as SNI and to verify; each `servers` entry's host when `None`.
+    pub server_name: Option<String>,
+    /// A certificate to present to backends that ask for one.
+    pub client_cert: Option<CertificateFiles>,
 }
 
 impl UpstreamConfig {

@@ -263,6 +263,51 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section, file: &Path) -> Vec<U
         let queue_timeout =
             upstream.duration(d, "queue_timeout", Duration::from_secs(1), Duration::ZERO);
         let slow_start = upstream.duration(d, "slow_start", Duration::ZERO, Duration::ZERO);
+        let tls = upstream.table(d, "tls").map(|mut section| {
+            let ca = section
+                .string(d, "ca")
+                .map(|(name, _)| relative_to(file, &name));
+            let server_name = match section.string(d, "server_name") {
+                None => None,
+                Some((name, _)) if is_host_name(&name) || name.parse::<IpAddr>().is_ok() => {
+                    Some(name.to_ascii_lowercase())
+                }
+                Some((name, span)) => {
+                    d.report(
+                        span,
+                        section.key_path("server_name"),
+                        format!("\"{name}\" is neither a host name nor an IP address"),
+                    );
+                    None
+                }
+            };
+            let client_cert = section.table(d, "client_cert").and_then(|mut entry| {
+                let cert = entry.string(d, "cert");
+                let key = entry.string(d, "key");
+                let files = match (cert, key) {
+                    (Some((cert, _)), Some((key, _))) => Some(CertificateFiles {
+                        cert: relative_to(file, &cert),
+                        key: relative_to(file, &key),
+                    }),
+                    _ => {
+                        d.report(
+                            entry.span(),
+                            entry.path().to_string(),
+                            "client_cert needs both cert = \"FILE\" and key = \"FILE\" (PEM)",
+                        );
+                        None
+                    }
+                };
+                entry.finish(d);
+                files
+            });
+            section.finish(d);
+            UpstreamTlsConfig {
+                ca,
+                server_name,
+                client_cert,
+            }
+        });
         if !slow_start.is_zero() && balance == Balance::ConsistentHash {
             let span = upstream.item("slow_start").map(|(_, span)| span);
             d.report(
@@ -308,6 +353,7 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section, file: &Path) -> Vec<U
             max_connections_per_server,
             queue_timeout,
             slow_start,
+            tls,
         });
     }
     if upstreams.is_empty() {

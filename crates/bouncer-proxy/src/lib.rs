@@ -62,6 +62,12 @@ pub enum StartError {
         #[source]
         source: tls::TlsSetupError,
     },
+    #[error("cannot set up TLS to the backends of upstream \"{upstream}\"")]
+    UpstreamTls {
+        upstream: String,
+        #[source]
+        source: tls::TlsSetupError,
+    },
     #[error("cannot set up the DNS resolver of [resolver]")]
     Resolver(#[source] std::io::Error),
     #[error("cannot start the access log writer")]
@@ -135,7 +141,16 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
     let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
     for upstream in &config.upstreams {
         let placements = resolve::resolve_servers(upstream, &resolver, &[]).await;
-        let pool = Upstream::new(upstream, &metrics, None, &placements).map_err(|source| {
+        let tls = upstream
+            .tls
+            .as_ref()
+            .map(|tls| tls::UpstreamTls::new(tls).map(Arc::new))
+            .transpose()
+            .map_err(|source| StartError::UpstreamTls {
+                upstream: upstream.name.clone(),
+                source,
+            })?;
+        let pool = Upstream::new(upstream, &metrics, None, &placements, tls).map_err(|source| {
             StartError::BadServerAddress {
                 upstream: upstream.name.clone(),
                 source,

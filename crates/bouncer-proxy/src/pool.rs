@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::tls::UpstreamTls;
 
 /// TCP keep-alive probes on backend connections, so that a backend that vanished without closing
 /// its sockets is noticed even on an idle pooled connection.
@@ -29,6 +30,8 @@ pub enum SendError {
     Connect(#[source] io::Error),
     #[error("connecting to the backend timed out")]
     ConnectTimeout,
+    #[error("the TLS handshake with the backend failed")]
+    Tls(#[source] io::Error),
     #[error("the HTTP/1.1 handshake with the backend failed")]
     Handshake(#[source] hyper::Error),
     #[error("the exchange with the backend failed")]
@@ -39,7 +42,10 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            SendError::Connect(_) | SendError::ConnectTimeout | SendError::Handshake(_)
+            SendError::Connect(_)
+                | SendError::ConnectTimeout
+                | SendError::Tls(_)
+                | SendError::Handshake(_)
         )
     }
 }
@@ -55,6 +61,8 @@ pub struct PoolSettings {
 pub struct ConnectionPool {
     target: SocketAddr,
     label: Arc<str>,
+    /// TLS to the backend, with the name its certificate must carry.
+    tls: Option<(Arc<UpstreamTls>, rustls_pki_types::ServerName<'static>)>,
     /// Settings live beside the idle connections, under one lock that is taken anyway, so that a
     /// reload can change them for a pool that carries on.
     idle: Mutex<Idle>,
@@ -73,10 +81,16 @@ struct IdleConnection {
 impl ConnectionPool {
     /// Makes a pool for `target`; inside a Tokio runtime it also starts a sweeper that closes
     /// connections idle for longer than the idle timeout, and that ends with the pool.
-    pub fn new(target: SocketAddr, label: Arc<str>, settings: PoolSettings) -> Arc<Self> {
+    pub fn new(
+        target: SocketAddr,
+        label: Arc<str>,
+        settings: PoolSettings,
+        tls: Option<(Arc<UpstreamTls>, rustls_pki_types::ServerName<'static>)>,
+    ) -> Arc<Self> {
         let pool = Arc::new(Self {
             target,
             label,
+            tls,
             idle: Mutex::new(Idle {
                 connections: VecDeque::new(),
                 settings,
@@ -200,12 +214,32 @@ impl ConnectionPool {
 
     async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
         let connect_timeout = self.settings().connect_timeout;
-        let stream = tokio::time::timeout(connect_timeout, self.open_stream())
+        // One deadline for TCP and TLS together.
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let stream = tokio::time::timeout_at(deadline, self.open_stream())
             .await
             .map_err(|_| SendError::ConnectTimeout)?
             .map_err(SendError::Connect)?;
+        match &self.tls {
+            None => self.handshake(stream).await,
+            Some((tls, name)) => {
+                let stream =
+                    tokio::time::timeout_at(deadline, tls.connector.connect(name.clone(), stream))
+                        .await
+                        .map_err(|_| SendError::ConnectTimeout)?
+                        .map_err(SendError::Tls)?;
+                self.handshake(stream).await
+            }
+        }
+    }
+
+    /// HTTP/1.1 over an open connection, whose task runs until the connection ends.
+    async fn handshake<I>(&self, io: I) -> Result<SendRequest<RequestBody>, SendError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(SendError::Handshake)?;
         let label = Arc::clone(&self.label);

@@ -339,6 +339,8 @@ pub enum TlsSetupError {
     Rustls(#[source] rustls::Error),
     #[error("cannot use {path} as the CA for client certificates: {reason}")]
     ClientCa { path: PathBuf, reason: String },
+    #[error("cannot use {path} as the CA for the backends' certificates: {reason}")]
+    BackendCa { path: PathBuf, reason: String },
 }
 
 impl ListenerTls {
@@ -443,6 +445,78 @@ pub fn client_subject(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     let subject = parsed.subject().to_string();
     http::HeaderValue::from_str(&subject).ok()
+}
+
+/// TLS to an upstream's backends: the client configuration, and the name to verify when the
+/// config sets one.
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: Option<rustls_pki_types::ServerName<'static>>,
+}
+
+impl UpstreamTls {
+    pub fn new(config: &bouncer_config::UpstreamTlsConfig) -> Result<Self, TlsSetupError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        match &config.ca {
+            Some(path) => {
+                let failure = |reason: String| TlsSetupError::BackendCa {
+                    path: path.clone(),
+                    reason,
+                };
+                let pem = std::fs::read(path).map_err(|error| failure(error.to_string()))?;
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|error| failure(error.to_string()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|error| failure(error.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(failure("it holds no PEM certificate".to_string()));
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                for cert in native.certs {
+                    // A system certificate that does not parse is skipped, as browsers do.
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(TlsSetupError::Rustls)?
+            .with_root_certificates(roots);
+        let mut client = match &config.client_cert {
+            None => builder.with_no_client_auth(),
+            Some(files) => {
+                let loaded = load_certificate(files, &provider)?;
+                let key = PrivateKeyDer::from_pem_slice(&std::fs::read(&files.key).map_err(
+                    |source| CertificateError::Read {
+                        path: files.key.clone(),
+                        source,
+                    },
+                )?)
+                .map_err(|error| CertificateError::BadKey {
+                    path: files.key.clone(),
+                    reason: error.to_string(),
+                })?;
+                builder
+                    .with_client_auth_cert(loaded.key.cert.clone(), key)
+                    .map_err(TlsSetupError::Rustls)?
+            }
+        };
+        // Backends are spoken to in HTTP/1.1.
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server_name = config
+            .server_name
+            .as_ref()
+            .and_then(|name| rustls_pki_types::ServerName::try_from(name.clone()).ok());
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            server_name,
+        })
+    }
 }
 
 /// Why a handshake failed, as a metric label.

@@ -22,6 +22,7 @@ use crate::health::{self, BackendHealth, Verdict};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::pool::{ConnectionPool, Lease, PoolSettings, SendError};
 use crate::sticky::StickyCookie;
+use crate::tls::UpstreamTls;
 
 /// One address of an upstream, with everything kept about it. It outlives its place in the
 /// upstream's set while requests still use it (a backend dropped by DNS drains that way), and it
@@ -96,6 +97,8 @@ pub struct Upstream {
     retry_budget: RetryBudget,
     queue: Option<Arc<Queue>>,
     pub sticky: Option<StickyCookie>,
+    /// TLS to the backends.
+    tls: Option<Arc<UpstreamTls>>,
 }
 
 /// `max_connections_per_server`: requests beyond it wait here for a backend to free a slot.
@@ -114,6 +117,7 @@ impl Upstream {
         metrics: &Arc<Metrics>,
         previous: Option<&Upstream>,
         placements: &[Placement],
+        tls: Option<Arc<UpstreamTls>>,
     ) -> Result<Self, http::Error> {
         let settings = PoolSettings {
             connect_timeout: config.connect_timeout,
@@ -156,6 +160,7 @@ impl Upstream {
                 })
             }),
             sticky: config.sticky.as_ref().map(StickyCookie::new),
+            tls,
         };
         let known: Vec<Arc<Backend>> = previous
             .map(|previous| previous.set.load().backends.clone())
@@ -258,6 +263,20 @@ impl Upstream {
         true
     }
 
+    /// TLS for a backend of the `servers` entry with host `host`: the configured server name, or
+    /// the entry's own host name (or IP address).
+    fn tls_for(
+        &self,
+        host: &str,
+    ) -> Option<(Arc<UpstreamTls>, rustls_pki_types::ServerName<'static>)> {
+        let tls = self.tls.as_ref()?;
+        let name = match &tls.server_name {
+            Some(name) => name.clone(),
+            None => rustls_pki_types::ServerName::try_from(host.to_string()).ok()?,
+        };
+        Some((Arc::clone(tls), name))
+    }
+
     /// Whether `backend` is in the set now (a retired one is not).
     pub fn contains(&self, backend: &Arc<Backend>) -> bool {
         self.set
@@ -307,6 +326,7 @@ impl Upstream {
                             address,
                             Arc::clone(&label),
                             self.settings.clone(),
+                            self.tls_for(&spec.address.host),
                         ),
                         load,
                         health: BackendHealth::new(),
@@ -743,7 +763,7 @@ mod tests {
     async fn backends_that_remain_keep_their_state_across_a_reload() {
         let metrics = Metrics::new();
         let before = config(&[("127.0.0.1:1001", 1), ("127.0.0.1:1002", 1)]);
-        let old = Upstream::new(&before, &metrics, None, &placements(&before))
+        let old = Upstream::new(&before, &metrics, None, &placements(&before), None)
             .unwrap_or_else(|error| panic!("{error}"));
         let set = old.current();
         let Some(picked) = old.pick_now(&set, None, 0b01, None, u32::MAX) else {
@@ -759,7 +779,7 @@ mod tests {
         assert!(picked.guard.backend().health.set_up(false));
 
         let after = config(&[("127.0.0.1:1002", 5), ("127.0.0.1:1003", 1)]);
-        let new = Upstream::new(&after, &metrics, Some(&old), &placements(&after))
+        let new = Upstream::new(&after, &metrics, Some(&old), &placements(&after), None)
             .unwrap_or_else(|error| panic!("{error}"));
         let set = new.current();
         assert_eq!(set.backends.len(), 2);
@@ -788,7 +808,8 @@ mod tests {
             (0, SocketAddr::from(([127, 0, 0, 3], 1001))),
         ];
         let upstream = Arc::new(
-            Upstream::new(&config, &metrics, None, &two).unwrap_or_else(|error| panic!("{error}")),
+            Upstream::new(&config, &metrics, None, &two, None)
+                .unwrap_or_else(|error| panic!("{error}")),
         );
         let first = Arc::clone(&upstream.current().backends[1]);
         assert!(first.health.set_up(false));

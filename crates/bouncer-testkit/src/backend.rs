@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -107,8 +108,45 @@ impl Backend {
         Self::serve_with(listener, index, behaviour)
     }
 
+    /// Starts backend number `index` that speaks HTTPS with `certificate` (HTTP/1.1 by ALPN).
+    pub async fn start_tls(index: usize, certificate: &crate::TestCertificate) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a test backend");
+        let chain =
+            rustls::pki_types::CertificateDer::pem_slice_iter(certificate.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("the backend's certificate");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(certificate.key_pem.as_bytes())
+            .expect("the backend's key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("a certificate for the backend");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self::serve_inner(
+            listener,
+            index,
+            Behaviour::Normal,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+    }
+
     /// Like [`Backend::start_with`], on an already bound listener.
     pub fn serve_with(listener: TcpListener, index: usize, behaviour: Behaviour) -> Backend {
+        Self::serve_inner(listener, index, behaviour, None)
+    }
+
+    fn serve_inner(
+        listener: TcpListener,
+        index: usize,
+        behaviour: Behaviour,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Backend {
         let address = listener.local_addr().expect("backend address");
         let shared = Arc::new(Shared {
             index,
@@ -119,7 +157,7 @@ impl Backend {
             behaviour,
         });
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped, tls));
         Backend {
             address,
             shared,
@@ -177,6 +215,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -188,14 +227,30 @@ async fn accept_loop(
         shared.open_connections.fetch_add(1, Ordering::SeqCst);
         let shared = Arc::clone(&shared);
         let mut stopped = stopped.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let counted = Arc::clone(&shared);
             let service = service_fn(move |request| answer(Arc::clone(&shared), request));
             let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                _ = stopped.wait_for(|stop| *stop) => {}
+            match tls {
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = stopped.wait_for(|stop| *stop) => {}
+                    }
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let connection =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        tokio::select! {
+                            _ = connection => {}
+                            _ = stopped.wait_for(|stop| *stop) => {}
+                        }
+                    }
+                }
             }
             counted.open_connections.fetch_sub(1, Ordering::SeqCst);
         });

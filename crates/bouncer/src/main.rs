@@ -119,6 +119,19 @@ fn check(path: &Path) -> ExitCode {
                     );
                 }
             }
+            for upstream in &config.upstreams {
+                if let Some(tls) = &upstream.tls
+                    && let Err(error) = bouncer_proxy::tls::UpstreamTls::new(tls)
+                {
+                    broken += 1;
+                    eprintln!(
+                        "{}: upstreams.{}.tls: {}",
+                        path.display(),
+                        upstream.name,
+                        error_chain(&error)
+                    );
+                }
+            }
             if broken > 0 {
                 eprintln!("{}: {broken} problem(s) found", path.display());
                 return ExitCode::FAILURE;

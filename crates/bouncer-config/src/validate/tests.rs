@@ -449,3 +449,32 @@ servers = ["127.0.0.1:1"]
         );
     }
 }
+
+#[test]
+fn upstream_tls_is_read_relative_to_the_config_file() {
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["10.0.0.5:8443"]
+[upstreams.app.tls]
+ca = "certs/internal-ca.pem"
+server_name = "App.Internal"
+client_cert = { cert = "certs/proxy.pem", key = "/etc/bouncer/proxy.key" }
+"#;
+    let config = parse(Path::new("/etc/bouncer/bouncer.toml"), text).expect("valid");
+    let tls = config.upstreams[0].tls.as_ref().expect("tls");
+    assert_eq!(
+        tls.ca.as_deref(),
+        Some(Path::new("/etc/bouncer/certs/internal-ca.pem"))
+    );
+    assert_eq!(tls.server_name.as_deref(), Some("app.internal"));
+    let client = tls.client_cert.as_ref().expect("client certificate");
+    assert_eq!(client.cert, Path::new("/etc/bouncer/certs/proxy.pem"));
+    assert_eq!(client.key, Path::new("/etc/bouncer/proxy.key"));
+}

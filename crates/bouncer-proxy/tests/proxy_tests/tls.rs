@@ -468,3 +468,44 @@ async fn optional_client_certificates_let_anonymous_clients_in_without_a_subject
     assert_eq!(forged_get(&without, &proxy).await, Some(200));
     assert_eq!(backend.last_request().headers.get("x-client-subject"), None);
 }
+
+/// A proxy in front of `backend` with `[upstreams.app.tls]` set to `tls_keys`.
+async fn proxy_to_tls_backend(backend: &Backend, tls_keys: &str) -> TestProxy {
+    let toml = bouncer_testkit::config_with_upstream_keys(
+        std::slice::from_ref(backend),
+        "",
+        &format!("[upstreams.app.tls]\n{tls_keys}"),
+    );
+    TestProxy::start(&toml).await
+}
+
+#[tokio::test]
+async fn backends_are_reached_over_tls_verified_against_a_private_ca() {
+    let site = Site::new("upstream-tls");
+    let internal_ca = TestCa::new("internal CA");
+    std::fs::write(site.dir.join("internal-ca.pem"), &internal_ca.cert_pem).unwrap();
+    let ca_key = format!("ca = \"{}/internal-ca.pem\"", site.dir.display());
+    let clients = bouncer_testkit::Clients::new();
+
+    // The certificate names the backend's address.
+    let by_address = Backend::start_tls(0, &internal_ca.issue(&["127.0.0.1"])).await;
+    let proxy = proxy_to_tls_backend(&by_address, &ca_key).await;
+    let answer = clients.get(&proxy.url("/")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(by_address.count(), 1);
+
+    // Or a name given as server_name.
+    let by_name = Backend::start_tls(1, &internal_ca.issue(&["app.internal"])).await;
+    let proxy = proxy_to_tls_backend(
+        &by_name,
+        &format!("{ca_key}\nserver_name = \"app.internal\""),
+    )
+    .await;
+    assert_eq!(clients.get(&proxy.url("/")).await.status, 200);
+
+    // A certificate of another CA is refused: no request reaches that backend.
+    let stranger = Backend::start_tls(2, &TestCa::new("another CA").issue(&["127.0.0.1"])).await;
+    let proxy = proxy_to_tls_backend(&stranger, &ca_key).await;
+    assert_eq!(clients.get(&proxy.url("/")).await.status, 502);
+    assert_eq!(stranger.count(), 0);
+}
