@@ -564,7 +564,7 @@ fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> T
         let required = auth.bool(d, "required").unwrap_or(true);
         let subject_header = match auth.string(d, "subject_header") {
             None => "x-client-subject".to_string(),
-            Some((name, _)) if is_header_name(&name) => name.to_ascii_lowercase(),
+            Some((name, _)) if bouncer_rules::is_token(name.as_bytes()) => name.to_ascii_lowercase(),
             Some((name, span)) => {
                 d.report(
                     span,
@@ -597,31 +597,6 @@ fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> T
         hsts,
         client_auth,
     }
-}
-
-/// An HTTP field name: a token (RFC 9110 section 5.1).
-fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
 }
 
 /// `sticky = { cookie, ttl, secret_file }`; the secret file is read now so that a missing or weak

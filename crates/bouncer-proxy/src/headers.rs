@@ -1,12 +1,13 @@
 //! Header work at the proxy boundary: hop-by-hop removal, the forwarding headers, the request id,
 //! and the one place that decides which address the client has.
 
-use bytes::BytesMut;
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use bouncer_config::{ListenerConfig, canonical_ip};
+use bouncer_rules::is_token;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -251,30 +252,6 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
         _ => HeaderValue::from_static("1.1 bouncer"),
     };
     append_comma_separated(headers, &header::VIA, &via);
-}
-
-fn is_token(text: &[u8]) -> bool {
-    !text.is_empty()
-        && text.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
 }
 
 /// Joins every existing value of `name` and `addition` into one comma-separated value; when

@@ -6,3 +6,41 @@ pub mod proxy_protocol;
 
 pub use path::{PathError, normalise_path, path_has_prefix};
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError, parse_proxy_header};
+
+/// Whether `text` is an HTTP token (RFC 9110 section 5.6.2): a field name, a parameter name.
+pub fn is_token(text: &[u8]) -> bool {
+    !text.is_empty()
+        && text.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_visible_characters_without_separators() {
+        assert!(super::is_token(b"X-Client-Subject"));
+        assert!(super::is_token(b"app.example"));
+        assert!(!super::is_token(b""));
+        assert!(!super::is_token(b"bad header"));
+        assert!(!super::is_token(b"a:b"));
+        assert!(!super::is_token(b"[::1]"));
+    }
+}
