@@ -509,3 +509,155 @@ async fn backends_are_reached_over_tls_verified_against_a_private_ca() {
     assert_eq!(clients.get(&proxy.url("/")).await.status, 502);
     assert_eq!(stranger.count(), 0);
 }
+
+/// Runs a command to its end (bounded by a deadline) and returns its exit success and output.
+async fn run(program: &str, args: &[&str]) -> (bool, String) {
+    run_with_input(program, args, b"").await
+}
+
+/// Like [`run`], with `input` on the command's standard input.
+async fn run_with_input(program: &str, args: &[&str], input: &[u8]) -> (bool, String) {
+    use tokio::io::AsyncWriteExt;
+
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the command ran");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input).await.expect("write the input");
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the command finished in time")
+        .expect("the command's output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn curl_and_openssl_see_sni_alpn_and_versions() {
+    let site = Site::new("cli-clients");
+    let ca = site.dir.join("ca.pem");
+    std::fs::write(&ca, &site.ca.cert_pem).unwrap();
+    let ca = ca.display().to_string();
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let port = proxy.address.port();
+    let resolve = format!("app.example:{port}:127.0.0.1");
+    let url = format!("https://app.example:{port}/");
+
+    for (flags, expected) in [
+        (&["--http2"][..], "2 200"),
+        (&["--http1.1"][..], "1.1 200"),
+        (
+            &["--http1.1", "--tlsv1.2", "--tls-max", "1.2"][..],
+            "1.1 200",
+        ),
+    ] {
+        let mut args = vec![
+            "-sS",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "-o",
+            "/dev/null",
+        ];
+        args.extend_from_slice(&["-w", "%{http_version} %{http_code}"]);
+        args.extend_from_slice(flags);
+        args.push(&url);
+        let (ok, text) = run("curl", &args).await;
+        assert!(ok, "curl {args:?}: {text}");
+        assert_eq!(text.trim(), expected, "curl {args:?}");
+    }
+
+    let connect = format!("127.0.0.1:{port}");
+    let (ok, text) = run(
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &connect,
+            "-servername",
+            "other.example",
+            "-alpn",
+            "h2",
+            "-CAfile",
+            &ca,
+        ],
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+    assert!(
+        text.contains("CN = other.example") || text.contains("CN=other.example"),
+        "{text}"
+    );
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+
+    // TLS 1.1 is never accepted, even from a client willing to use it.
+    let (_, text) = run(
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &connect,
+            "-servername",
+            "app.example",
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+        ],
+    )
+    .await;
+    // The server refuses with an alert: no cipher suite is agreed.
+    assert!(text.contains("Cipher is (NONE)"), "{text}");
+    assert!(text.contains("alert"), "{text}");
+}
+
+#[tokio::test]
+async fn openssl_resumes_a_session_with_a_ticket() {
+    let site = Site::new("resumption");
+    let ca = site.dir.join("ca.pem");
+    std::fs::write(&ca, &site.ca.cert_pem).unwrap();
+    let ca = ca.display().to_string();
+    let session = site.dir.join("session.pem").display().to_string();
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::start(&site.config(&backend, "")).await;
+    let connect = format!("127.0.0.1:{}", proxy.address.port());
+    // A request, so that the client stays to read the tickets that TLS 1.3 sends after the handshake.
+    let request = b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n";
+    // -ign_eof: the client waits for the answer (and the tickets) after its input ends.
+    let common = [
+        "s_client",
+        "-connect",
+        &connect,
+        "-servername",
+        "app.example",
+        "-CAfile",
+        &ca,
+        "-ign_eof",
+    ];
+    let mut first = common.to_vec();
+    first.extend_from_slice(&["-sess_out", &session]);
+    let (ok, text) = run_with_input("openssl", &first, request).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("\nNew, TLSv1.3"), "{text}");
+    let mut second = common.to_vec();
+    second.extend_from_slice(&["-sess_in", &session]);
+    let (ok, text) = run_with_input("openssl", &second, request).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("Reused, TLSv1.3"),
+        "the session was not resumed: {text}"
+    );
+    assert_eq!(backend.count(), 2);
+}
