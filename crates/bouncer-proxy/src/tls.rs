@@ -416,17 +416,7 @@ fn client_verifier(
         path: auth.ca.clone(),
         reason,
     };
-    let pem = std::fs::read(&auth.ca).map_err(|error| failure(error.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|error| failure(error.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|error| failure(error.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(failure("it holds no PEM certificate".to_string()));
-    }
+    let roots = load_roots(&auth.ca).map_err(failure)?;
     let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::clone(provider),
@@ -437,6 +427,38 @@ fn client_verifier(
         builder.allow_unauthenticated()
     };
     builder.build().map_err(|error| failure(error.to_string()))
+}
+
+/// The CA certificates of a PEM file, for verifying peers; an error says why the file is unusable.
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|error| error.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|error| error.to_string())?;
+        roots.add(cert).map_err(|error| error.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("it holds no PEM certificate".to_string());
+    }
+    Ok(roots)
+}
+
+/// The proxy's certificate for backends that ask for one.
+#[derive(Debug)]
+struct PresentCertificate(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for PresentCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The subject of a client's verified leaf certificate, as `CN=alice,O=Example` (RFC 4514 order
@@ -460,20 +482,10 @@ impl UpstreamTls {
         let mut roots = rustls::RootCertStore::empty();
         match &config.ca {
             Some(path) => {
-                let failure = |reason: String| TlsSetupError::BackendCa {
+                roots = load_roots(path).map_err(|reason| TlsSetupError::BackendCa {
                     path: path.clone(),
                     reason,
-                };
-                let pem = std::fs::read(path).map_err(|error| failure(error.to_string()))?;
-                for cert in CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|error| failure(error.to_string()))?;
-                    roots
-                        .add(cert)
-                        .map_err(|error| failure(error.to_string()))?;
-                }
-                if roots.is_empty() {
-                    return Err(failure("it holds no PEM certificate".to_string()));
-                }
+                })?;
             }
             None => {
                 let native = rustls_native_certs::load_native_certs();
@@ -490,20 +502,9 @@ impl UpstreamTls {
         let mut client = match &config.client_cert {
             None => builder.with_no_client_auth(),
             Some(files) => {
+                // Checked and loaded as a listener's certificate is, then always presented.
                 let loaded = load_certificate(files, &provider)?;
-                let key = PrivateKeyDer::from_pem_slice(&std::fs::read(&files.key).map_err(
-                    |source| CertificateError::Read {
-                        path: files.key.clone(),
-                        source,
-                    },
-                )?)
-                .map_err(|error| CertificateError::BadKey {
-                    path: files.key.clone(),
-                    reason: error.to_string(),
-                })?;
-                builder
-                    .with_client_auth_cert(loaded.key.cert.clone(), key)
-                    .map_err(TlsSetupError::Rustls)?
+                builder.with_client_cert_resolver(Arc::new(PresentCertificate(loaded.key)))
             }
         };
         // Backends are spoken to in HTTP/1.1.

@@ -110,6 +110,16 @@ impl Backend {
 
     /// Starts backend number `index` that speaks HTTPS with `certificate` (HTTP/1.1 by ALPN).
     pub async fn start_tls(index: usize, certificate: &crate::TestCertificate) -> Backend {
+        Self::start_tls_with(index, certificate, None).await
+    }
+
+    /// Like [`Backend::start_tls`]; with `client_ca` (PEM), it also requires a client certificate
+    /// signed by that CA.
+    pub async fn start_tls_with(
+        index: usize,
+        certificate: &crate::TestCertificate,
+        client_ca: Option<&str>,
+    ) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a test backend");
@@ -119,14 +129,31 @@ impl Backend {
                 .expect("the backend's certificate");
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(certificate.key_pem.as_bytes())
             .expect("the backend's key");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("a certificate for the backend");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions");
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    roots
+                        .add(cert.expect("client CA PEM"))
+                        .expect("a client CA");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("a client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .expect("a certificate for the backend");
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self::serve_inner(
             listener,

@@ -661,3 +661,33 @@ async fn openssl_resumes_a_session_with_a_ticket() {
     );
     assert_eq!(backend.count(), 2);
 }
+
+#[tokio::test]
+async fn the_proxy_presents_its_client_certificate_to_backends_that_require_one() {
+    let site = Site::new("upstream-mtls");
+    let internal_ca = TestCa::new("internal CA");
+    let proxy_ca = TestCa::new("proxy identity CA");
+    std::fs::write(site.dir.join("internal-ca.pem"), &internal_ca.cert_pem).unwrap();
+    proxy_ca
+        .issue(&["bouncer.internal"])
+        .write(&site.dir, "proxy");
+    let backend = Backend::start_tls_with(
+        0,
+        &internal_ca.issue(&["127.0.0.1"]),
+        Some(&proxy_ca.cert_pem),
+    )
+    .await;
+    let dir = site.dir.display();
+    let clients = bouncer_testkit::Clients::new();
+
+    let with_identity = proxy_to_tls_backend(
+        &backend,
+        &format!("ca = \"{dir}/internal-ca.pem\"\nclient_cert = {{ cert = \"{dir}/proxy.pem\", key = \"{dir}/proxy.key\" }}"),
+    )
+    .await;
+    assert_eq!(clients.get(&with_identity.url("/")).await.status, 200);
+
+    let without = proxy_to_tls_backend(&backend, &format!("ca = \"{dir}/internal-ca.pem\"")).await;
+    assert_eq!(clients.get(&without.url("/")).await.status, 502);
+    assert_eq!(backend.count(), 1);
+}
