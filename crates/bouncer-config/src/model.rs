@@ -183,6 +183,37 @@ pub struct UpstreamConfig {
     pub slow_start: Duration,
     /// TLS to the backends; `None` for plain HTTP.
     pub tls: Option<UpstreamTlsConfig>,
+    /// The HTTP version spoken to the backends.
+    pub protocol: UpstreamProtocol,
+}
+
+/// `protocol`: how requests travel to an upstream's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 on pooled keep-alive connections, over TLS when `[upstreams.NAME.tls]` is set.
+    #[default]
+    Http1,
+    /// HTTP/2 over TLS, agreed by ALPN, on one multiplexed connection per backend.
+    H2,
+    /// Cleartext HTTP/2 with prior knowledge, on one multiplexed connection per backend.
+    H2c,
+}
+
+impl UpstreamProtocol {
+    pub const NAMES: &'static str = "\"http1\", \"h2\" or \"h2c\"";
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "http1" => Some(Self::Http1),
+            "h2" => Some(Self::H2),
+            "h2c" => Some(Self::H2c),
+            _ => None,
+        }
+    }
+
+    pub fn is_http2(self) -> bool {
+        matches!(self, Self::H2 | Self::H2c)
+    }
 }
 
 /// `[upstreams.NAME.tls]`: TLS to the backends, always verified.

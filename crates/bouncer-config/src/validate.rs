@@ -308,6 +308,7 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section, file: &Path) -> Vec<U
                 client_cert,
             }
         });
+        let protocol = read_protocol(d, &mut upstream, tls.is_some());
         if !slow_start.is_zero() && balance == Balance::ConsistentHash {
             let span = upstream.item("slow_start").map(|(_, span)| span);
             d.report(
@@ -354,6 +355,7 @@ fn read_upstreams(d: &mut Diagnostics, root: &mut Section, file: &Path) -> Vec<U
             queue_timeout,
             slow_start,
             tls,
+            protocol,
         });
     }
     if upstreams.is_empty() {
@@ -802,6 +804,37 @@ fn read_outlier_detection(d: &mut Diagnostics, section: &mut Section) -> Outlier
         ejection_time,
         max_ejected_percent: u32::try_from(max_ejected_percent).unwrap_or(50),
     }
+}
+
+/// `protocol`, which must agree with whether the backends are spoken to over TLS.
+fn read_protocol(d: &mut Diagnostics, upstream: &mut Section, has_tls: bool) -> UpstreamProtocol {
+    let Some((name, span)) = upstream.string(d, "protocol") else {
+        return UpstreamProtocol::Http1;
+    };
+    let Some(protocol) = UpstreamProtocol::from_name(&name) else {
+        d.report(
+            span,
+            upstream.key_path("protocol"),
+            format!(
+                "\"{name}\" is not a backend protocol: use {}",
+                UpstreamProtocol::NAMES
+            ),
+        );
+        return UpstreamProtocol::Http1;
+    };
+    let problem = match protocol {
+        UpstreamProtocol::H2 if !has_tls => Some(
+            "\"h2\" is HTTP/2 over TLS and needs [upstreams.NAME.tls]; cleartext HTTP/2 is \"h2c\"",
+        ),
+        UpstreamProtocol::H2c if has_tls => Some(
+            "\"h2c\" is cleartext HTTP/2, but [upstreams.NAME.tls] is set; HTTP/2 over TLS is \"h2\"",
+        ),
+        _ => None,
+    };
+    if let Some(problem) = problem {
+        d.report(span, upstream.key_path("protocol"), problem);
+    }
+    protocol
 }
 
 fn read_balance(d: &mut Diagnostics, upstream: &mut Section) -> (Balance, Option<HashKey>) {

@@ -2,20 +2,16 @@
 //! detection ejects a backend whose real traffic keeps failing, for a time that grows when it is
 //! ejected again soon after coming back.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::{Request, StatusCode, header};
-use http_body_util::Empty;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http::{Request, header};
 use tokio::time::Instant;
 
 use bouncer_config::{HealthCheckConfig, OutlierDetectionConfig};
 
+use crate::body::RequestBody;
 use crate::upstream::{Backend, Upstream};
 
 /// Ejections of one backend grow up to this many times the configured ejection time.
@@ -190,7 +186,7 @@ async fn check_loop(upstream: Weak<Upstream>, backend: Weak<Backend>, config: He
         } else {
             ejection_seen = false;
         }
-        let outcome = probe(backend.address, &backend.authority, &config).await;
+        let outcome = probe(&backend, &config).await;
         match outcome {
             Ok(()) => {
                 backend.metrics.checks_passed.inc();
@@ -224,43 +220,36 @@ async fn check_loop(upstream: Weak<Upstream>, backend: Weak<Backend>, config: He
     }
 }
 
-/// One check: a fresh connection, `GET path`, a status in the expected range, all within the timeout.
-async fn probe(
-    address: SocketAddr,
-    authority: &http::uri::Authority,
-    config: &HealthCheckConfig,
-) -> Result<(), String> {
-    let attempt = async {
-        let stream = TcpStream::connect(address)
-            .await
-            .map_err(|error| format!("connect: {error}"))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| format!("handshake: {error}"))?;
-        let driver = tokio::spawn(connection);
-        let request = Request::get(config.path.as_str())
-            .header(header::HOST, authority.as_str())
-            .header(header::USER_AGENT, "bouncer-health-check")
-            .header(header::CONNECTION, "close")
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|error| format!("request: {error}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|error| format!("request: {error}"))?;
-        driver.abort();
-        Ok::<StatusCode, String>(response.status())
-    };
-    let status = tokio::time::timeout(config.timeout, attempt)
+/// One check: a fresh connection made as requests' connections are (TLS and HTTP version
+/// included), `GET path`, a status in the expected range, all within the timeout.
+async fn probe(backend: &Backend, config: &HealthCheckConfig) -> Result<(), String> {
+    let request = Request::get(config.path.as_str())
+        .header(header::HOST, backend.authority.as_str())
+        .header(header::USER_AGENT, "bouncer-health-check")
+        .body(RequestBody::empty())
+        .map_err(|error| format!("request: {error}"))?;
+    let status = tokio::time::timeout(config.timeout, backend.pool.probe(request))
         .await
-        .map_err(|_| format!("no answer within {:?}", config.timeout))??;
+        .map_err(|_| format!("no answer within {:?}", config.timeout))?
+        .map_err(|error| probe_failure(&error))?;
     let (low, high) = config.expect_status;
     if (low..=high).contains(&status.as_u16()) {
         Ok(())
     } else {
         Err(format!("status {}", status.as_u16()))
     }
+}
+
+/// The error with its causes, for the log line of a failed check.
+fn probe_failure(error: &crate::pool::SendError) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -67,6 +67,10 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
         backend_in_flight: None,
         upstream_time: None,
         upstream_body_failed: false,
+        grpc: request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
     };
     if let Some(port) = ctx.runtime.redirect_https_port
         && !request.uri().path().starts_with(ACME_CHALLENGE_PREFIX)
@@ -459,6 +463,8 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
         Some(lease)
     };
     remove_hop_by_hop(&mut parts.headers, switching);
+    // An HTTP/2 backend's answer goes to the client in the client's own version.
+    parts.version = Version::HTTP_11;
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
@@ -507,6 +513,7 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
             tracing::debug!(request_id = ?exchange.request_id, error = %ErrorChain(error), "request refused")
         }
     }
+    // Logged and counted as the error it is, even when a gRPC client is told in other words.
     exchange.status = status.as_u16();
     let request_id = exchange.request_id.clone();
     let hsts = exchange
@@ -514,6 +521,9 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
         .tls
         .as_ref()
         .and_then(|tls| tls.hsts.clone());
+    if exchange.grpc {
+        return answer_grpc_error(status, text, request_id, exchange);
+    }
     let mut response = Response::new(ResponseBody::fixed(text, Some(exchange)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -537,6 +547,34 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
     ) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    response
+}
+
+/// A gRPC "trailers-only" answer: status 200 with the outcome in `grpc-status` and `grpc-message`,
+/// which is how a gRPC client learns of a failure (an HTTP error status reaches its application
+/// only as a vague UNKNOWN or INTERNAL).
+fn answer_grpc_error(
+    status: StatusCode,
+    text: &str,
+    request_id: HeaderValue,
+    exchange: Exchange,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::fixed("", Some(exchange)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(bouncer_rules::grpc_status_for_http(
+            status.as_u16(),
+        ))),
+    );
+    if let Ok(message) = HeaderValue::from_str(&bouncer_rules::grpc_message(text)) {
+        headers.insert("grpc-message", message);
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id);
     response
 }
 
@@ -689,6 +727,8 @@ pub struct Exchange {
     backend_in_flight: Option<InFlight>,
     upstream_time: Option<Duration>,
     pub(crate) upstream_body_failed: bool,
+    /// A gRPC call, whose client reads errors from `grpc-status`.
+    grpc: bool,
 }
 
 /// What the log and metrics say when the client went away before it was answered (as nginx does).

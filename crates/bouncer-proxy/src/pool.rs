@@ -1,7 +1,13 @@
-//! Keep-alive connections to one backend. Idle HTTP/1.1 connections are kept, the most recently
-//! used handed out first (it is the least likely to have been closed by the backend), and one that
-//! the backend closed or that idled too long is dropped. A connection goes back to the pool only
-//! when its response was read to the end, so that it is never shared by two requests.
+//! Connections to one backend.
+//!
+//! HTTP/1.1: idle keep-alive connections are kept, the most recently used handed out first (it is
+//! the least likely to have been closed by the backend), and one that the backend closed or that
+//! idled too long is dropped. A connection goes back to the pool only when its response was read to
+//! the end, so that it is never shared by two requests.
+//!
+//! HTTP/2 (`h2` and `h2c`): every request shares one multiplexed connection, opened by the first
+//! request that finds none and replaced when it closes. WebSocket upgrades, which HTTP/2 cannot
+//! carry, still go on HTTP/1.1 connections of their own.
 
 use std::collections::VecDeque;
 use std::io;
@@ -9,10 +15,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::header;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -23,6 +32,11 @@ use crate::tls::UpstreamTls;
 /// its sockets is noticed even on an idle pooled connection.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
+/// HTTP/2 PINGs on a shared backend connection: its silence would otherwise hide a dead backend
+/// from every request that is multiplexed on it.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a request could not be sent to a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -32,8 +46,10 @@ pub enum SendError {
     ConnectTimeout,
     #[error("the TLS handshake with the backend failed")]
     Tls(#[source] io::Error),
-    #[error("the HTTP/1.1 handshake with the backend failed")]
+    #[error("the HTTP handshake with the backend failed")]
     Handshake(#[source] hyper::Error),
+    #[error("connecting to the backend failed while this request waited for that connection")]
+    SharedConnectFailed,
     #[error("the exchange with the backend failed")]
     Exchange(#[source] hyper::Error),
 }
@@ -46,6 +62,7 @@ impl SendError {
                 | SendError::ConnectTimeout
                 | SendError::Tls(_)
                 | SendError::Handshake(_)
+                | SendError::SharedConnectFailed
         )
     }
 }
@@ -63,9 +80,19 @@ pub struct ConnectionPool {
     label: Arc<str>,
     /// TLS to the backend, with the name its certificate must carry.
     tls: Option<(Arc<UpstreamTls>, rustls_pki_types::ServerName<'static>)>,
+    /// Whether requests share one HTTP/2 connection rather than take HTTP/1.1 ones in turn.
+    http2: bool,
     /// Settings live beside the idle connections, under one lock that is taken anyway, so that a
     /// reload can change them for a pool that carries on.
     idle: Mutex<Idle>,
+    /// The HTTP/2 connection that requests share, while it is open.
+    shared: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Held while the shared connection is opened, so that a burst of requests opens one.
+    opening: tokio::sync::Mutex<()>,
+    /// Failed attempts to open the shared connection. A request that waited for an attempt that
+    /// failed fails too rather than try again itself, so that a dead backend costs a burst one
+    /// connect timeout, not one after another.
+    failed_opens: std::sync::atomic::AtomicU64,
 }
 
 struct Idle {
@@ -86,15 +113,20 @@ impl ConnectionPool {
         label: Arc<str>,
         settings: PoolSettings,
         tls: Option<(Arc<UpstreamTls>, rustls_pki_types::ServerName<'static>)>,
+        http2: bool,
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
             target,
             label,
             tls,
+            http2,
             idle: Mutex::new(Idle {
                 connections: VecDeque::new(),
                 settings,
             }),
+            shared: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
+            failed_opens: std::sync::atomic::AtomicU64::new(0),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(sweep_idle(Arc::downgrade(&pool)));
@@ -125,12 +157,15 @@ impl ConnectionPool {
         self: &Arc<Self>,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), (SendError, Option<Request<RequestBody>>)> {
+        if self.http2 && !request.headers().contains_key(header::UPGRADE) {
+            return self.send_multiplexed(request).await;
+        }
         loop {
             let (mut sender, reused) = match self.take_idle().await {
                 Some(sender) => (sender, true),
                 // Boxed: connecting is rare on a warm pool, and its large future would otherwise
                 // make every send bigger to create and move.
-                None => match Box::pin(self.connect()).await {
+                None => match Box::pin(self.connect_http1()).await {
                     Ok(sender) => (sender, false),
                     Err(error) => return Err((error, Some(request))),
                 },
@@ -138,8 +173,7 @@ impl ConnectionPool {
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let lease = Lease {
-                        sender: Some(sender),
-                        pool: Arc::clone(self),
+                        returning: Some((sender, Arc::clone(self))),
                     };
                     return Ok((response, lease));
                 }
@@ -149,6 +183,93 @@ impl ConnectionPool {
                 },
             }
         }
+    }
+
+    /// Sends `request` on the shared HTTP/2 connection, opened first when there is none. A request
+    /// refused by a connection that closed meanwhile is sent on a new one.
+    async fn send_multiplexed(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), (SendError, Option<Request<RequestBody>>)> {
+        into_http2_form(&mut request, self.tls.is_some());
+        loop {
+            let (mut sender, reused) = match self.shared_connection() {
+                Some(sender) => (sender, true),
+                None => match Box::pin(self.open_shared()).await {
+                    Ok(opened) => opened,
+                    Err(error) => return Err((error, Some(request))),
+                },
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, Lease { returning: None })),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused => {
+                        self.forget_closed_shared();
+                        request = unsent;
+                    }
+                    unsent => return Err((SendError::Exchange(error.into_error()), unsent)),
+                },
+            }
+        }
+    }
+
+    fn shared_connection(&self) -> Option<http2::SendRequest<RequestBody>> {
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|sender| !sender.is_closed())
+            .cloned()
+    }
+
+    fn forget_closed_shared(&self) {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if shared.as_ref().is_some_and(http2::SendRequest::is_closed) {
+            *shared = None;
+        }
+    }
+
+    /// Opens the shared connection, or takes the one another request opened meanwhile; the bool
+    /// says whether it was taken.
+    async fn open_shared(&self) -> Result<(http2::SendRequest<RequestBody>, bool), SendError> {
+        use std::sync::atomic::Ordering;
+        let failures_before = self.failed_opens.load(Ordering::Acquire);
+        let _opening = self.opening.lock().await;
+        if let Some(sender) = self.shared_connection() {
+            return Ok((sender, true));
+        }
+        if self.failed_opens.load(Ordering::Acquire) != failures_before {
+            return Err(SendError::SharedConnectFailed);
+        }
+        match self.connect_http2().await {
+            Ok(sender) => {
+                *self.shared.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                Ok((sender, false))
+            }
+            Err(error) => {
+                self.failed_opens.fetch_add(1, Ordering::AcqRel);
+                Err(error)
+            }
+        }
+    }
+
+    /// Sends one request on a connection of its own, closed afterwards: a health check, which
+    /// must find out whether the backend takes new connections.
+    pub async fn probe(&self, mut request: Request<RequestBody>) -> Result<StatusCode, SendError> {
+        let response = if self.http2 {
+            into_http2_form(&mut request, self.tls.is_some());
+            let mut sender = self.connect_http2().await?;
+            sender.send_request(request).await
+        } else {
+            request
+                .headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            let mut sender = self.connect_http1().await?;
+            sender.send_request(request).await
+        };
+        response
+            .map(|response| response.status())
+            .map_err(SendError::Exchange)
     }
 
     /// The most recently returned live connection, once it is ready for another request.
@@ -212,29 +333,51 @@ impl ConnectionPool {
         });
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
+    async fn connect_http1(&self) -> Result<SendRequest<RequestBody>, SendError> {
         let connect_timeout = self.settings().connect_timeout;
-        // One deadline for TCP and TLS together.
+        // One deadline for TCP, TLS and the HTTP handshake together.
         let deadline = tokio::time::Instant::now() + connect_timeout;
-        let stream = tokio::time::timeout_at(deadline, self.open_stream())
+        let handshake = async {
+            match &self.tls {
+                None => self.handshake_http1(self.open_stream().await?).await,
+                Some((tls, name)) => {
+                    let stream = tls
+                        .connector
+                        .connect(name.clone(), self.open_stream().await?)
+                        .await
+                        .map_err(SendError::Tls)?;
+                    self.handshake_http1(stream).await
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, handshake)
             .await
             .map_err(|_| SendError::ConnectTimeout)?
-            .map_err(SendError::Connect)?;
-        match &self.tls {
-            None => self.handshake(stream).await,
-            Some((tls, name)) => {
-                let stream =
-                    tokio::time::timeout_at(deadline, tls.connector.connect(name.clone(), stream))
+    }
+
+    async fn connect_http2(&self) -> Result<http2::SendRequest<RequestBody>, SendError> {
+        let connect_timeout = self.settings().connect_timeout;
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let handshake = async {
+            match &self.tls {
+                None => self.handshake_http2(self.open_stream().await?).await,
+                Some((tls, name)) => {
+                    let stream = tls
+                        .connector_h2
+                        .connect(name.clone(), self.open_stream().await?)
                         .await
-                        .map_err(|_| SendError::ConnectTimeout)?
                         .map_err(SendError::Tls)?;
-                self.handshake(stream).await
+                    self.handshake_http2(stream).await
+                }
             }
-        }
+        };
+        tokio::time::timeout_at(deadline, handshake)
+            .await
+            .map_err(|_| SendError::ConnectTimeout)?
     }
 
     /// HTTP/1.1 over an open connection, whose task runs until the connection ends.
-    async fn handshake<I>(&self, io: I) -> Result<SendRequest<RequestBody>, SendError>
+    async fn handshake_http1<I>(&self, io: I) -> Result<SendRequest<RequestBody>, SendError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -251,12 +394,65 @@ impl ConnectionPool {
         Ok(sender)
     }
 
-    async fn open_stream(&self) -> io::Result<TcpStream> {
-        let stream = TcpStream::connect(self.target).await?;
-        stream.set_nodelay(true)?;
-        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+    /// HTTP/2 over an open connection, whose task runs until the connection ends: when the
+    /// backend closes it, or when the last sender is dropped and its streams are done.
+    async fn handshake_http2<I>(&self, io: I) -> Result<http2::SendRequest<RequestBody>, SendError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(HTTP2_PING_INTERVAL)
+            .keep_alive_timeout(HTTP2_PING_TIMEOUT)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(SendError::Handshake)?;
+        let label = Arc::clone(&self.label);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(backend = %label, %error, "backend HTTP/2 connection closed with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn open_stream(&self) -> Result<TcpStream, SendError> {
+        let stream = TcpStream::connect(self.target)
+            .await
+            .map_err(SendError::Connect)?;
+        let configure = |stream: &TcpStream| -> io::Result<()> {
+            stream.set_nodelay(true)?;
+            let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+            socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+        };
+        configure(&stream).map_err(SendError::Connect)?;
         Ok(stream)
+    }
+}
+
+/// HTTP/2 names the target in `:scheme` and `:authority` rather than in a Host header
+/// (RFC 9113 section 8.3.1), so the request's Host moves into its URI.
+fn into_http2_form(request: &mut Request<RequestBody>, tls: bool) {
+    let Some(host) = request.headers_mut().remove(header::HOST) else {
+        return;
+    };
+    let Ok(authority) = Authority::try_from(host.as_bytes()) else {
+        // Not an authority after all: it travels as the header it came as.
+        request.headers_mut().insert(header::HOST, host);
+        return;
+    };
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => {
+            request.headers_mut().insert(header::HOST, host);
+        }
     }
 }
 
@@ -277,17 +473,17 @@ async fn sweep_idle(pool: Weak<ConnectionPool>) {
     }
 }
 
-/// A connection lent to one request. It returns to its pool only through [`Lease::release`],
-/// called when the response has been read to its end; dropped otherwise, it is closed.
+/// A connection lent to one request. An HTTP/1.1 connection returns to its pool only through
+/// [`Lease::release`], called when the response has been read to its end; dropped otherwise, it is
+/// closed. A request on a shared HTTP/2 connection holds nothing: its stream is its own.
 pub struct Lease {
-    sender: Option<SendRequest<RequestBody>>,
-    pool: Arc<ConnectionPool>,
+    returning: Option<(SendRequest<RequestBody>, Arc<ConnectionPool>)>,
 }
 
 impl Lease {
     pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.pool.give_back(sender);
+        if let Some((sender, pool)) = self.returning.take() {
+            pool.give_back(sender);
         }
     }
 }

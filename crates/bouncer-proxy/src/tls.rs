@@ -472,7 +472,10 @@ pub fn client_subject(leaf: &CertificateDer<'_>) -> Option<http::HeaderValue> {
 /// TLS to an upstream's backends: the client configuration, and the name to verify when the
 /// config sets one.
 pub struct UpstreamTls {
+    /// Offers HTTP/1.1 by ALPN.
     pub connector: tokio_rustls::TlsConnector,
+    /// Offers HTTP/2 by ALPN, for `protocol = "h2"`.
+    pub connector_h2: tokio_rustls::TlsConnector,
     pub server_name: Option<rustls_pki_types::ServerName<'static>>,
 }
 
@@ -507,14 +510,18 @@ impl UpstreamTls {
                 builder.with_client_cert_resolver(Arc::new(PresentCertificate(loaded.key)))
             }
         };
-        // Backends are spoken to in HTTP/1.1.
+        // Only the protocol the upstream is configured for is offered, so that a backend that
+        // cannot speak it fails the handshake plainly instead of answering in another.
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut client_h2 = client.clone();
+        client_h2.alpn_protocols = vec![b"h2".to_vec()];
         let server_name = config
             .server_name
             .as_ref()
             .and_then(|name| rustls_pki_types::ServerName::try_from(name.clone()).ok());
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            connector_h2: tokio_rustls::TlsConnector::from(Arc::new(client_h2)),
             server_name,
         })
     }

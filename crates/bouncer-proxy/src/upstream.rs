@@ -36,7 +36,7 @@ pub struct Backend {
     pub authority: Authority,
     /// Names the backend in sticky cookies: a hash of its address, the same in every instance.
     pub sticky_id: u64,
-    pool: Arc<ConnectionPool>,
+    pub(crate) pool: Arc<ConnectionPool>,
     pub metrics: BackendMetrics,
     pub load: BackendLoad,
     pub health: BackendHealth,
@@ -162,7 +162,12 @@ impl Upstream {
             sticky: config.sticky.as_ref().map(StickyCookie::new),
             tls,
         };
+        // Backends whose connections were made another way (TLS or HTTP version changed) start
+        // afresh.
         let known: Vec<Arc<Backend>> = previous
+            .filter(|previous| {
+                previous.config.tls == config.tls && previous.config.protocol == config.protocol
+            })
             .map(|previous| previous.set.load().backends.clone())
             .unwrap_or_default();
         let set = upstream.build_set(&known, placements, false)?;
@@ -327,6 +332,7 @@ impl Upstream {
                             Arc::clone(&label),
                             self.settings.clone(),
                             self.tls_for(&spec.address.host),
+                            self.config.protocol.is_http2(),
                         ),
                         load,
                         health: BackendHealth::new(),

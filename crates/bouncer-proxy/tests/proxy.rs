@@ -9,7 +9,9 @@ mod proxy_tests {
     pub mod discovery;
     pub mod errors;
     pub mod failover;
+    pub mod grpc;
     pub mod headers;
+    pub mod http2_backends;
     pub mod limits;
     pub mod metrics;
     pub mod pooling;

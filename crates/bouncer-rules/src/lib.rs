@@ -1,9 +1,11 @@
 //! Pure request decisions for Bouncer. Nothing here does I/O or reads the clock: time, when it
 //! matters, is passed in, so that every decision can be tested and fuzzed exactly.
 
+pub mod grpc;
 pub mod path;
 pub mod proxy_protocol;
 
+pub use grpc::{grpc_message, grpc_status_for_http, is_grpc_content_type};
 pub use path::{PathError, normalise_path, path_has_prefix};
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError, parse_proxy_header};
 

@@ -57,6 +57,8 @@ struct Shared {
     connections: AtomicUsize,
     open_connections: AtomicUsize,
     behaviour: Behaviour,
+    /// Wakes every connection task to drop its connection.
+    close_all: tokio::sync::Notify,
 }
 
 /// How a backend answers every request, whatever its path.
@@ -108,7 +110,8 @@ impl Backend {
         Self::serve_with(listener, index, behaviour)
     }
 
-    /// Starts backend number `index` that speaks HTTPS with `certificate` (HTTP/1.1 by ALPN).
+    /// Starts backend number `index` that speaks HTTPS with `certificate` (HTTP/2 or HTTP/1.1, as
+    /// the client offers by ALPN).
     pub async fn start_tls(index: usize, certificate: &crate::TestCertificate) -> Backend {
         Self::start_tls_with(index, certificate, None).await
     }
@@ -154,7 +157,7 @@ impl Backend {
         let mut config = builder
             .with_single_cert(chain, key)
             .expect("a certificate for the backend");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Self::serve_inner(
             listener,
             index,
@@ -182,6 +185,7 @@ impl Backend {
             connections: AtomicUsize::new(0),
             open_connections: AtomicUsize::new(0),
             behaviour,
+            close_all: tokio::sync::Notify::new(),
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped, tls));
@@ -230,6 +234,11 @@ impl Backend {
     pub fn kill(&self) {
         self.stop.send_replace(true);
     }
+
+    /// Drops every open connection, abruptly, and goes on accepting new ones.
+    pub fn close_connections(&self) {
+        self.shared.close_all.notify_waiters();
+    }
 }
 
 impl Drop for Backend {
@@ -266,6 +275,7 @@ async fn accept_loop(
                     tokio::select! {
                         _ = connection => {}
                         _ = stopped.wait_for(|stop| *stop) => {}
+                        _ = counted.close_all.notified() => {}
                     }
                 }
                 Some(acceptor) => {
@@ -275,6 +285,7 @@ async fn accept_loop(
                         tokio::select! {
                             _ = connection => {}
                             _ = stopped.wait_for(|stop| *stop) => {}
+                            _ = counted.close_all.notified() => {}
                         }
                     }
                 }

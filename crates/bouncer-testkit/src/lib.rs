@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod certificates;
 pub mod dns;
+pub mod grpc;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub use backend::{Backend, Behaviour, BoxBody, RecordedRequest, pattern_body};
 pub use bouncer_proxy::RunningProxy;
 pub use certificates::{TestCa, TestCertificate};
 pub use dns::DnsServer;
+pub use grpc::{GrpcBackend, GrpcClient};
 
 /// A proxy started in this process from a TOML config.
 pub struct TestProxy {

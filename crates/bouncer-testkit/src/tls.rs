@@ -99,6 +99,11 @@ impl TlsClient {
         }
     }
 
+    /// A connector with this client's settings, for clients that run their own protocol on it.
+    pub fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+    }
+
     /// Connects to `address`, sending `server_name` as SNI (none for an IP address).
     pub async fn connect(
         &self,

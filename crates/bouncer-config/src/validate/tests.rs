@@ -1,7 +1,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{AccessLogFormat, ConfigProblem, HostPattern, parse};
+use crate::{AccessLogFormat, ConfigProblem, HostPattern, UpstreamProtocol, parse};
 
 const FULL: &str = r#"
 [admin]
@@ -477,4 +477,62 @@ client_cert = { cert = "certs/proxy.pem", key = "/etc/bouncer/proxy.key" }
     let client = tls.client_cert.as_ref().expect("client certificate");
     assert_eq!(client.cert, Path::new("/etc/bouncer/certs/proxy.pem"));
     assert_eq!(client.key, Path::new("/etc/bouncer/proxy.key"));
+}
+
+#[test]
+fn backend_protocols_must_agree_with_tls() {
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "grpc"
+
+[upstreams.grpc]
+servers = ["127.0.0.1:50051"]
+protocol = "h2c"
+
+[upstreams.secure]
+servers = ["127.0.0.1:50052"]
+protocol = "h2"
+[upstreams.secure.tls]
+server_name = "grpc.internal"
+"#;
+    let config = parse(Path::new("bouncer.toml"), text).expect("valid");
+    assert_eq!(config.upstreams[0].protocol, UpstreamProtocol::H2c);
+    assert_eq!(config.upstreams[1].protocol, UpstreamProtocol::H2);
+
+    let wrong = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "a"
+
+[upstreams.a]
+servers = ["127.0.0.1:1"]
+protocol = "h2"
+
+[upstreams.b]
+servers = ["127.0.0.1:2"]
+protocol = "h2c"
+[upstreams.b.tls]
+
+[upstreams.c]
+servers = ["127.0.0.1:3"]
+protocol = "http3"
+"#;
+    let lines: Vec<String> = problems(wrong).iter().map(ToString::to_string).collect();
+    for fragment in [
+        "upstreams.a.protocol: \"h2\" is HTTP/2 over TLS and needs [upstreams.NAME.tls]",
+        "upstreams.b.protocol: \"h2c\" is cleartext HTTP/2, but [upstreams.NAME.tls] is set",
+        "upstreams.c.protocol: \"http3\" is not a backend protocol",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(fragment)),
+            "missing {fragment:?} in {lines:#?}"
+        );
+    }
 }
