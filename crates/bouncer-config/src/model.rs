@@ -65,7 +65,38 @@ pub struct TlsConfig {
     pub hsts: Option<String>,
     /// Mutual TLS: client certificates checked against a CA.
     pub client_auth: Option<ClientAuthConfig>,
+    /// Certificates obtained and renewed automatically from an ACME CA.
+    pub acme: Option<AcmeConfig>,
 }
+
+/// `acme = { domains, contact, directory, storage, challenge }`: one certificate for `domains`,
+/// obtained and renewed with ACME (RFC 8555).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    /// The names the certificate covers, lower case; the first names its files.
+    pub domains: Vec<String>,
+    /// Contact URLs for the account, such as `mailto:ops@example.com`.
+    pub contact: Vec<String>,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// A PEM CA to trust for the directory's own HTTPS, for private or test CAs.
+    pub directory_ca: Option<PathBuf>,
+    /// Where the account key and the certificates are kept.
+    pub storage: PathBuf,
+    pub challenge: AcmeChallenge,
+}
+
+/// How the CA checks that this proxy answers for a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// A TLS handshake with ALPN `acme-tls/1` on this listener (RFC 8737), port 443 for the CA.
+    TlsAlpn01,
+    /// `GET /.well-known/acme-challenge/TOKEN` over plain HTTP, port 80 for the CA.
+    Http01,
+}
+
+/// Let's Encrypt's production directory, the default CA.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// `client_auth = { ca, required, subject_header }`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -480,12 +480,17 @@ fn read_server_table(d: &mut Diagnostics, entry: &mut Section) -> Option<Backend
 /// loads them (and by `bouncer check`).
 fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> TlsConfig {
     let mut certificates = Vec::new();
+    let acme = section.table(d, "acme").and_then(|mut acme| {
+        let config = read_acme(d, &mut acme, config_file);
+        acme.finish(d);
+        config
+    });
     let entries = section.tables(d, "certificates");
-    if entries.is_empty() {
+    if entries.is_empty() && acme.is_none() {
         d.report(
             section.span(),
             section.key_path("certificates"),
-            "TLS needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }]",
+            "TLS needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }], or acme = { domains = [...] }",
         );
     }
     for mut entry in entries {
@@ -598,7 +603,103 @@ fn read_tls(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> T
         strict_sni,
         hsts,
         client_auth,
+        acme,
     }
+}
+
+/// `acme = { ... }` of a TLS listener.
+fn read_acme(d: &mut Diagnostics, section: &mut Section, config_file: &Path) -> Option<AcmeConfig> {
+    let mut domains = Vec::new();
+    match section.strings(d, "domains") {
+        None => d.report(
+            section.span(),
+            section.key_path("domains"),
+            "acme needs domains = [\"example.com\", ...]: the names the certificate is for",
+        ),
+        Some(entries) => {
+            for (index, (name, span)) in entries.into_iter().enumerate() {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                if name.starts_with("*.") {
+                    d.report(
+                        span,
+                        format!("{}[{index}]", section.key_path("domains")),
+                        format!("\"{name}\": wildcard names need the dns-01 challenge, which Bouncer does not do"),
+                    );
+                } else if !is_host_name(&name) || name.parse::<IpAddr>().is_ok() {
+                    d.report(
+                        span,
+                        format!("{}[{index}]", section.key_path("domains")),
+                        format!("\"{name}\" is not a DNS name"),
+                    );
+                } else if !domains.contains(&name) {
+                    domains.push(name);
+                }
+            }
+        }
+    }
+    let contact = match section.item("contact") {
+        Some((item, _)) if item.as_str().is_some() => section
+            .string(d, "contact")
+            .map(|(text, _)| vec![text])
+            .unwrap_or_default(),
+        Some(_) => section
+            .strings(d, "contact")
+            .map(|entries| entries.into_iter().map(|(text, _)| text).collect())
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    for url in &contact {
+        if !url.starts_with("mailto:") {
+            d.report(
+                section.span(),
+                section.key_path("contact"),
+                format!("\"{url}\" is not a contact URL: use \"mailto:ops@example.com\""),
+            );
+        }
+    }
+    let directory = match section.string(d, "directory") {
+        None => LETS_ENCRYPT_DIRECTORY.to_string(),
+        Some((url, _)) if url.starts_with("https://") => url,
+        Some((url, span)) => {
+            d.report(
+                span,
+                section.key_path("directory"),
+                format!("\"{url}\" is not an https:// URL: an ACME directory is served over HTTPS"),
+            );
+            LETS_ENCRYPT_DIRECTORY.to_string()
+        }
+    };
+    let directory_ca = section
+        .string(d, "directory_ca")
+        .map(|(name, _)| relative_to(config_file, &name));
+    let storage = section.string(d, "storage").map_or_else(
+        || relative_to(config_file, "acme"),
+        |(name, _)| relative_to(config_file, &name),
+    );
+    let challenge = match section.string(d, "challenge") {
+        None => AcmeChallenge::TlsAlpn01,
+        Some((name, _)) if name == "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+        Some((name, _)) if name == "http-01" => AcmeChallenge::Http01,
+        Some((name, span)) => {
+            d.report(
+                span,
+                section.key_path("challenge"),
+                format!("\"{name}\" is not a challenge Bouncer answers: use \"tls-alpn-01\" or \"http-01\""),
+            );
+            AcmeChallenge::TlsAlpn01
+        }
+    };
+    if domains.is_empty() {
+        return None;
+    }
+    Some(AcmeConfig {
+        domains,
+        contact,
+        directory,
+        directory_ca,
+        storage,
+        challenge,
+    })
 }
 
 /// `sticky = { cookie, ttl, secret_file }`; the secret file is read now so that a missing or weak
@@ -1206,8 +1307,24 @@ fn networks(d: &mut Diagnostics, section: &mut Section, key: &'static str) -> Ve
 }
 
 /// Two listeners (or a listener and the admin API) on one address would fail at bind time; say so now.
-/// `redirect_to_https` must name a listener with TLS, and not be set on one.
+/// `redirect_to_https` must name a listener with TLS, and not be set on one. An http-01 ACME
+/// challenge is answered on a plain listener, so there must be one.
 fn check_redirects(d: &mut Diagnostics, listeners: &[(ListenerConfig, Span)]) {
+    let has_plain = listeners.iter().any(|(listener, _)| listener.tls.is_none());
+    for (index, (listener, span)) in listeners.iter().enumerate() {
+        let http01 = listener
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.acme.as_ref())
+            .is_some_and(|acme| acme.challenge == AcmeChallenge::Http01);
+        if http01 && !has_plain {
+            d.report(
+                span.clone(),
+                format!("listeners[{index}].tls.acme.challenge"),
+                "http-01 is answered over plain HTTP (port 80 for the CA), but no listener is without TLS",
+            );
+        }
+    }
     for (index, (listener, span)) in listeners.iter().enumerate() {
         let Some(target) = &listener.redirect_to_https else {
             continue;

@@ -248,3 +248,18 @@ pub fn find_cause<'a, T: std::error::Error + 'static>(
     }
     None
 }
+
+/// Displays an error with its chain of causes on one line, for logs.
+pub struct Causes<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(inner) = cause {
+            write!(f, ": {inner}")?;
+            cause = inner.source();
+        }
+        Ok(())
+    }
+}

@@ -231,25 +231,13 @@ async fn probe(backend: &Backend, config: &HealthCheckConfig) -> Result<(), Stri
     let status = tokio::time::timeout(config.timeout, backend.pool.probe(request))
         .await
         .map_err(|_| format!("no answer within {:?}", config.timeout))?
-        .map_err(|error| probe_failure(&error))?;
+        .map_err(|error| crate::error::Causes(&error).to_string())?;
     let (low, high) = config.expect_status;
     if (low..=high).contains(&status.as_u16()) {
         Ok(())
     } else {
         Err(format!("status {}", status.as_u16()))
     }
-}
-
-/// The error with its causes, for the log line of a failed check.
-fn probe_failure(error: &crate::pool::SendError) -> String {
-    let mut text = error.to_string();
-    let mut cause = std::error::Error::source(error);
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! [`start`] binds every socket of a validated config and serves it until [`RunningProxy::shutdown`].
 
 mod access_log;
+pub mod acme;
 mod admin;
 mod balance;
 mod body;
@@ -182,6 +183,13 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         bound.push((listener_config.name.clone(), address));
         sockets.push(socket);
     }
+    // The answers to ACME challenges in progress: one set for the process, since the CA checks
+    // http-01 on a plain listener for a TLS listener's certificate.
+    let acme_challenges = config
+        .listeners
+        .iter()
+        .any(|listener| listener.tls.as_ref().is_some_and(|tls| tls.acme.is_some()))
+        .then(|| Arc::new(acme::AcmeChallenges::default()));
     let mut runtimes = Vec::with_capacity(config.listeners.len());
     for (listener_config, socket) in config.listeners.iter().zip(sockets) {
         let routes = config
@@ -204,13 +212,35 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             .as_ref()
             .map(|tls| {
                 let reloads = metrics.certificate_reloads(&listener_config.name);
-                ListenerTls::new(&listener_config.name, tls, Some(reloads))
+                ListenerTls::new(
+                    &listener_config.name,
+                    tls,
+                    Some(reloads),
+                    acme_challenges.clone(),
+                )
             })
             .transpose()
             .map_err(|source| StartError::Tls {
                 listener: listener_config.name.clone(),
                 source,
             })?;
+        if let (Some(listener_tls), Some(acme_config), Some(challenges)) = (
+            &tls,
+            listener_config
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.acme.as_ref()),
+            &acme_challenges,
+        ) {
+            acme::start(
+                &listener_config.name,
+                acme_config,
+                &listener_tls.resolver,
+                challenges,
+                metrics.acme_certificates(&listener_config.name),
+                lifecycle_receiver.clone(),
+            );
+        }
         let redirect_https_port = listener_config
             .redirect_to_https
             .as_ref()
@@ -223,6 +253,7 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         let runtime = Arc::new(ListenerRuntime {
             tls,
             redirect_https_port,
+            acme_challenges: acme_challenges.clone(),
             name: listener_config.name.as_str().into(),
             config: listener_config.clone(),
             routes: RouteTable::new(routes),

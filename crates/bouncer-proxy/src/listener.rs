@@ -47,6 +47,8 @@ pub struct ListenerRuntime {
     pub tls: Option<ListenerTls>,
     /// The port of the HTTPS listener that `redirect_to_https` names.
     pub redirect_https_port: Option<u16>,
+    /// Answers to ACME http-01 challenges, when some listener gets certificates from ACME.
+    pub acme_challenges: Option<Arc<crate::acme::AcmeChallenges>>,
 }
 
 /// Binds a listening socket with a deep accept queue, as a busy proxy needs.
@@ -207,9 +209,13 @@ async fn serve_connection(
             return;
         }
     };
+    let session = stream.get_ref().1;
+    if session.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+        // A CA's tls-alpn-01 check ends with the handshake (RFC 8737 section 3).
+        return;
+    }
     // The certificate the client asked for by name, whose names every request must then stay
     // within (421 otherwise).
-    let session = stream.get_ref().1;
     let sni_certificate = session
         .server_name()
         .and_then(|name| tls.resolver.matching(name));

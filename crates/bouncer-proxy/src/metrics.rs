@@ -74,6 +74,7 @@ pub struct Metrics {
     accept_errors: Family<ListenerLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
     certificate_reloads: Family<ReloadLabels, Counter>,
+    acme_certificates: Family<ReloadLabels, Counter>,
     tls_handshakes: Family<HandshakeLabels, Counter>,
     access_log_dropped: Counter,
 }
@@ -196,6 +197,12 @@ impl Metrics {
             "Reloads of a listener's certificates after their files changed, by result (success, failure)",
             certificate_reloads.clone(),
         );
+        let acme_certificates = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "acme_certificates",
+            "Attempts to obtain or renew a listener's certificate with ACME, by result (success, failure)",
+            acme_certificates.clone(),
+        );
         let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
             "tls_handshakes",
@@ -225,6 +232,7 @@ impl Metrics {
             accept_errors,
             refusals,
             certificate_reloads,
+            acme_certificates,
             tls_handshakes,
             access_log_dropped,
         })
@@ -303,6 +311,20 @@ impl Metrics {
     pub fn certificate_reloads(&self, listener: &str) -> ReloadMetrics {
         let counter = |result| {
             self.certificate_reloads.get_or_create_owned(&ReloadLabels {
+                listener: listener.to_string(),
+                result,
+            })
+        };
+        ReloadMetrics {
+            succeeded: counter("success"),
+            failed: counter("failure"),
+        }
+    }
+
+    /// Counts a listener's ACME orders, by outcome.
+    pub fn acme_certificates(&self, listener: &str) -> ReloadMetrics {
+        let counter = |result| {
+            self.acme_certificates.get_or_create_owned(&ReloadLabels {
                 listener: listener.to_string(),
                 result,
             })

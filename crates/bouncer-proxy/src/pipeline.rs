@@ -72,6 +72,12 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
             .get(header::CONTENT_TYPE)
             .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
     };
+    if let Some(challenges) = &ctx.runtime.acme_challenges
+        && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)
+        && let Some(answer) = challenges.http_answer(token)
+    {
+        return answer_acme_challenge(answer, exchange);
+    }
     if let Some(port) = ctx.runtime.redirect_https_port
         && !request.uri().path().starts_with(ACME_CHALLENGE_PREFIX)
     {
@@ -83,8 +89,20 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
     }
 }
 
-/// ACME http-01 challenges are answered over plain HTTP, never redirected.
+/// ACME http-01 challenges are answered over plain HTTP, never redirected: by this proxy for its
+/// own orders, else by the backends.
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// The key authorization for an http-01 challenge of this proxy's own ACME order.
+fn answer_acme_challenge(answer: String, mut exchange: Exchange) -> Response<ResponseBody> {
+    exchange.status = StatusCode::OK.as_u16();
+    let mut response = Response::new(ResponseBody::fixed(answer, Some(exchange)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
 
 /// `308 Permanent Redirect` to the same host and target on the HTTPS listener's port; the method
 /// and body are kept by a client that follows it.

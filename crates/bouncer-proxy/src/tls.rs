@@ -50,6 +50,7 @@ pub enum CertificateError {
 pub struct LoadedCertificate {
     pub key: Arc<CertifiedKey>,
     pub names: Vec<String>,
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub cert_path: PathBuf,
 }
@@ -94,7 +95,7 @@ pub fn load_certificate(
             path: files.cert.clone(),
         });
     };
-    let (names, not_after) =
+    let (names, not_before, not_after) =
         leaf_facts(leaf).map_err(|reason| CertificateError::BadCertificate {
             path: files.cert.clone(),
             reason,
@@ -129,14 +130,15 @@ pub fn load_certificate(
     Ok(LoadedCertificate {
         key: Arc::new(key),
         names,
+        not_before,
         not_after,
         cert_path: files.cert.clone(),
     })
 }
 
-/// The DNS names a leaf certificate covers (its subjectAltNames, else its common name) and the
-/// end of its validity.
-fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime), String> {
+/// The DNS names a leaf certificate covers (its subjectAltNames, else its common name) and its
+/// validity.
+fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime, SystemTime), String> {
     let (_, parsed) =
         x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|error| error.to_string())?;
     let mut names = Vec::new();
@@ -164,9 +166,15 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime), St
                 .map(str::to_ascii_lowercase),
         );
     }
-    let seconds = parsed.validity().not_after.timestamp();
-    let not_after = UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0));
-    Ok((names, not_after))
+    let instant = |time: x509_parser::time::ASN1Time| {
+        UNIX_EPOCH + Duration::from_secs(u64::try_from(time.timestamp()).unwrap_or(0))
+    };
+    let validity = parsed.validity();
+    Ok((
+        names,
+        instant(validity.not_before),
+        instant(validity.not_after),
+    ))
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
@@ -180,10 +188,26 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
 /// Chooses a certificate by the SNI name: an exact name first, then a wildcard for its parent
 /// domain, else the default (the first configured), unless `strict` refuses unknown names. The
 /// certificates can be replaced while handshakes go on.
-#[derive(Debug)]
 pub struct SniResolver {
     certificates: ArcSwap<Certificates>,
+    /// What `certificates` is made of: the configured files' certificates, then the one ACME
+    /// manages. Locked only to replace one part.
+    parts: std::sync::Mutex<CertificateSources>,
     strict: bool,
+    /// tls-alpn-01 challenge certificates, when the listener gets certificates from ACME.
+    acme_challenges: Option<Arc<crate::acme::AcmeChallenges>>,
+}
+
+/// A listener's certificates from its files, and the one ACME manages.
+type CertificateSources = (Vec<Arc<LoadedCertificate>>, Option<Arc<LoadedCertificate>>);
+
+impl std::fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("certificates", &self.certificates.load().list)
+            .field("strict", &self.strict)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One generation of a listener's certificates, indexed by name.
@@ -226,11 +250,40 @@ impl Certificates {
 }
 
 impl SniResolver {
-    pub fn new(certificates: Vec<Arc<LoadedCertificate>>, strict: bool) -> Self {
+    pub fn new(
+        certificates: Vec<Arc<LoadedCertificate>>,
+        strict: bool,
+        acme_challenges: Option<Arc<crate::acme::AcmeChallenges>>,
+    ) -> Self {
         Self {
-            certificates: ArcSwap::from_pointee(Certificates::new(certificates)),
+            certificates: ArcSwap::from_pointee(Certificates::new(certificates.clone())),
+            parts: std::sync::Mutex::new((certificates, None)),
             strict,
+            acme_challenges,
         }
+    }
+
+    /// The certificate ACME manages, if there is one yet.
+    pub fn managed(&self) -> Option<Arc<LoadedCertificate>> {
+        self.lock_parts().1.clone()
+    }
+
+    /// New handshakes use `certificate` as the ACME-managed one from now on.
+    pub fn set_managed(&self, certificate: Option<Arc<LoadedCertificate>>) {
+        let mut parts = self.lock_parts();
+        parts.1 = certificate;
+        self.rebuild(&parts);
+    }
+
+    fn lock_parts(&self) -> std::sync::MutexGuard<'_, CertificateSources> {
+        self.parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn rebuild(&self, parts: &CertificateSources) {
+        let list = parts.0.iter().chain(parts.1.iter()).cloned().collect();
+        self.certificates.store(Arc::new(Certificates::new(list)));
     }
 
     /// The certificate whose names cover `server_name`, if any.
@@ -238,15 +291,25 @@ impl SniResolver {
         self.certificates.load().matching(server_name).cloned()
     }
 
-    /// New handshakes use `certificates` from now on; connections already open keep theirs.
+    /// New handshakes use `certificates` from the files from now on; connections already open
+    /// keep theirs.
     fn replace(&self, certificates: Vec<Arc<LoadedCertificate>>) {
-        self.certificates
-            .store(Arc::new(Certificates::new(certificates)));
+        let mut parts = self.lock_parts();
+        parts.0 = certificates;
+        self.rebuild(&parts);
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(challenges) = &self.acme_challenges
+            && client_hello
+                .alpn()
+                .is_some_and(crate::acme::is_validation_handshake)
+        {
+            // The CA checking a tls-alpn-01 challenge gets the challenge certificate, or nothing.
+            return challenges.tls_alpn_certificate(client_hello.server_name()?);
+        }
         let certificates = self.certificates.load();
         let chosen = match client_hello.server_name() {
             Some(name) => match certificates.matching(name) {
@@ -346,10 +409,13 @@ pub enum TlsSetupError {
 impl ListenerTls {
     /// Loads the certificates of `config`. Inside a Tokio runtime it also starts watching their
     /// files, to reload them when they change (counted in `metrics` when given).
+    /// `acme_challenges` are the answers to the CA's tls-alpn-01 checks, for a listener whose
+    /// certificate ACME manages.
     pub fn new(
         listener: &str,
         config: &TlsConfig,
         metrics: Option<ReloadMetrics>,
+        acme_challenges: Option<Arc<crate::acme::AcmeChallenges>>,
     ) -> Result<Self, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let certificates = config
@@ -357,7 +423,16 @@ impl ListenerTls {
             .iter()
             .map(|files| load_certificate(files, &provider).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let resolver = Arc::new(SniResolver::new(certificates, config.strict_sni));
+        let answers_tls_alpn = acme_challenges.is_some()
+            && config
+                .acme
+                .as_ref()
+                .is_some_and(|acme| acme.challenge == bouncer_config::AcmeChallenge::TlsAlpn01);
+        let resolver = Arc::new(SniResolver::new(
+            certificates,
+            config.strict_sni,
+            acme_challenges.filter(|_| answers_tls_alpn),
+        ));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(watch_certificates(
                 listener.to_string(),
@@ -385,6 +460,12 @@ impl ListenerTls {
             .iter()
             .map(|protocol| protocol.as_bytes().to_vec())
             .collect();
+        if answers_tls_alpn {
+            // Last, so that it is chosen only for a client that offers nothing else: the CA.
+            server
+                .alpn_protocols
+                .push(crate::acme::ACME_TLS_ALPN.to_vec());
+        }
         // Resumption both ways: stateless tickets from the provider's rotating ticketer, and a
         // bounded cache of sessions for clients that do not take tickets.
         server.ticketer =

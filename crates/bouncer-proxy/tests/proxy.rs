@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod proxy_tests {
+    pub mod acme;
     pub mod balancing;
     pub mod bodies;
     pub mod demo;

@@ -109,7 +109,7 @@ fn check(path: &Path) -> ExitCode {
             for (index, listener) in config.listeners.iter().enumerate() {
                 if let Some(tls) = &listener.tls
                     && let Err(error) =
-                        bouncer_proxy::tls::ListenerTls::new(&listener.name, tls, None)
+                        bouncer_proxy::tls::ListenerTls::new(&listener.name, tls, None, None)
                 {
                     broken += 1;
                     eprintln!(

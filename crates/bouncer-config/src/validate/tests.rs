@@ -536,3 +536,56 @@ protocol = "http3"
         );
     }
 }
+
+#[test]
+fn acme_listeners_need_no_certificate_files() {
+    let text = r#"
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:8443"
+[listeners.tls]
+acme = { domains = ["Example.com", "www.example.com"], contact = "mailto:ops@example.com", storage = "state/acme" }
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+"#;
+    let config = parse(Path::new("/etc/bouncer/bouncer.toml"), text).expect("valid");
+    let tls = config.listeners[0].tls.as_ref().expect("tls");
+    assert!(tls.certificates.is_empty());
+    let acme = tls.acme.as_ref().expect("acme");
+    assert_eq!(acme.domains, ["example.com", "www.example.com"]);
+    assert_eq!(acme.contact, ["mailto:ops@example.com"]);
+    assert_eq!(acme.directory, crate::LETS_ENCRYPT_DIRECTORY);
+    assert_eq!(acme.storage, Path::new("/etc/bouncer/state/acme"));
+    assert_eq!(acme.challenge, crate::AcmeChallenge::TlsAlpn01);
+
+    let wrong = r#"
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:8443"
+[listeners.tls]
+acme = { domains = ["*.example.com", "bad name", "ok.example.com"], contact = ["ops@example.com"], directory = "http://ca.example/dir", challenge = "http-01" }
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+"#;
+    let lines: Vec<String> = problems(wrong).iter().map(ToString::to_string).collect();
+    for fragment in [
+        "listeners[0].tls.acme.domains[0]: \"*.example.com\": wildcard names need the dns-01 challenge",
+        "listeners[0].tls.acme.domains[1]: \"bad name\" is not a DNS name",
+        "listeners[0].tls.acme.contact: \"ops@example.com\" is not a contact URL",
+        "listeners[0].tls.acme.directory: \"http://ca.example/dir\" is not an https:// URL",
+        "listeners[0].tls.acme.challenge: http-01 is answered over plain HTTP",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(fragment)),
+            "missing {fragment:?} in {lines:#?}"
+        );
+    }
+}
