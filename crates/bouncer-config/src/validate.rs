@@ -1311,6 +1311,20 @@ fn networks(d: &mut Diagnostics, section: &mut Section, key: &'static str) -> Ve
 /// challenge is answered on a plain listener, so there must be one.
 fn check_redirects(d: &mut Diagnostics, listeners: &[(ListenerConfig, Span)]) {
     let has_plain = listeners.iter().any(|(listener, _)| listener.tls.is_none());
+    // Two managers ordering one name would fight over its certificate and the CA's rate limits.
+    let mut ordered: HashMap<&str, usize> = HashMap::new();
+    for (index, (listener, span)) in listeners.iter().enumerate() {
+        let acme = listener.tls.as_ref().and_then(|tls| tls.acme.as_ref());
+        for domain in acme.iter().flat_map(|acme| &acme.domains) {
+            if let Some(first) = ordered.insert(domain, index) {
+                d.report(
+                    span.clone(),
+                    format!("listeners[{index}].tls.acme.domains"),
+                    format!("\"{domain}\" is already ordered by listeners[{first}]: one ACME certificate per name"),
+                );
+            }
+        }
+    }
     for (index, (listener, span)) in listeners.iter().enumerate() {
         let http01 = listener
             .tls

@@ -192,6 +192,7 @@ impl ConnectionPool {
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), (SendError, Option<Request<RequestBody>>)> {
         into_http2_form(&mut request, self.tls.is_some());
+        let mut refusals = 0;
         loop {
             let (mut sender, reused) = match self.shared_connection() {
                 Some(sender) => (sender, true),
@@ -203,8 +204,10 @@ impl ConnectionPool {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, Lease { returning: None })),
                 Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => {
-                        self.forget_closed_shared();
+                    // A connection that closed before taking the request; the next one is new.
+                    Some(unsent) if reused && refusals < 2 => {
+                        refusals += 1;
+                        self.forget_shared();
                         request = unsent;
                     }
                     unsent => return Err((SendError::Exchange(error.into_error()), unsent)),
@@ -222,11 +225,10 @@ impl ConnectionPool {
             .cloned()
     }
 
-    fn forget_closed_shared(&self) {
-        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        if shared.as_ref().is_some_and(http2::SendRequest::is_closed) {
-            *shared = None;
-        }
+    /// Drops the shared connection, so that the next request opens another. Requests already on
+    /// it keep their streams.
+    fn forget_shared(&self) {
+        *self.shared.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// Opens the shared connection, or takes the one another request opened meanwhile; the bool

@@ -589,3 +589,33 @@ servers = ["127.0.0.1:1"]
         );
     }
 }
+
+#[test]
+fn a_name_is_ordered_by_one_acme_listener_only() {
+    let text = r#"
+[[listeners]]
+name = "a"
+bind = "127.0.0.1:8443"
+[listeners.tls]
+acme = { domains = ["example.com"] }
+
+[[listeners]]
+name = "b"
+bind = "127.0.0.1:9443"
+[listeners.tls]
+acme = { domains = ["www.example.com", "example.com"] }
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+"#;
+    let lines: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+    assert!(
+        lines.iter().any(|line| line.contains(
+            "listeners[1].tls.acme.domains: \"example.com\" is already ordered by listeners[0]"
+        )),
+        "{lines:#?}"
+    );
+}
