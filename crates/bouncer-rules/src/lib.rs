@@ -1,11 +1,17 @@
 //! Pure request decisions for Bouncer. Nothing here does I/O or reads the clock: time, when it
 //! matters, is passed in, so that every decision can be tested and fuzzed exactly.
 
+pub mod bounded;
+pub mod gcra;
 pub mod grpc;
+pub mod ipset;
 pub mod path;
 pub mod proxy_protocol;
 
+pub use bounded::BoundedMap;
+pub use gcra::{Decision, Gcra};
 pub use grpc::{grpc_message, grpc_status_for_http, is_grpc_content_type};
+pub use ipset::{IpSet, ListLineError, parse_block, parse_ip_list};
 pub use path::{PathError, normalise_path, path_has_prefix};
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError, parse_proxy_header};
 
