@@ -21,6 +21,10 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// How host names in `servers` are looked up.
     pub resolver: ResolverConfig,
+    /// Connection caps and IP lists.
+    pub protection: ProtectionConfig,
+    /// `[[rate_limits]]`, in the order the file gives them.
+    pub rate_limits: Vec<RateLimitConfig>,
 }
 
 impl Config {
@@ -495,4 +499,85 @@ pub enum AccessLogFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AccessLogConfig {
     pub format: AccessLogFormat,
+}
+
+/// `[protection]`: what is refused before a request reaches a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectionConfig {
+    /// Open client connections, all listeners together.
+    pub max_connections: Option<u32>,
+    /// Open client connections from one address.
+    pub max_connections_per_ip: Option<u32>,
+    /// The bound on per-key state (rate limits); the least recently seen keys go first.
+    pub max_tracked_keys: usize,
+    pub ip: IpListsConfig,
+}
+
+impl Default for ProtectionConfig {
+    fn default() -> Self {
+        ProtectionConfig {
+            max_connections: None,
+            max_connections_per_ip: None,
+            max_tracked_keys: 1_000_000,
+            ip: IpListsConfig::default(),
+        }
+    }
+}
+
+/// `[protection.ip]`: addresses refused, or the only ones let in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpListsConfig {
+    pub deny: Vec<IpNet>,
+    /// Files of addresses and blocks, one a line, reloaded when they change.
+    pub deny_files: Vec<PathBuf>,
+    /// When this and `allow_files` are both empty, every address not denied may connect.
+    pub allow: Vec<IpNet>,
+    pub allow_files: Vec<PathBuf>,
+}
+
+impl IpListsConfig {
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty()
+            && self.deny_files.is_empty()
+            && self.allow.is_empty()
+            && self.allow_files.is_empty()
+    }
+
+    pub fn has_allow_list(&self) -> bool {
+        !self.allow.is_empty() || !self.allow_files.is_empty()
+    }
+}
+
+/// `[[rate_limits]]`: a GCRA limit per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    pub name: String,
+    /// What identifies a client for this limit; parts are combined.
+    pub key: Vec<RateKeyPart>,
+    /// `count` requests per `period`.
+    pub count: u32,
+    pub period: Duration,
+    /// Requests a key may make at once.
+    pub burst: u32,
+    /// Route names this limit applies to; empty for all.
+    pub routes: Vec<String>,
+    pub action: RateLimitAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKeyPart {
+    ClientIp,
+    /// A request header, lower case; requests without it share the empty value.
+    Header(String),
+    Cookie(String),
+    Path,
+    Route,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitAction {
+    /// 429 with `Retry-After` at once.
+    Reject,
+    /// Hold the request until it fits, when that is within `max_delay`; 429 otherwise.
+    Delay { max_delay: Duration },
 }

@@ -48,6 +48,12 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         Some(section) => read_resolver(&mut d, section),
         None => ResolverConfig::default(),
     };
+    let protection = match root.table(&mut d, "protection") {
+        Some(section) => protection::read_protection(&mut d, section, file),
+        None => ProtectionConfig::default(),
+    };
+    let route_names: Vec<&str> = routes.iter().map(|route| route.name.as_str()).collect();
+    let rate_limits = protection::read_rate_limits(&mut d, &mut root, &route_names);
     check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
     check_redirects(&mut d, &listeners);
     root.finish(&mut d);
@@ -68,6 +74,8 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         server,
         access_log,
         resolver,
+        protection,
+        rate_limits,
     })
 }
 
@@ -1388,5 +1396,6 @@ fn check_bind_conflicts(
     }
 }
 
+mod protection;
 #[cfg(test)]
 mod tests;

@@ -60,6 +60,10 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
+    #[error("the client's address is refused by the IP lists")]
+    Denied(Refusal),
+    #[error("rate limit {} exceeded; retry in {:?}", .0.limit, .0.retry_after)]
+    RateLimited(crate::protection::RateLimited),
 }
 
 impl ProxyError {
@@ -70,7 +74,9 @@ impl ProxyError {
             | ProxyError::NoRoute
             | ProxyError::Misdirected
             | ProxyError::MethodNotAllowed
-            | ProxyError::ClientBody { .. } => Side::Client,
+            | ProxyError::ClientBody { .. }
+            | ProxyError::Denied(_)
+            | ProxyError::RateLimited(_) => Side::Client,
             ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout { .. }
             | ProxyError::ResponseTimeout { .. }
@@ -94,6 +100,8 @@ impl ProxyError {
             | ProxyError::Misdirected
             | ProxyError::MethodNotAllowed
             | ProxyError::ClientBody { .. }
+            | ProxyError::Denied(_)
+            | ProxyError::RateLimited(_)
             | ProxyError::ResponseTimeout { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamFailed { .. } => false,
@@ -164,6 +172,12 @@ impl ProxyError {
                 "backend error\n",
                 Refusal::UpstreamReset,
             ),
+            ProxyError::Denied(reason) => (StatusCode::FORBIDDEN, "forbidden\n", *reason),
+            ProxyError::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests\n",
+                Refusal::RateLimit,
+            ),
         }
     }
 }
@@ -187,10 +201,15 @@ pub enum Refusal {
     TlsHandshake,
     TlsHandshakeTimeout,
     Misdirected,
+    DenyList,
+    NotAllowed,
+    ConnectionLimit,
+    ConnectionLimitPerIp,
+    RateLimit,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 16] = [
+    pub const ALL: [Refusal; 21] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -207,6 +226,11 @@ impl Refusal {
         Refusal::TlsHandshake,
         Refusal::TlsHandshakeTimeout,
         Refusal::Misdirected,
+        Refusal::DenyList,
+        Refusal::NotAllowed,
+        Refusal::ConnectionLimit,
+        Refusal::ConnectionLimitPerIp,
+        Refusal::RateLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -227,6 +251,38 @@ impl Refusal {
             Refusal::TlsHandshake => "tls_handshake",
             Refusal::TlsHandshakeTimeout => "tls_handshake_timeout",
             Refusal::Misdirected => "misdirected",
+            Refusal::DenyList => "deny_list",
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::ConnectionLimit => "connection_limit",
+            Refusal::ConnectionLimitPerIp => "connection_limit_per_ip",
+            Refusal::RateLimit => "rate_limit",
+        }
+    }
+
+    /// Where it was refused: `connection` (at accept, before any parsing), `tls`, `request`
+    /// (checks and limits on a parsed request), or `upstream` (the backends failed it).
+    pub fn layer(self) -> &'static str {
+        match self {
+            Refusal::ProxyProtocol
+            | Refusal::DenyList
+            | Refusal::NotAllowed
+            | Refusal::ConnectionLimit
+            | Refusal::ConnectionLimitPerIp => "connection",
+            Refusal::TlsHandshake | Refusal::TlsHandshakeTimeout => "tls",
+            Refusal::BadRequest
+            | Refusal::BodyTooLarge
+            | Refusal::HeadersTooLarge
+            | Refusal::HeaderTimeout
+            | Refusal::NoRoute
+            | Refusal::MethodNotAllowed
+            | Refusal::ClientBody
+            | Refusal::Misdirected
+            | Refusal::RateLimit => "request",
+            Refusal::UpstreamConnect
+            | Refusal::UpstreamTimeout
+            | Refusal::UpstreamReset
+            | Refusal::NoBackend
+            | Refusal::QueueTimeout => "upstream",
         }
     }
 

@@ -16,6 +16,7 @@ mod listener;
 mod metrics;
 mod pipeline;
 mod pool;
+pub mod protection;
 mod resolve;
 mod routing;
 mod sticky;
@@ -73,6 +74,32 @@ pub enum StartError {
     Resolver(#[source] std::io::Error),
     #[error("cannot start the access log writer")]
     AccessLog(#[source] std::io::Error),
+    #[error("cannot set up [protection]")]
+    Protection(#[source] protection::ProtectionError),
+    #[error(
+        "protection.max_connections = {max} needs about {needed} open files (a client's and a backend's per connection), but this process may open at most {limit}: lower it, or raise the limit (ulimit -n, LimitNOFILE=)"
+    )]
+    ConnectionBudget { max: u32, needed: u64, limit: u64 },
+}
+
+/// Checks `protection.max_connections` against the open-file limit the process can reach: each
+/// proxied connection may hold two descriptors, and some are needed besides.
+pub fn check_connection_budget(config: &Config) -> Result<(), StartError> {
+    let Some(max) = config.protection.max_connections else {
+        return Ok(());
+    };
+    let Ok((_, hard)) = rlimit::Resource::NOFILE.get() else {
+        return Ok(());
+    };
+    let needed = u64::from(max) * 2 + 128;
+    if needed > hard {
+        return Err(StartError::ConnectionBudget {
+            max,
+            needed,
+            limit: hard,
+        });
+    }
+    Ok(())
 }
 
 /// A proxy serving its listeners. Dropping it without [`RunningProxy::shutdown`] closes everything.
@@ -132,6 +159,9 @@ impl Drop for RunningProxy {
 
 /// Binds every listener of `config` and starts serving. Must run inside a Tokio runtime.
 pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
+    check_connection_budget(config)?;
+    let protection = protection::Protection::new(&config.protection, &config.rate_limits)
+        .map_err(StartError::Protection)?;
     let metrics = Metrics::new();
     let access_log = AccessLog::start(
         config.access_log.format,
@@ -254,6 +284,7 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             tls,
             redirect_https_port,
             acme_challenges: acme_challenges.clone(),
+            protection: Arc::clone(&protection),
             name: listener_config.name.as_str().into(),
             config: listener_config.clone(),
             routes: RouteTable::new(routes),

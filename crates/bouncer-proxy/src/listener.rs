@@ -49,6 +49,8 @@ pub struct ListenerRuntime {
     pub redirect_https_port: Option<u16>,
     /// Answers to ACME http-01 challenges, when some listener gets certificates from ACME.
     pub acme_challenges: Option<Arc<crate::acme::AcmeChallenges>>,
+    /// IP lists, connection caps and rate limits, shared by all listeners.
+    pub protection: Arc<crate::protection::Protection>,
 }
 
 /// Binds a listening socket with a deep accept queue, as a busy proxy needs.
@@ -158,6 +160,28 @@ async fn serve_connection(
         }
     } else {
         (peer, Bytes::new())
+    };
+    // The first layer, before TLS or any parsing. A trusted proxy's connections carry many
+    // clients named in headers: for those, the lists act per request and the per-address cap
+    // does not apply.
+    let client_ip = bouncer_config::canonical_ip(peer.ip());
+    let forwarder = !runtime.config.proxy_protocol && runtime.config.trusts(client_ip);
+    let protection = &runtime.protection;
+    let admitted = if forwarder {
+        Ok(())
+    } else {
+        protection.check_lists(client_ip)
+    }
+    .and_then(|()| protection.admit_connection(client_ip, !forwarder));
+    let _permit = match admitted {
+        Ok(permit) => permit,
+        Err(reason) => {
+            metrics.refused(reason);
+            if let Some(suppressed) = protection.may_log_refusal() {
+                tracing::info!(%peer, reason = reason.label(), suppressed, "connection refused");
+            }
+            return;
+        }
     };
     let (io, activity) = ClientIo::new(
         stream,

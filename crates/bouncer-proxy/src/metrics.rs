@@ -33,6 +33,7 @@ struct ListenerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
     listener: String,
+    layer: &'static str,
     reason: &'static str,
 }
 
@@ -188,7 +189,7 @@ impl Metrics {
         let refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "refusals",
-            "Requests and connections refused or failed, by reason",
+            "Requests and connections refused or failed, by layer (connection, tls, request, upstream) and reason",
             refusals.clone(),
         );
         let certificate_reloads = Family::<ReloadLabels, Counter>::default();
@@ -274,6 +275,7 @@ impl Metrics {
             refusals: Refusal::ALL.map(|reason| {
                 self.refusals.get_or_create_owned(&RefusalLabels {
                     listener: listener.to_string(),
+                    layer: reason.layer(),
                     reason: reason.label(),
                 })
             }),

@@ -23,6 +23,7 @@ use crate::headers::{
 };
 use crate::listener::ListenerRuntime;
 use crate::pool::Lease;
+use crate::protection::RateSubject;
 use crate::routing::Route;
 use crate::upstream::{InFlight, Picked, bit};
 
@@ -164,6 +165,14 @@ async fn forward(
     exchange: &mut Exchange,
     mut request: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
+    if client.peer_trusted {
+        // Behind a trusted proxy the client is known only now: the lists act per request, so
+        // that the proxy in front is never refused as a whole.
+        ctx.runtime
+            .protection
+            .check_lists(client.ip)
+            .map_err(ProxyError::Denied)?;
+    }
     check_framing(&request)?;
     let host_source = request_host(&request)?;
     let host = normalise_host(host_source.as_str())?;
@@ -185,6 +194,18 @@ async fn forward(
             .ok_or(ProxyError::NoRoute)?,
     );
     exchange.route = Some(Arc::clone(&route));
+    let protection = &ctx.runtime.protection;
+    if protection.has_rate_limits() {
+        protection
+            .check_rate_limits(&RateSubject {
+                client: client.ip,
+                headers: request.headers(),
+                path: &path,
+                route: &route.name,
+            })
+            .await
+            .map_err(ProxyError::RateLimited)?;
+    }
     let key_hash = route.upstream.hash_key.as_ref().and_then(|key| {
         request_key_hash(
             key,
@@ -556,6 +577,16 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
     if matches!(refusal, Refusal::NoBackend | Refusal::QueueTimeout) {
         // Health checks go on; a client may come back shortly.
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if let ProxyError::RateLimited(limited) = error {
+        // Whole seconds, rounded up, so that a client that waits that long gets through.
+        let seconds =
+            limited.retry_after.as_secs() + u64::from(limited.retry_after.subsec_nanos() > 0);
+        let seconds = HeaderValue::from(seconds.max(1));
+        headers.insert(header::RETRY_AFTER, seconds.clone());
+        headers.insert("ratelimit-limit", HeaderValue::from(limited.burst));
+        headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+        headers.insert("ratelimit-reset", seconds);
     }
     // After a malformed request, or one whose body was not read, the connection cannot be trusted
     // to be in step with the client any more.

@@ -16,6 +16,7 @@ mod proxy_tests {
     pub mod limits;
     pub mod metrics;
     pub mod pooling;
+    pub mod protection;
     pub mod protocols;
     pub mod proxy_protocol;
     pub mod routing;

@@ -205,8 +205,14 @@ mod tests {
     #[test]
     fn extreme_parameters_do_not_overflow() {
         let fast = Gcra::new(u32::MAX, Duration::from_nanos(1), u32::MAX);
-        assert!(matches!(fast.check(0, u64::MAX - 1), Decision::Allow { .. }));
-        assert!(matches!(fast.check(u64::MAX, u64::MAX), Decision::Allow { .. }));
+        assert!(matches!(
+            fast.check(0, u64::MAX - 1),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            fast.check(u64::MAX, u64::MAX),
+            Decision::Allow { .. }
+        ));
         let yearly = Gcra::new(1, Duration::from_secs(365 * 86_400), 1);
         let now = 5 * SECOND;
         let Decision::Allow { tat, .. } = yearly.check(0, now) else {

@@ -132,6 +132,17 @@ fn check(path: &Path) -> ExitCode {
                     );
                 }
             }
+            // So are IP list files; and the connection cap must fit the open-file limit.
+            if let Err(error) =
+                bouncer_proxy::protection::Protection::new(&config.protection, &config.rate_limits)
+            {
+                broken += 1;
+                eprintln!("{}: protection.ip: {}", path.display(), error_chain(&error));
+            }
+            if let Err(error) = bouncer_proxy::check_connection_budget(&config) {
+                broken += 1;
+                eprintln!("{}: protection.max_connections: {error}", path.display());
+            }
             if broken > 0 {
                 eprintln!("{}: {broken} problem(s) found", path.display());
                 return ExitCode::FAILURE;

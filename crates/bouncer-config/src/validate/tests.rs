@@ -619,3 +619,125 @@ servers = ["127.0.0.1:1"]
         "{lines:#?}"
     );
 }
+
+#[test]
+fn protection_and_rate_limits_are_read() {
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+
+[protection]
+max_connections = 10000
+max_connections_per_ip = 256
+max_tracked_keys = 50000
+
+[protection.ip]
+deny = ["203.0.113.0/24", "2001:db8::/32", "198.51.100.7"]
+deny_files = ["lists/drop.txt"]
+
+[[rate_limits]]
+name = "per-ip"
+rate = "50/s"
+burst = 100
+
+[[rate_limits]]
+name = "login"
+key = ["client_ip", "header:X-User", "cookie:session", "path"]
+rate = "5/10s"
+routes = ["api"]
+action = "delay"
+max_delay = "250ms"
+"#;
+    let config = parse(Path::new("/etc/bouncer/bouncer.toml"), text).expect("valid");
+    let protection = &config.protection;
+    assert_eq!(protection.max_connections, Some(10_000));
+    assert_eq!(protection.max_connections_per_ip, Some(256));
+    assert_eq!(protection.max_tracked_keys, 50_000);
+    assert_eq!(protection.ip.deny.len(), 3);
+    assert_eq!(
+        protection.ip.deny_files,
+        [Path::new("/etc/bouncer/lists/drop.txt")]
+    );
+    let [per_ip, login] = &config.rate_limits[..] else {
+        panic!("two limits");
+    };
+    assert_eq!(per_ip.key, [crate::RateKeyPart::ClientIp]);
+    assert_eq!(
+        (per_ip.count, per_ip.period, per_ip.burst),
+        (50, Duration::from_secs(1), 100)
+    );
+    assert_eq!(per_ip.action, crate::RateLimitAction::Reject);
+    assert_eq!(
+        login.key,
+        [
+            crate::RateKeyPart::ClientIp,
+            crate::RateKeyPart::Header("x-user".into()),
+            crate::RateKeyPart::Cookie("session".into()),
+            crate::RateKeyPart::Path,
+        ]
+    );
+    // Without a burst, one second's worth, at least one.
+    assert_eq!(login.burst, 1);
+    assert_eq!(login.routes, ["api"]);
+    assert_eq!(
+        login.action,
+        crate::RateLimitAction::Delay {
+            max_delay: Duration::from_millis(250)
+        }
+    );
+
+    let wrong = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+
+[protection]
+max_connections = 0
+
+[protection.ip]
+deny = ["300.1.1.1"]
+
+[[rate_limits]]
+name = "a"
+rate = "fast"
+key = "ip"
+routes = ["nowhere"]
+max_delay = "1s"
+
+[[rate_limits]]
+name = "a"
+rate = "1/s"
+action = "drop"
+"#;
+    let lines: Vec<String> = problems(wrong).iter().map(ToString::to_string).collect();
+    for fragment in [
+        "protection.max_connections: 0 is out of range",
+        "protection.ip.deny[0]: \"300.1.1.1\" is not an address",
+        "rate_limits[0].rate: \"fast\" is not a rate",
+        "rate_limits[0].key: \"ip\" is not a key",
+        "rate_limits[0].routes: no route is named \"nowhere\"",
+        "rate_limits[0].max_delay: max_delay applies only to action = \"delay\"",
+        "rate_limits[1].name: another rate limit is named \"a\"",
+        "rate_limits[1].action: \"drop\" is not a rate limit action",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(fragment)),
+            "missing {fragment:?} in {lines:#?}"
+        );
+    }
+}

@@ -51,7 +51,7 @@ async fn metrics_count_requests_and_refusals_exactly() {
     assert_eq!(
         metric(
             &text,
-            "bouncer_refusals_total{listener=\"public\",reason=\"bad_request\"}"
+            "bouncer_refusals_total{listener=\"public\",layer=\"request\",reason=\"bad_request\"}"
         ),
         Some(3.0)
     );

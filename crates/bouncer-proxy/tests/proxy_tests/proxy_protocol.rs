@@ -65,7 +65,7 @@ async fn connections_without_a_header_or_from_untrusted_peers_are_refused() {
     assert_eq!(
         metric(
             &text,
-            "bouncer_refusals_total{listener=\"public\",reason=\"proxy_protocol\"}"
+            "bouncer_refusals_total{listener=\"public\",layer=\"connection\",reason=\"proxy_protocol\"}"
         ),
         Some(1.0)
     );

@@ -239,7 +239,7 @@ async fn a_stuck_handshake_is_closed_after_the_handshake_timeout() {
     assert_eq!(
         metric(
             &text,
-            "bouncer_refusals_total{listener=\"public\",reason=\"tls_handshake_timeout\"}"
+            "bouncer_refusals_total{listener=\"public\",layer=\"tls\",reason=\"tls_handshake_timeout\"}"
         ),
         Some(1.0)
     );

@@ -1,0 +1,524 @@
+//! The protection layers that refuse abusive traffic before it reaches a backend, cheapest first:
+//! IP deny and allow lists and connection caps when a connection is accepted, and rate limits
+//! once a request is parsed and routed.
+//!
+//! The arithmetic and the bounded per-key state are in `bouncer-rules`; this module holds them
+//! for the running proxy, reloads list files when they change, and tells the rest of the proxy
+//! what to refuse.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::HeaderMap;
+use ipnet::IpNet;
+
+use bouncer_config::{
+    IpListsConfig, ProtectionConfig, RateKeyPart, RateLimitAction, RateLimitConfig,
+};
+use bouncer_rules::{BoundedMap, Decision, Gcra, IpSet, parse_ip_list};
+
+use crate::error::Refusal;
+
+/// How often list files are looked at for changes.
+const LIST_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the protection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectionError {
+    #[error("cannot read the IP list {path}")]
+    ListFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the protection layers keep while the proxy runs; one for all listeners.
+pub struct Protection {
+    lists: Option<Arc<IpLists>>,
+    connections: ConnectionCaps,
+    limits: Vec<RateLimit>,
+    /// Per-key rate-limit state, for all limits together, bounded by `max_tracked_keys`.
+    keys: BoundedMap<u64>,
+    /// Keys are hashed with a per-process random key, so that no client can aim collisions.
+    hasher: std::hash::RandomState,
+    /// The origin of the rate limiter's clock (nanoseconds since then).
+    epoch: tokio::time::Instant,
+    refusal_log: LogThrottle,
+}
+
+impl Protection {
+    /// Loads the list files; inside a Tokio runtime it also starts watching them.
+    pub fn new(
+        config: &ProtectionConfig,
+        rate_limits: &[RateLimitConfig],
+    ) -> Result<Arc<Self>, ProtectionError> {
+        let lists = if config.ip.is_empty() {
+            None
+        } else {
+            Some(Arc::new(IpLists::load(&config.ip)?))
+        };
+        if let Some(lists) = &lists
+            && !(config.ip.deny_files.is_empty() && config.ip.allow_files.is_empty())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(watch_lists(Arc::downgrade(lists), config.ip.clone()));
+        }
+        Ok(Arc::new(Protection {
+            lists,
+            connections: ConnectionCaps::new(config),
+            limits: rate_limits.iter().map(RateLimit::new).collect(),
+            keys: BoundedMap::new(config.max_tracked_keys),
+            hasher: std::hash::RandomState::new(),
+            epoch: tokio::time::Instant::now(),
+            refusal_log: LogThrottle::default(),
+        }))
+    }
+
+    /// Whether `ip` may connect (or, behind a trusted proxy, send a request) by the IP lists.
+    pub fn check_lists(&self, ip: IpAddr) -> Result<(), Refusal> {
+        match &self.lists {
+            Some(lists) => lists.check(ip),
+            None => Ok(()),
+        }
+    }
+
+    /// Admits a connection from `ip` under the connection caps; the permit gives its place back
+    /// when dropped. `per_ip` is false for a trusted proxy, whose connections carry many clients.
+    pub fn admit_connection(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        per_ip: bool,
+    ) -> Result<ConnectionPermit, Refusal> {
+        self.connections.admit(ip, per_ip)?;
+        Ok(ConnectionPermit {
+            protection: Arc::clone(self),
+            ip: per_ip.then_some(ip),
+        })
+    }
+
+    pub fn has_rate_limits(&self) -> bool {
+        !self.limits.is_empty()
+    }
+
+    /// Counts a request against every rate limit that applies to `route`. Refused, it says which
+    /// limit and when to retry; with `delay`, it may first wait (up to the limit's `max_delay`).
+    pub async fn check_rate_limits(&self, request: &RateSubject<'_>) -> Result<(), RateLimited> {
+        for (index, limit) in self.limits.iter().enumerate() {
+            if !limit.applies_to(request.route) {
+                continue;
+            }
+            let key = self.key_of(index, limit, request);
+            let now = self.now_nanos();
+            let decision = self.keys.update(key, |tat| {
+                let decision = limit.gcra.check(*tat, now);
+                match decision {
+                    Decision::Allow { tat: next, .. } => *tat = next,
+                    Decision::Deny { retry_after } => {
+                        if let RateLimitAction::Delay { max_delay } = limit.action
+                            && retry_after <= max_delay
+                        {
+                            // The request takes the first place that frees up, reserved now
+                            // so that waiting requests keep their order and the rate stays exact.
+                            let at =
+                                now + u64::try_from(retry_after.as_nanos()).unwrap_or(u64::MAX);
+                            if let Decision::Allow { tat: next, .. } = limit.gcra.check(*tat, at) {
+                                *tat = next;
+                            }
+                        }
+                    }
+                }
+                decision
+            });
+            match decision {
+                Decision::Allow { .. } => {}
+                Decision::Deny { retry_after } => match limit.action {
+                    RateLimitAction::Delay { max_delay } if retry_after <= max_delay => {
+                        tokio::time::sleep(retry_after).await;
+                    }
+                    _ => {
+                        return Err(RateLimited {
+                            limit: Arc::clone(&limit.name),
+                            burst: limit.gcra.burst(),
+                            retry_after,
+                        });
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn key_of(&self, index: usize, limit: &RateLimit, request: &RateSubject<'_>) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write_usize(index);
+        for part in &limit.key {
+            match part {
+                RateKeyPart::ClientIp => match request.client {
+                    IpAddr::V4(v4) => hasher.write(&v4.octets()),
+                    IpAddr::V6(v6) => hasher.write(&v6.octets()),
+                },
+                RateKeyPart::Header(name) => {
+                    for value in request.headers.get_all(name.as_str()) {
+                        hasher.write(value.as_bytes());
+                        hasher.write_u8(0xff);
+                    }
+                }
+                RateKeyPart::Cookie(name) => {
+                    if let Some(value) = cookie_value(request.headers, name) {
+                        hasher.write(value.as_bytes());
+                    }
+                }
+                RateKeyPart::Path => hasher.write(request.path.as_bytes()),
+                RateKeyPart::Route => hasher.write(request.route.as_bytes()),
+            }
+            // Parts are separated, so that ("ab", "c") and ("a", "bc") differ.
+            hasher.write_u8(0);
+        }
+        hasher.finish()
+    }
+
+    fn now_nanos(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a refusal may be logged now: at most one line a second, however many refusals,
+    /// so that an attack cannot flood the logs. Gives the number of refusals not logged since.
+    pub fn may_log_refusal(&self) -> Option<u64> {
+        self.refusal_log.allow(self.now_nanos())
+    }
+
+    /// Open connections now, all listeners together.
+    pub fn open_connections(&self) -> u32 {
+        self.connections.total.load(Ordering::Relaxed)
+    }
+
+    /// Keys with rate-limit state now.
+    pub fn tracked_keys(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// What identifies a request to the rate limits.
+pub struct RateSubject<'a> {
+    pub client: IpAddr,
+    pub headers: &'a HeaderMap,
+    pub path: &'a str,
+    pub route: &'a str,
+}
+
+/// A request refused by a rate limit.
+#[derive(Debug, Clone)]
+pub struct RateLimited {
+    pub limit: Arc<str>,
+    pub burst: u32,
+    pub retry_after: Duration,
+}
+
+struct RateLimit {
+    name: Arc<str>,
+    key: Vec<RateKeyPart>,
+    gcra: Gcra,
+    routes: Vec<String>,
+    action: RateLimitAction,
+}
+
+impl RateLimit {
+    fn new(config: &RateLimitConfig) -> Self {
+        RateLimit {
+            name: config.name.as_str().into(),
+            key: config.key.clone(),
+            gcra: Gcra::new(config.count, config.period, config.burst),
+            routes: config.routes.clone(),
+            action: config.action,
+        }
+    }
+
+    fn applies_to(&self, route: &str) -> bool {
+        self.routes.is_empty() || self.routes.iter().any(|name| name == route)
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then_some(value)
+        })
+}
+
+/// The deny and allow lists: the addresses given in the config, and those of the list files.
+struct IpLists {
+    deny: ArcSwap<IpSet>,
+    /// `None` when no allow list is configured: everyone not denied may connect.
+    allow: Option<ArcSwap<IpSet>>,
+}
+
+impl IpLists {
+    fn load(config: &IpListsConfig) -> Result<Self, ProtectionError> {
+        let deny = build_set(&config.deny, &config.deny_files)?;
+        let allow = if config.has_allow_list() {
+            Some(ArcSwap::from_pointee(build_set(
+                &config.allow,
+                &config.allow_files,
+            )?))
+        } else {
+            None
+        };
+        Ok(IpLists {
+            deny: ArcSwap::from_pointee(deny),
+            allow,
+        })
+    }
+
+    fn check(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.deny.load().contains(ip) {
+            return Err(Refusal::DenyList);
+        }
+        if let Some(allow) = &self.allow
+            && !allow.load().contains(ip)
+        {
+            return Err(Refusal::NotAllowed);
+        }
+        Ok(())
+    }
+}
+
+/// The set of `blocks` and of every block in `files`. A malformed line is logged with its file
+/// and number and skipped; a file that cannot be read is an error.
+fn build_set(blocks: &[IpNet], files: &[PathBuf]) -> Result<IpSet, ProtectionError> {
+    let mut all = blocks.to_vec();
+    for path in files {
+        let text = std::fs::read_to_string(path).map_err(|source| ProtectionError::ListFile {
+            path: path.clone(),
+            source,
+        })?;
+        let (found, errors) = parse_ip_list(&text);
+        for error in errors.iter().take(20) {
+            tracing::warn!(file = %path.display(), "{error}; the line is skipped");
+        }
+        if errors.len() > 20 {
+            tracing::warn!(file = %path.display(), more = errors.len() - 20, "more malformed lines skipped");
+        }
+        all.extend(found);
+    }
+    Ok(IpSet::new(all))
+}
+
+/// Reloads the lists when one of their files changes, for as long as the lists exist. A file that
+/// cannot be read keeps the lists as they were.
+async fn watch_lists(lists: Weak<IpLists>, config: IpListsConfig) {
+    let files: Vec<PathBuf> = config
+        .deny_files
+        .iter()
+        .chain(&config.allow_files)
+        .cloned()
+        .collect();
+    let mut seen = fingerprint(&files);
+    loop {
+        tokio::time::sleep(LIST_WATCH_INTERVAL).await;
+        let Some(lists) = lists.upgrade() else {
+            return;
+        };
+        let now = fingerprint(&files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let deny = build_set(&config.deny, &config.deny_files);
+        let allow = config
+            .has_allow_list()
+            .then(|| build_set(&config.allow, &config.allow_files))
+            .transpose();
+        match (deny, allow) {
+            (Ok(deny), Ok(allow)) => {
+                let ranges = deny.range_count();
+                lists.deny.store(Arc::new(deny));
+                if let (Some(slot), Some(allow)) = (&lists.allow, allow) {
+                    slot.store(Arc::new(allow));
+                }
+                tracing::info!(deny_ranges = ranges, "IP lists reloaded");
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(error = %crate::error::Causes(&error), "the changed IP lists were not loaded; the lists in use stay");
+            }
+        }
+    }
+}
+
+fn fingerprint(files: &[PathBuf]) -> Vec<Option<(u64, SystemTime)>> {
+    files
+        .iter()
+        .map(|path| {
+            let metadata = std::fs::metadata(path).ok()?;
+            Some((metadata.len(), metadata.modified().ok()?))
+        })
+        .collect()
+}
+
+/// Open connections, in all and per address.
+struct ConnectionCaps {
+    max_total: Option<u32>,
+    max_per_ip: Option<u32>,
+    total: AtomicU32,
+    /// Only addresses with open connections are held, so this is bounded by `max_total` (or by
+    /// the descriptor limit).
+    per_ip: Box<[Mutex<HashMap<IpAddr, u32>>]>,
+}
+
+const PER_IP_SHARDS: usize = 16;
+
+impl ConnectionCaps {
+    fn new(config: &ProtectionConfig) -> Self {
+        ConnectionCaps {
+            max_total: config.max_connections,
+            max_per_ip: config.max_connections_per_ip,
+            total: AtomicU32::new(0),
+            per_ip: (0..PER_IP_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        let index = match ip {
+            IpAddr::V4(v4) => usize::from(v4.octets()[3]),
+            IpAddr::V6(v6) => usize::from(v6.octets()[15]),
+        } % PER_IP_SHARDS;
+        self.per_ip[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn admit(&self, ip: IpAddr, per_ip: bool) -> Result<(), Refusal> {
+        let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.max_total.is_some_and(|max| total > max) {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::ConnectionLimit);
+        }
+        if per_ip && let Some(max) = self.max_per_ip {
+            let mut shard = self.shard(ip);
+            let count = shard.entry(ip).or_insert(0);
+            if *count >= max {
+                drop(shard);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::ConnectionLimitPerIp);
+            }
+            *count += 1;
+        }
+        Ok(())
+    }
+
+    fn release(&self, ip: Option<IpAddr>) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = ip
+            && self.max_per_ip.is_some()
+        {
+            let mut shard = self.shard(ip);
+            if let Some(count) = shard.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    shard.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// A connection's place under the caps, given back when the connection ends.
+pub struct ConnectionPermit {
+    protection: Arc<Protection>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.protection.connections.release(self.ip);
+    }
+}
+
+/// Lets one log line through a second.
+#[derive(Default)]
+struct LogThrottle {
+    /// The clock reading (ns) from which the next line may be written.
+    next: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogThrottle {
+    fn allow(&self, now: u64) -> Option<u64> {
+        let next = self.next.load(Ordering::Relaxed);
+        if now < next
+            || self
+                .next
+                .compare_exchange(
+                    next,
+                    now + 1_000_000_000,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::AcqRel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            http::header::COOKIE,
+            "a=1; session=abc".parse().expect("value"),
+        );
+        headers.append(http::header::COOKIE, "other=2".parse().expect("value"));
+        assert_eq!(cookie_value(&headers, "session"), Some("abc"));
+        assert_eq!(cookie_value(&headers, "other"), Some("2"));
+        assert_eq!(cookie_value(&headers, "missing"), None);
+    }
+
+    #[test]
+    fn the_log_throttle_lets_one_line_a_second_through_and_counts_the_rest() {
+        let throttle = LogThrottle::default();
+        assert_eq!(throttle.allow(5), Some(0));
+        assert_eq!(throttle.allow(10), None);
+        assert_eq!(throttle.allow(999_999_999), None);
+        assert_eq!(throttle.allow(1_000_000_005), Some(2));
+    }
+
+    #[test]
+    fn connection_caps_count_in_all_and_per_address() {
+        let caps = ConnectionCaps::new(&ProtectionConfig {
+            max_connections: Some(3),
+            max_connections_per_ip: Some(2),
+            ..ProtectionConfig::default()
+        });
+        let a: IpAddr = "127.0.0.2".parse().expect("ip");
+        let b: IpAddr = "127.0.0.3".parse().expect("ip");
+        assert_eq!(caps.admit(a, true), Ok(()));
+        assert_eq!(caps.admit(a, true), Ok(()));
+        assert_eq!(caps.admit(a, true), Err(Refusal::ConnectionLimitPerIp));
+        assert_eq!(caps.admit(b, true), Ok(()));
+        assert_eq!(caps.admit(b, true), Err(Refusal::ConnectionLimit));
+        caps.release(Some(a));
+        assert_eq!(caps.admit(b, true), Ok(()));
+        assert_eq!(caps.total.load(Ordering::Relaxed), 3);
+    }
+}

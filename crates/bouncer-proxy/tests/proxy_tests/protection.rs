@@ -1,0 +1,294 @@
+//! The protection layers on real sockets: IP lists at accept time (and per request behind a
+//! trusted proxy), list files reloaded, connection caps, and rate limits that reject or delay.
+//! Clients on many addresses are simulated by binding to different addresses of 127.0.0.0/8.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bouncer_testkit::{Backend, TestProxy, eventually, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A connection to `proxy` from the source address `from`.
+async fn connect_from(from: &str, proxy: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    socket.connect(proxy).await.unwrap()
+}
+
+/// Sends one request from `from` with `extra` header lines; the status line of the answer, or
+/// `None` when the proxy closed the connection without one.
+async fn status_from(from: &str, proxy: SocketAddr, extra: &str) -> Option<String> {
+    let mut stream = connect_from(from, proxy).await;
+    let request = format!("GET / HTTP/1.1\r\nHost: app\r\n{extra}Connection: close\r\n\r\n");
+    // The proxy may have closed the connection already: a failed write is an answer too.
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return None;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answered or closed in time");
+    if read.is_err() || answer.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    Some(text.lines().next().unwrap_or_default().to_string())
+}
+
+fn refusals(text: &str, layer: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        &format!(
+            "bouncer_refusals_total{{listener=\"public\",layer=\"{layer}\",reason=\"{reason}\"}}"
+        ),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn denied_addresses_are_refused_at_accept_and_others_served() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[protection.ip]\ndeny = [\"127.0.0.2\", \"127.0.9.0/24\"]",
+    )
+    .await;
+    assert_eq!(status_from("127.0.0.2", proxy.address, "").await, None);
+    assert_eq!(status_from("127.0.9.77", proxy.address, "").await, None);
+    let served = status_from("127.0.0.3", proxy.address, "").await;
+    assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
+    assert_eq!(backend.count(), 1);
+    let text = proxy.scrape().await;
+    assert_eq!(refusals(&text, "connection", "deny_list"), 2.0);
+}
+
+#[tokio::test]
+async fn an_allow_list_lets_only_its_addresses_in() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[protection.ip]\nallow = [\"127.0.1.0/24\"]",
+    )
+    .await;
+    assert_eq!(status_from("127.0.0.4", proxy.address, "").await, None);
+    let served = status_from("127.0.1.9", proxy.address, "").await;
+    assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
+    let text = proxy.scrape().await;
+    assert_eq!(refusals(&text, "connection", "not_allowed"), 1.0);
+}
+
+#[tokio::test]
+async fn list_files_are_reloaded_when_they_change_and_bad_lines_skipped() {
+    let backend = Backend::start(0).await;
+    let dir = std::env::temp_dir().join(format!("bouncer-lists-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("drop.txt");
+    std::fs::write(&file, "; DROP list\n127.0.2.5 ; SBL1\nnot an address\n").unwrap();
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        &format!("[protection.ip]\ndeny_files = [\"{}\"]", file.display()),
+    )
+    .await;
+    assert_eq!(status_from("127.0.2.5", proxy.address, "").await, None);
+    assert!(status_from("127.0.2.6", proxy.address, "").await.is_some());
+
+    std::fs::write(&file, "# FireHOL netset\n127.0.2.6\n127.0.3.0/24\n").unwrap();
+    eventually(Duration::from_secs(10), "the new list in use", || async {
+        status_from("127.0.2.6", proxy.address, "").await.is_none()
+    })
+    .await;
+    assert!(status_from("127.0.2.5", proxy.address, "").await.is_some());
+    assert_eq!(status_from("127.0.3.200", proxy.address, "").await, None);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_lists_act_per_request() {
+    let backend = Backend::start(0).await;
+    let toml = bouncer_testkit::config_for(
+        std::slice::from_ref(&backend),
+        "[protection.ip]\ndeny = [\"198.51.100.9\", \"127.0.0.1\"]",
+    )
+    .replace(
+        "name = \"public\"\nbind = \"127.0.0.1:0\"",
+        "name = \"public\"\nbind = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let refused = status_from(
+        "127.0.4.1",
+        proxy.address,
+        "X-Forwarded-For: 198.51.100.9\r\n",
+    )
+    .await;
+    assert_eq!(refused.as_deref(), Some("HTTP/1.1 403 Forbidden"));
+    // The proxy in front is not refused for it, even when its own address is on the list.
+    let served = status_from(
+        "127.0.0.1",
+        proxy.address,
+        "X-Forwarded-For: 198.51.100.10\r\n",
+    )
+    .await;
+    assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
+    assert_eq!(backend.count(), 1);
+    let text = proxy.scrape().await;
+    assert_eq!(refusals(&text, "connection", "deny_list"), 1.0);
+}
+
+/// Opens a connection from `from` and completes one keep-alive request on it, so that the proxy
+/// has admitted it; the connection stays open.
+async fn held_connection(from: &str, proxy: SocketAddr) -> Option<TcpStream> {
+    let mut stream = connect_from(from, proxy).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .ok()?;
+    let head = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        Some(head)
+    })
+    .await
+    .expect("an answer or a close in time")?;
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    // The body ("backend 0") follows; it is left unread.
+    Some(stream)
+}
+
+#[tokio::test]
+async fn connection_caps_hold_per_address_and_in_all() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[protection]\nmax_connections = 3\nmax_connections_per_ip = 2",
+    )
+    .await;
+    let first = held_connection("127.0.5.1", proxy.address)
+        .await
+        .expect("admitted");
+    let second = held_connection("127.0.5.1", proxy.address)
+        .await
+        .expect("admitted");
+    assert!(held_connection("127.0.5.1", proxy.address).await.is_none());
+    let third = held_connection("127.0.5.2", proxy.address)
+        .await
+        .expect("admitted");
+    assert!(held_connection("127.0.5.3", proxy.address).await.is_none());
+    let text = proxy.scrape().await;
+    assert_eq!(
+        refusals(&text, "connection", "connection_limit_per_ip"),
+        1.0
+    );
+    assert_eq!(refusals(&text, "connection", "connection_limit"), 1.0);
+    // A closed connection frees its place.
+    drop(first);
+    eventually(Duration::from_secs(5), "a place freed", || async {
+        held_connection("127.0.5.3", proxy.address).await.is_some()
+    })
+    .await;
+    drop((second, third));
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
+    let backend = Backend::start(0).await;
+    let toml = bouncer_testkit::config_for(
+        std::slice::from_ref(&backend),
+        r#"
+[[rate_limits]]
+name = "per-user"
+key = ["client_ip", "header:x-user"]
+rate = "2/m"
+burst = 2
+"#,
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let clients = bouncer_testkit::Clients::new();
+    let get = |user: &'static str| {
+        let clients = clients.clone();
+        let url = proxy.url("/");
+        async move {
+            clients
+                .send(
+                    http::Request::get(url)
+                        .header("x-user", user)
+                        .body(bouncer_testkit::empty())
+                        .unwrap(),
+                )
+                .await
+        }
+    };
+    assert_eq!(get("alice").await.status, 200);
+    assert_eq!(get("alice").await.status, 200);
+    let refused = get("alice").await;
+    assert_eq!(refused.status, 429);
+    // The next place frees up 30 s after the first request.
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((29..=30).contains(&retry), "{retry}");
+    assert_eq!(refused.header("ratelimit-limit"), Some("2"));
+    assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
+    assert_eq!(
+        refused.header("ratelimit-reset"),
+        Some(retry.to_string().as_str())
+    );
+    // Another key has its own bucket.
+    assert_eq!(get("bob").await.status, 200);
+    assert_eq!(backend.count(), 3);
+    let text = proxy.scrape().await;
+    assert_eq!(refusals(&text, "request", "rate_limit"), 1.0);
+}
+
+#[tokio::test]
+async fn the_delay_action_holds_requests_until_they_fit_and_refuses_beyond_max_delay() {
+    let backend = Backend::start(0).await;
+    let toml = bouncer_testkit::config_for(
+        std::slice::from_ref(&backend),
+        r#"
+[[rate_limits]]
+name = "smooth"
+rate = "1/s"
+burst = 1
+action = "delay"
+max_delay = "1500ms"
+"#,
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let clients = bouncer_testkit::Clients::new();
+    let started = Instant::now();
+    let requests = (0..3).map(|_| {
+        let clients = clients.clone();
+        let url = proxy.url("/");
+        async move { clients.get(&url).await.status.as_u16() }
+    });
+    let mut statuses = futures_util::future::join_all(requests).await;
+    statuses.sort_unstable();
+    // One at once, one a second later, and one that would have waited two seconds: refused.
+    assert_eq!(statuses, [200, 200, 429]);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(backend.count(), 2);
+}
+
+#[tokio::test]
+async fn rate_limits_apply_only_to_their_routes() {
+    let backend = Backend::start(0).await;
+    let toml = bouncer_testkit::config_for(std::slice::from_ref(&backend), "")
+        .replace(
+            "[[routes]]\nname = \"app\"\nupstream = \"app\"",
+            "[[routes]]\nname = \"login\"\npath_prefix = \"/login\"\nupstream = \"app\"\n\n[[routes]]\nname = \"app\"\nupstream = \"app\"",
+        )
+        + "\n[[rate_limits]]\nname = \"login\"\nrate = \"1/m\"\nburst = 1\nroutes = [\"login\"]\n";
+    let proxy = TestProxy::start(&toml).await;
+    let clients = bouncer_testkit::Clients::new();
+    assert_eq!(clients.get(&proxy.url("/login")).await.status, 200);
+    assert_eq!(clients.get(&proxy.url("/login")).await.status, 429);
+    for _ in 0..5 {
+        assert_eq!(clients.get(&proxy.url("/other")).await.status, 200);
+    }
+}
