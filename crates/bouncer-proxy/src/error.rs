@@ -206,10 +206,13 @@ pub enum Refusal {
     ConnectionLimit,
     ConnectionLimitPerIp,
     RateLimit,
+    /// The IP lists, applied to a request behind a trusted proxy.
+    RequestDenyList,
+    RequestNotAllowed,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 21] = [
+    pub const ALL: [Refusal; 23] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -231,6 +234,8 @@ impl Refusal {
         Refusal::ConnectionLimit,
         Refusal::ConnectionLimitPerIp,
         Refusal::RateLimit,
+        Refusal::RequestDenyList,
+        Refusal::RequestNotAllowed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -256,6 +261,8 @@ impl Refusal {
             Refusal::ConnectionLimit => "connection_limit",
             Refusal::ConnectionLimitPerIp => "connection_limit_per_ip",
             Refusal::RateLimit => "rate_limit",
+            Refusal::RequestDenyList => "deny_list",
+            Refusal::RequestNotAllowed => "not_allowed",
         }
     }
 
@@ -277,12 +284,23 @@ impl Refusal {
             | Refusal::MethodNotAllowed
             | Refusal::ClientBody
             | Refusal::Misdirected
-            | Refusal::RateLimit => "request",
+            | Refusal::RateLimit
+            | Refusal::RequestDenyList
+            | Refusal::RequestNotAllowed => "request",
             Refusal::UpstreamConnect
             | Refusal::UpstreamTimeout
             | Refusal::UpstreamReset
             | Refusal::NoBackend
             | Refusal::QueueTimeout => "upstream",
+        }
+    }
+
+    /// The same refusal made on a request rather than on a connection.
+    pub fn per_request(self) -> Refusal {
+        match self {
+            Refusal::DenyList => Refusal::RequestDenyList,
+            Refusal::NotAllowed => Refusal::RequestNotAllowed,
+            other => other,
         }
     }
 

@@ -171,7 +171,7 @@ async fn forward(
         ctx.runtime
             .protection
             .check_lists(client.ip)
-            .map_err(ProxyError::Denied)?;
+            .map_err(|refusal| ProxyError::Denied(refusal.per_request()))?;
     }
     check_framing(&request)?;
     let host_source = request_host(&request)?;

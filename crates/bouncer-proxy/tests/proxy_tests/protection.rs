@@ -133,7 +133,8 @@ async fn behind_a_trusted_proxy_the_lists_act_per_request() {
     assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
     assert_eq!(backend.count(), 1);
     let text = proxy.scrape().await;
-    assert_eq!(refusals(&text, "connection", "deny_list"), 1.0);
+    assert_eq!(refusals(&text, "request", "deny_list"), 1.0);
+    assert_eq!(refusals(&text, "connection", "deny_list"), 0.0);
 }
 
 /// Opens a connection from `from` and completes one keep-alive request on it, so that the proxy
