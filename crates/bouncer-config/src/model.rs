@@ -466,6 +466,13 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Keep-alive silence allowed between requests.
     pub idle_timeout: Duration,
+    /// How long a client may take no response data (a full socket, or an HTTP/2 flow-control
+    /// window left shut) before its connection is closed.
+    pub write_timeout: Duration,
+    /// A request body must arrive at this many bytes a second at least, averaged since it began,
+    /// after a grace of `body_timeout`; 0 for no floor.
+    pub min_body_rate: u64,
+    pub body_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
     /// How long in-flight requests may run on after a shutdown signal.
@@ -479,6 +486,9 @@ impl Default for ServerConfig {
         Self {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
+            body_timeout: Duration::from_secs(10),
             max_header_bytes: 65536,
             max_body_bytes: 100 << 20,
             shutdown_grace: Duration::from_secs(30),

@@ -1228,6 +1228,19 @@ fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
         defaults.idle_timeout,
         Duration::from_millis(1),
     );
+    let write_timeout = section.duration(
+        d,
+        "write_timeout",
+        defaults.write_timeout,
+        Duration::from_millis(1),
+    );
+    let min_body_rate = section.size(d, "min_body_rate", defaults.min_body_rate, 0, 1 << 40);
+    let body_timeout = section.duration(
+        d,
+        "body_timeout",
+        defaults.body_timeout,
+        Duration::from_millis(1),
+    );
     let max_header_bytes = section.size(
         d,
         "max_header_bytes",
@@ -1243,6 +1256,9 @@ fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
     ServerConfig {
         header_timeout,
         idle_timeout,
+        write_timeout,
+        min_body_rate,
+        body_timeout,
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(defaults.max_header_bytes),
         max_body_bytes,
         shutdown_grace,

@@ -25,6 +25,54 @@ pub enum RequestBodyError {
     TooLarge { limit: u64 },
     #[error("reading the request body from the client failed")]
     Client(#[source] hyper::Error),
+    #[error("the request body arrived slower than {min_rate} bytes a second")]
+    TooSlow { min_rate: u64 },
+}
+
+/// The floor on a request body's rate: by `grace + received / min_rate` after the body began,
+/// `received` bytes must have arrived (a slow-POST attack holds a connection and a backend slot
+/// with a body dripped a byte at a time).
+pub struct BodyPace {
+    min_rate: u64,
+    grace: Duration,
+    started: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl BodyPace {
+    pub fn new(min_rate: u64, grace: Duration) -> Option<Box<Self>> {
+        (min_rate > 0).then(|| {
+            Box::new(BodyPace {
+                min_rate,
+                grace,
+                started: Instant::now(),
+                timer: None,
+            })
+        })
+    }
+
+    /// When the next byte is due, with `received` bytes in.
+    fn due(&self, received: u64) -> Instant {
+        let allowed = Duration::from_secs_f64((received + 1) as f64 / self.min_rate as f64);
+        self.started + self.grace + allowed
+    }
+
+    /// `Ready` when the body is behind its pace.
+    fn poll_behind(&mut self, cx: &mut Context<'_>, received: u64) -> Poll<()> {
+        let due = self.due(received);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        ready!(timer.as_mut().poll(cx));
+        if Instant::now() >= due {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 /// How far a request body has got, shared between the body (which the upstream client consumes)
@@ -133,17 +181,24 @@ pub struct RequestBody {
     limit: u64,
     received: u64,
     progress: Option<Arc<BodyProgress>>,
+    pace: Option<Box<BodyPace>>,
 }
 
 impl RequestBody {
     /// Wraps a body that may have content; `progress` is told about every byte and the end.
-    pub fn streaming(inner: Incoming, limit: u64, progress: Arc<BodyProgress>) -> Self {
+    pub fn streaming(
+        inner: Incoming,
+        limit: u64,
+        progress: Arc<BodyProgress>,
+        pace: Option<Box<BodyPace>>,
+    ) -> Self {
         Self {
             inner: Some(inner),
             replayed: VecDeque::new(),
             limit,
             received: 0,
             progress: Some(progress),
+            pace,
         }
     }
 
@@ -159,6 +214,7 @@ impl RequestBody {
             limit: 0,
             received: 0,
             progress: None,
+            pace: None,
         }
     }
 }
@@ -179,7 +235,19 @@ impl Body for RequestBody {
                     .map(|chunk| Ok(Frame::data(chunk))),
             );
         };
-        let frame = ready!(Pin::new(inner).poll_frame(cx));
+        let frame = match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if let Some(pace) = this.pace.as_mut()
+                    && pace.poll_behind(cx, this.received).is_ready()
+                {
+                    let min_rate = pace.min_rate;
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(RequestBodyError::TooSlow { min_rate })));
+                }
+                return Poll::Pending;
+            }
+        };
         match frame {
             Some(Ok(frame)) => {
                 if let Some(progress) = &this.progress {
@@ -261,6 +329,8 @@ pin_project! {
         last_progress: Instant,
         #[pin]
         silence: Option<Sleep>,
+        // On HTTP/2: whether data handed over waits on the client (see `conn`).
+        send_watch: Option<crate::conn::SendWatch>,
         exchange: Option<Exchange>,
     }
 }
@@ -279,6 +349,7 @@ impl ResponseBody {
             read_timeout,
             last_progress: Instant::now(),
             silence: None,
+            send_watch: exchange.send_watch(),
             exchange: Some(exchange),
         }
     }
@@ -292,6 +363,7 @@ impl ResponseBody {
             read_timeout: Duration::ZERO,
             last_progress: Instant::now(),
             silence: None,
+            send_watch: None,
             exchange,
         }
     }
@@ -315,8 +387,17 @@ impl Body for ResponseBody {
         let Some(upstream) = this.upstream.as_mut() else {
             return Poll::Ready(None);
         };
+        if let Some(watch) = this.send_watch.as_mut() {
+            watch.asked();
+        }
         match Pin::new(&mut *upstream).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(watch) = this.send_watch.as_mut()
+                    && frame.is_data()
+                    && !upstream.is_end_stream()
+                {
+                    watch.handed_out();
+                }
                 // The server may stop polling once the body says it is complete, so the
                 // connection is given back at its last frame rather than at the end of the stream.
                 if upstream.is_end_stream()

@@ -6,6 +6,11 @@
 //! wrapper when a request is in flight, and the wrapper's reads run the right clock: while idle,
 //! the idle timeout (then a clean EOF); once the first byte of a new request arrives, the header
 //! timeout (then a 408 and close).
+//!
+//! It also bounds how long a client may refuse to take its answer (a slow-read attack): a write
+//! that finds the socket full for `write_timeout` fails, and on HTTP/2, where a client can instead
+//! leave its flow-control window shut so that nothing is even written, a connection whose answers
+//! wait on the client with no write progress for `write_timeout` is closed.
 
 use std::io;
 use std::pin::Pin;
@@ -25,6 +30,8 @@ use crate::metrics::ListenerMetrics;
 const PHASE_IDLE: u8 = 0;
 /// Part of a request head has arrived (or a new connection waits for its first): the header clock runs.
 const PHASE_HEAD: u8 = 1;
+/// Busy, with answers waiting on a client that takes no data: the write clock runs (HTTP/2).
+const PHASE_STALLED: u8 = 2;
 
 const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 26\r\n\r\nrequest headers too slow.\n";
 
@@ -39,6 +46,15 @@ pub struct ConnectionActivity {
     /// Milliseconds after `started` when the current phase began.
     phase_since_ms: AtomicU64,
     is_http2: AtomicBool,
+    /// HTTP/2 answers that handed data to the connection which the client has not taken yet.
+    waiting_sends: AtomicU32,
+    /// Milliseconds after `started` when `waiting_sends` last rose from zero.
+    stall_since_ms: AtomicU64,
+    /// Milliseconds after `started` of the last write to the client that made progress.
+    write_progress_ms: AtomicU64,
+    /// The HTTP/2 connection task, woken when a stall may begin so that it arms the write clock
+    /// (it may have read last before the answer handed its data over, with nothing to wake it).
+    reader: futures_util::task::AtomicWaker,
 }
 
 impl ConnectionActivity {
@@ -49,6 +65,10 @@ impl ConnectionActivity {
             in_flight: AtomicU32::new(0),
             phase_since_ms: AtomicU64::new(0),
             is_http2: AtomicBool::new(false),
+            waiting_sends: AtomicU32::new(0),
+            stall_since_ms: AtomicU64::new(0),
+            write_progress_ms: AtomicU64::new(0),
+            reader: futures_util::task::AtomicWaker::new(),
         })
     }
 
@@ -64,6 +84,24 @@ impl ConnectionActivity {
     /// Told by the pipeline once it sees an HTTP/2 request: HTTP/2 never gets a raw 408.
     pub fn mark_http2(&self) {
         self.is_http2.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_http2(&self) -> bool {
+        self.is_http2.load(Ordering::Relaxed)
+    }
+
+    /// An HTTP/2 answer handed data to the connection; until it is asked for more, that data
+    /// waits on the client.
+    pub fn send_waiting(&self) {
+        if self.waiting_sends.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.stall_since_ms.store(self.now_ms(), Ordering::Release);
+            self.reader.wake();
+        }
+    }
+
+    /// The answer was asked for more data (or ended): the client took what it had.
+    pub fn send_taken(&self) {
+        self.waiting_sends.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn request_finished(&self) {
@@ -88,17 +126,27 @@ impl ConnectionActivity {
         }
     }
 
-    fn deadline(&self, idle_timeout: Duration, header_timeout: Duration) -> Option<(Instant, u8)> {
+    fn deadline(&self, timeouts: &ClientTimeouts) -> Option<(Instant, u8)> {
         if self.busy() {
-            return None;
+            if self.waiting_sends.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            let since = self
+                .stall_since_ms
+                .load(Ordering::Acquire)
+                .max(self.write_progress_ms.load(Ordering::Relaxed));
+            return Some((
+                self.started + Duration::from_millis(since) + timeouts.write,
+                PHASE_STALLED,
+            ));
         }
         let phase = self.phase.load(Ordering::Acquire);
         let since =
             self.started + Duration::from_millis(self.phase_since_ms.load(Ordering::Relaxed));
         if phase == PHASE_HEAD {
-            Some((since + header_timeout, PHASE_HEAD))
+            Some((since + timeouts.header, PHASE_HEAD))
         } else {
-            Some((since + idle_timeout, PHASE_IDLE))
+            Some((since + timeouts.idle, PHASE_IDLE))
         }
     }
 }
@@ -107,6 +155,54 @@ impl ConnectionActivity {
 #[derive(Debug)]
 pub struct RequestGuard {
     activity: Option<Arc<ConnectionActivity>>,
+}
+
+impl RequestGuard {
+    /// The connection's activity when it is HTTP/2, whose answers are watched for a client that
+    /// leaves its flow-control window shut.
+    pub fn http2_activity(&self) -> Option<&Arc<ConnectionActivity>> {
+        self.activity
+            .as_ref()
+            .filter(|activity| activity.is_http2())
+    }
+}
+
+/// One HTTP/2 answer's part in the stall watch: between handing data to the connection and
+/// being asked for more, its data waits on the client.
+pub struct SendWatch {
+    activity: Arc<ConnectionActivity>,
+    handed_out: bool,
+}
+
+impl SendWatch {
+    pub fn new(activity: Arc<ConnectionActivity>) -> Self {
+        SendWatch {
+            activity,
+            handed_out: false,
+        }
+    }
+
+    /// Called whenever the answer is asked for data.
+    pub fn asked(&mut self) {
+        if self.handed_out {
+            self.handed_out = false;
+            self.activity.send_taken();
+        }
+    }
+
+    /// Called when the answer hands data over.
+    pub fn handed_out(&mut self) {
+        if !self.handed_out {
+            self.handed_out = true;
+            self.activity.send_waiting();
+        }
+    }
+}
+
+impl Drop for SendWatch {
+    fn drop(&mut self) {
+        self.asked();
+    }
 }
 
 impl Drop for RequestGuard {
@@ -125,16 +221,26 @@ pub fn request_started(activity: &Arc<ConnectionActivity>) -> RequestGuard {
     }
 }
 
+/// The client-side clocks of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    pub idle: Duration,
+    pub header: Duration,
+    pub write: Duration,
+}
+
 /// The client socket, wrapped (hyper sees it through `TokioIo`).
 pub struct ClientIo {
     io: TcpStream,
     /// Bytes read past a PROXY protocol header, handed to hyper before the socket's.
     replay: bytes::Bytes,
     activity: Arc<ConnectionActivity>,
-    idle_timeout: Duration,
-    header_timeout: Duration,
+    timeouts: ClientTimeouts,
     timer: Pin<Box<Sleep>>,
     timer_deadline: Option<Instant>,
+    /// Runs while a write finds the socket full; made at the first such write.
+    write_timer: Option<Pin<Box<Sleep>>>,
+    write_blocked: bool,
     /// Whether part of the next request's head has arrived (then a timeout earns a 408).
     head_bytes_seen: bool,
     metrics: ListenerMetrics,
@@ -144,8 +250,7 @@ impl ClientIo {
     pub fn new(
         stream: TcpStream,
         replay: bytes::Bytes,
-        idle_timeout: Duration,
-        header_timeout: Duration,
+        timeouts: ClientTimeouts,
         metrics: ListenerMetrics,
     ) -> (Self, Arc<ConnectionActivity>) {
         let activity = ConnectionActivity::new();
@@ -155,10 +260,11 @@ impl ClientIo {
             io: stream,
             replay,
             activity: Arc::clone(&activity),
-            idle_timeout,
-            header_timeout,
-            timer: Box::pin(tokio::time::sleep(header_timeout)),
+            timeouts,
+            timer: Box::pin(tokio::time::sleep(timeouts.header)),
             timer_deadline: None,
+            write_timer: None,
+            write_blocked: false,
             head_bytes_seen: false,
             metrics,
         };
@@ -167,10 +273,7 @@ impl ClientIo {
 
     /// Runs the clock of the current phase; `Ready` means the phase's time is up.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<u8> {
-        let Some((deadline, phase)) = self
-            .activity
-            .deadline(self.idle_timeout, self.header_timeout)
-        else {
+        let Some((deadline, phase)) = self.activity.deadline(&self.timeouts) else {
             return Poll::Pending;
         };
         // The timer is moved only to an earlier deadline. Moving it costs more than letting it
@@ -198,8 +301,19 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.activity.is_http2() {
+            this.activity.reader.register(cx.waker());
+        }
         let waiting_for_request = !this.activity.busy();
-        if waiting_for_request && let Poll::Ready(phase) = this.poll_deadline(cx) {
+        if let Poll::Ready(phase) = this.poll_deadline(cx) {
+            if phase == PHASE_STALLED {
+                this.metrics.refused(Refusal::WriteTimeout);
+                tracing::debug!("closing an HTTP/2 connection whose client takes no data");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no data for the write timeout",
+                )));
+            }
             let http2 = this.activity.is_http2.load(Ordering::Relaxed);
             if phase == PHASE_HEAD && !http2 && this.head_bytes_seen {
                 this.metrics.refused(Refusal::HeaderTimeout);
@@ -236,17 +350,62 @@ impl AsyncRead for ClientIo {
     }
 }
 
+impl ClientIo {
+    /// Passes a write's outcome on, running the write clock while the socket is full: a client
+    /// that takes nothing for the write timeout gets its connection closed.
+    fn after_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        outcome: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match outcome {
+            Poll::Ready(result) => {
+                self.write_blocked = false;
+                if self.activity.is_http2() {
+                    self.activity
+                        .write_progress_ms
+                        .store(self.activity.now_ms(), Ordering::Relaxed);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + self.timeouts.write;
+                let timer = self
+                    .write_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !self.write_blocked {
+                    self.write_blocked = true;
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    self.metrics.refused(Refusal::WriteTimeout);
+                    tracing::debug!("closing a connection whose client takes no data");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client took no data for the write timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
 impl AsyncWrite for ClientIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.after_write(cx, outcome)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.io).poll_flush(cx);
+        this.after_write(cx, outcome)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -262,6 +421,8 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after_write(cx, outcome)
     }
 }

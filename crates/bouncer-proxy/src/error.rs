@@ -60,6 +60,8 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
+    #[error("the request body arrived slower than {min_rate} bytes a second")]
+    BodyTooSlow { min_rate: u64 },
     #[error("the client's address is refused by the IP lists")]
     Denied(Refusal),
     #[error("rate limit {} exceeded; retry in {:?}", .0.limit, .0.retry_after)]
@@ -76,7 +78,8 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed
             | ProxyError::ClientBody { .. }
             | ProxyError::Denied(_)
-            | ProxyError::RateLimited(_) => Side::Client,
+            | ProxyError::RateLimited(_)
+            | ProxyError::BodyTooSlow { .. } => Side::Client,
             ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout { .. }
             | ProxyError::ResponseTimeout { .. }
@@ -102,6 +105,7 @@ impl ProxyError {
             | ProxyError::ClientBody { .. }
             | ProxyError::Denied(_)
             | ProxyError::RateLimited(_)
+            | ProxyError::BodyTooSlow { .. }
             | ProxyError::ResponseTimeout { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamFailed { .. } => false,
@@ -173,6 +177,11 @@ impl ProxyError {
                 Refusal::UpstreamReset,
             ),
             ProxyError::Denied(reason) => (StatusCode::FORBIDDEN, "forbidden\n", *reason),
+            ProxyError::BodyTooSlow { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request body too slow\n",
+                Refusal::BodyTooSlow,
+            ),
             ProxyError::RateLimited(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests\n",
@@ -209,10 +218,14 @@ pub enum Refusal {
     /// The IP lists, applied to a request behind a trusted proxy.
     RequestDenyList,
     RequestNotAllowed,
+    /// A client that took no response data for the write timeout.
+    WriteTimeout,
+    /// A request body that arrived slower than `min_body_rate`.
+    BodyTooSlow,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 23] = [
+    pub const ALL: [Refusal; 25] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -236,6 +249,8 @@ impl Refusal {
         Refusal::RateLimit,
         Refusal::RequestDenyList,
         Refusal::RequestNotAllowed,
+        Refusal::WriteTimeout,
+        Refusal::BodyTooSlow,
     ];
 
     pub fn label(self) -> &'static str {
@@ -263,6 +278,8 @@ impl Refusal {
             Refusal::RateLimit => "rate_limit",
             Refusal::RequestDenyList => "deny_list",
             Refusal::RequestNotAllowed => "not_allowed",
+            Refusal::WriteTimeout => "write_timeout",
+            Refusal::BodyTooSlow => "body_too_slow",
         }
     }
 
@@ -274,7 +291,8 @@ impl Refusal {
             | Refusal::DenyList
             | Refusal::NotAllowed
             | Refusal::ConnectionLimit
-            | Refusal::ConnectionLimitPerIp => "connection",
+            | Refusal::ConnectionLimitPerIp
+            | Refusal::WriteTimeout => "connection",
             Refusal::TlsHandshake | Refusal::TlsHandshakeTimeout => "tls",
             Refusal::BadRequest
             | Refusal::BodyTooLarge
@@ -286,7 +304,8 @@ impl Refusal {
             | Refusal::Misdirected
             | Refusal::RateLimit
             | Refusal::RequestDenyList
-            | Refusal::RequestNotAllowed => "request",
+            | Refusal::RequestNotAllowed
+            | Refusal::BodyTooSlow => "request",
             Refusal::UpstreamConnect
             | Refusal::UpstreamTimeout
             | Refusal::UpstreamReset

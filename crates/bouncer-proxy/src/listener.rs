@@ -186,8 +186,11 @@ async fn serve_connection(
     let (io, activity) = ClientIo::new(
         stream,
         replay,
-        runtime.server.idle_timeout,
-        runtime.server.header_timeout,
+        crate::conn::ClientTimeouts {
+            idle: runtime.server.idle_timeout,
+            header: runtime.server.header_timeout,
+            write: runtime.server.write_timeout,
+        },
         metrics.clone(),
     );
     let context = |runtime, scheme, sni_certificate, client_subject| ConnectionContext {

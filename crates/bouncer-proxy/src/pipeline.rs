@@ -14,7 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use bouncer_rules::normalise_path;
 
 use crate::balance::request_key_hash;
-use crate::body::{BodyProgress, RequestBody, ResponseBody};
+use crate::body::{BodyPace, BodyProgress, RequestBody, ResponseBody};
 use crate::conn::{ConnectionActivity, RequestGuard, request_started};
 use crate::error::{ProxyError, Refusal, Side};
 use crate::headers::{
@@ -308,7 +308,15 @@ async fn forward(
         });
         exchange.body_progress = Some(Arc::clone(&progress));
         (
-            RequestBody::streaming(incoming, max_body, Arc::clone(&progress)),
+            RequestBody::streaming(
+                incoming,
+                max_body,
+                Arc::clone(&progress),
+                BodyPace::new(
+                    ctx.runtime.server.min_body_rate,
+                    ctx.runtime.server.body_timeout,
+                ),
+            ),
             Some(progress),
             keep,
         )
@@ -592,7 +600,7 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
     // to be in step with the client any more.
     if matches!(
         refusal,
-        Refusal::BadRequest | Refusal::BodyTooLarge | Refusal::ClientBody
+        Refusal::BadRequest | Refusal::BodyTooLarge | Refusal::ClientBody | Refusal::BodyTooSlow
     ) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -778,6 +786,16 @@ pub struct Exchange {
     pub(crate) upstream_body_failed: bool,
     /// A gRPC call, whose client reads errors from `grpc-status`.
     grpc: bool,
+}
+
+impl Exchange {
+    /// For an answer on an HTTP/2 connection: its part in the watch for a client that takes no
+    /// data.
+    pub(crate) fn send_watch(&self) -> Option<crate::conn::SendWatch> {
+        self._in_flight
+            .http2_activity()
+            .map(|activity| crate::conn::SendWatch::new(Arc::clone(activity)))
+    }
 }
 
 /// What the log and metrics say when the client went away before it was answered (as nginx does).

@@ -680,6 +680,9 @@ fn classify(error: SendError, backend: &Backend) -> ProxyError {
             RequestBodyError::Client(_) => ProxyError::ClientBody {
                 source: Box::new(error),
             },
+            RequestBodyError::TooSlow { min_rate } => ProxyError::BodyTooSlow {
+                min_rate: *min_rate,
+            },
         };
     }
     if error.is_connect() {

@@ -21,6 +21,7 @@ mod proxy_tests {
     pub mod proxy_protocol;
     pub mod routing;
     pub mod shutdown;
+    pub mod slow_clients;
     pub mod sticky;
     pub mod timeouts;
     pub mod tls;

@@ -1,0 +1,156 @@
+//! Slow attacks: a body dripped in (slow POST), a client that does not read its answer (slow
+//! read), and an HTTP/2 client that keeps its flow-control window shut.
+
+use std::time::Duration;
+
+use bouncer_testkit::{Backend, TestProxy, eventually, metric, read_head};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn refusals(text: &str, layer: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        &format!(
+            "bouncer_refusals_total{{listener=\"public\",layer=\"{layer}\",reason=\"{reason}\"}}"
+        ),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_body_dripped_slower_than_the_minimum_rate_gets_408() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[server]\nmin_body_rate = \"1KiB\"\nbody_timeout = \"200ms\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    stream
+        .write_all(b"POST /count HTTP/1.1\r\nHost: app\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    // Nothing more is sent; the answer comes after the grace and the ten bytes' allowance.
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream))
+        .await
+        .expect("an answer in time");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let text = proxy.scrape().await;
+    assert_eq!(refusals(&text, "request", "body_too_slow"), 1.0);
+
+    // A body that keeps up is forwarded whole.
+    let answer = bouncer_testkit::Clients::new()
+        .send(
+            http::Request::post(proxy.url("/count"))
+                .body(bouncer_testkit::full(vec![7u8; 200_000]))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "200000");
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_disconnected_after_the_write_timeout() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[server]\nwrite_timeout = \"300ms\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    stream
+        .write_all(b"GET /bytes/200000000 HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    // The client reads nothing: the proxy's writes fill the socket and then wait.
+    eventually(Duration::from_secs(10), "the write timeout", || async {
+        refusals(&proxy.scrape().await, "connection", "write_timeout") == 1.0
+    })
+    .await;
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+        .await
+        .expect("the connection was closed");
+    assert!(received.len() < 200_000_000);
+}
+
+#[tokio::test]
+async fn an_http2_client_that_keeps_its_window_shut_is_disconnected() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[server]\nwrite_timeout = \"300ms\"",
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{}/bytes/10000000", proxy.address))
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The body is never read, so the client never opens its window past the first 64 KiB; the
+    // socket itself is not full, and yet nothing moves.
+    eventually(Duration::from_secs(10), "the stall noticed", || async {
+        refusals(&proxy.scrape().await, "connection", "write_timeout") == 1.0
+    })
+    .await;
+    let open = metric(
+        &proxy.scrape().await,
+        "bouncer_connections_open{listener=\"public\"}",
+    );
+    assert_eq!(open, Some(0.0), "the proxy closed the connection");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the body ends once the connection is closed");
+    assert!(outcome.is_err(), "the stalled answer cannot have completed");
+    connection.abort();
+}
+
+#[tokio::test]
+async fn a_slow_but_reading_http2_client_is_not_cut_off() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[server]\nwrite_timeout = \"300ms\"",
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{}/bytes/1000000", proxy.address))
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let mut body = response.into_body();
+    let mut total = 0;
+    // Reads a frame every 100 ms: slow, but always well within the write timeout.
+    let mut frames = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("the answer is not cut off");
+        total += frame.data_ref().map_or(0, bytes::Bytes::len);
+        frames += 1;
+        if frames <= 5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(total, 1_000_000);
+    assert_eq!(
+        refusals(&proxy.scrape().await, "connection", "write_timeout"),
+        0.0
+    );
+}
