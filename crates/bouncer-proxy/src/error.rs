@@ -222,10 +222,14 @@ pub enum Refusal {
     WriteTimeout,
     /// A request body that arrived slower than `min_body_rate`.
     BodyTooSlow,
+    /// An HTTP/2 connection closed by the library for abuse (ENHANCE_YOUR_CALM).
+    H2Abuse,
+    /// An HTTP/2 connection closed for broken framing.
+    H2ProtocolError,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 25] = [
+    pub const ALL: [Refusal; 27] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -251,6 +255,8 @@ impl Refusal {
         Refusal::RequestNotAllowed,
         Refusal::WriteTimeout,
         Refusal::BodyTooSlow,
+        Refusal::H2Abuse,
+        Refusal::H2ProtocolError,
     ];
 
     pub fn label(self) -> &'static str {
@@ -280,6 +286,8 @@ impl Refusal {
             Refusal::RequestNotAllowed => "not_allowed",
             Refusal::WriteTimeout => "write_timeout",
             Refusal::BodyTooSlow => "body_too_slow",
+            Refusal::H2Abuse => "h2_abuse",
+            Refusal::H2ProtocolError => "h2_protocol_error",
         }
     }
 
@@ -292,7 +300,9 @@ impl Refusal {
             | Refusal::NotAllowed
             | Refusal::ConnectionLimit
             | Refusal::ConnectionLimitPerIp
-            | Refusal::WriteTimeout => "connection",
+            | Refusal::WriteTimeout
+            | Refusal::H2Abuse
+            | Refusal::H2ProtocolError => "connection",
             Refusal::TlsHandshake | Refusal::TlsHandshakeTimeout => "tls",
             Refusal::BadRequest
             | Refusal::BodyTooLarge

@@ -65,6 +65,12 @@ pub(crate) fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// HTTP/2 streams one client connection may have open at once; more are refused one by one.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+const MAX_PENDING_RESET_STREAMS: usize = 20;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+const SEND_BUFFER_PER_STREAM: usize = 256 * 1024;
+
 pub(crate) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -79,7 +85,14 @@ pub(crate) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // Streams a client may reset before they are served (rapid reset, CVE-2023-44487), and
+        // streams the proxy may reset for a client's errors (CVE-2025-8671), before the
+        // connection is closed with ENHANCE_YOUR_CALM.
+        .max_pending_accept_reset_streams(MAX_PENDING_RESET_STREAMS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+        // Response data buffered per stream for a client that reads slowly.
+        .max_send_buf_size(SEND_BUFFER_PER_STREAM);
     builder
 }
 
@@ -351,6 +364,28 @@ fn record_connection_error(
         if hyper_error.is_parse() || hyper_error.is_parse_status() {
             metrics.refused(Refusal::BadRequest);
             tracing::info!(%peer, error = %hyper_error, "refused a malformed request");
+            return;
+        }
+    }
+    if let Some(h2_error) = find_cause::<h2::Error>(error)
+        && h2_error.is_library()
+    {
+        // The HTTP/2 library closed the connection for what the client did. It names abuse
+        // (rapid reset, CONTINUATION floods, too many resets or tiny frames) ENHANCE_YOUR_CALM,
+        // and broken framing a protocol error.
+        let refusal = match h2_error.reason() {
+            Some(h2::Reason::ENHANCE_YOUR_CALM) => Some(Refusal::H2Abuse),
+            Some(
+                h2::Reason::PROTOCOL_ERROR
+                | h2::Reason::FRAME_SIZE_ERROR
+                | h2::Reason::COMPRESSION_ERROR
+                | h2::Reason::FLOW_CONTROL_ERROR,
+            ) => Some(Refusal::H2ProtocolError),
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            metrics.refused(refusal);
+            tracing::info!(%peer, error = %h2_error, "closed an HTTP/2 connection");
             return;
         }
     }

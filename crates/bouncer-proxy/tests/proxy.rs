@@ -11,6 +11,7 @@ mod proxy_tests {
     pub mod errors;
     pub mod failover;
     pub mod grpc;
+    pub mod h2_abuse;
     pub mod headers;
     pub mod http2_backends;
     pub mod limits;

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod certificates;
 pub mod dns;
 pub mod grpc;
+pub mod h2raw;
 pub mod pebble;
 pub mod tls;
 
