@@ -25,6 +25,8 @@ pub struct Config {
     pub protection: ProtectionConfig,
     /// `[[rate_limits]]`, in the order the file gives them.
     pub rate_limits: Vec<RateLimitConfig>,
+    /// `[[rules]]`, in the order the file gives them: the first that matches decides.
+    pub rules: Vec<RuleConfig>,
 }
 
 impl Config {
@@ -521,6 +523,10 @@ pub struct ProtectionConfig {
     /// The bound on per-key state (rate limits); the least recently seen keys go first.
     pub max_tracked_keys: usize,
     pub ip: IpListsConfig,
+    /// Repeated violations that ban an address.
+    pub auto_ban: Option<AutoBanConfig>,
+    /// How long a `tarpit` rule holds a request before refusing it.
+    pub tarpit_delay: Duration,
 }
 
 impl Default for ProtectionConfig {
@@ -530,8 +536,51 @@ impl Default for ProtectionConfig {
             max_connections_per_ip: None,
             max_tracked_keys: 1_000_000,
             ip: IpListsConfig::default(),
+            auto_ban: None,
+            tarpit_delay: Duration::from_secs(10),
         }
     }
+}
+
+impl ProtectionConfig {
+    /// How long a ban lasts, by `auto_ban` or a `ban` rule.
+    pub fn ban_for(&self) -> Duration {
+        self.auto_ban
+            .as_ref()
+            .map_or(DEFAULT_BAN, |auto_ban| auto_ban.ban_for)
+    }
+}
+
+/// The length of a ban when `[protection.auto_ban]` does not say.
+pub const DEFAULT_BAN: Duration = Duration::from_secs(600);
+
+/// `[protection.auto_ban]`: `violations` refusals (rate limit or rule) `within` a window ban the
+/// address for `ban_for`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoBanConfig {
+    pub violations: u32,
+    pub within: Duration,
+    pub ban_for: Duration,
+}
+
+/// `[[rules]]`: a request pattern and what to do with a request that matches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    pub name: String,
+    pub when: bouncer_rules::RuleSpec,
+    pub action: RuleAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleAction {
+    /// 403.
+    Deny,
+    /// 403, and the address is banned.
+    Ban,
+    /// The request is held for `tarpit_delay`, then refused with 403 and the connection closed.
+    Tarpit,
+    /// Logged and counted, and let through.
+    Log,
 }
 
 /// `[protection.ip]`: addresses refused, or the only ones let in.

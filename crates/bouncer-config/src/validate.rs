@@ -54,6 +54,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
     };
     let route_names: Vec<&str> = routes.iter().map(|route| route.name.as_str()).collect();
     let rate_limits = protection::read_rate_limits(&mut d, &mut root, &route_names);
+    let rules = protection::read_rules(&mut d, &mut root);
     check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
     check_redirects(&mut d, &listeners);
     root.finish(&mut d);
@@ -76,6 +77,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         resolver,
         protection,
         rate_limits,
+        rules,
     })
 }
 

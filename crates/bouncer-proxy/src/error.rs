@@ -1,6 +1,7 @@
 //! The one error type of the request path: what failed, on which side, whether a retry is safe,
 //! and its cause. Errors of hyper and the OS are classified into these kinds once, where they arrive.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -66,6 +67,8 @@ pub enum ProxyError {
     Denied(Refusal),
     #[error("rate limit {} exceeded; retry in {:?}", .0.limit, .0.retry_after)]
     RateLimited(crate::protection::RateLimited),
+    #[error("the request matched rule {rule}")]
+    RuleDenied { rule: Arc<str>, close: bool },
 }
 
 impl ProxyError {
@@ -79,6 +82,7 @@ impl ProxyError {
             | ProxyError::ClientBody { .. }
             | ProxyError::Denied(_)
             | ProxyError::RateLimited(_)
+            | ProxyError::RuleDenied { .. }
             | ProxyError::BodyTooSlow { .. } => Side::Client,
             ProxyError::ConnectFailed { .. }
             | ProxyError::ConnectTimeout { .. }
@@ -105,6 +109,7 @@ impl ProxyError {
             | ProxyError::ClientBody { .. }
             | ProxyError::Denied(_)
             | ProxyError::RateLimited(_)
+            | ProxyError::RuleDenied { .. }
             | ProxyError::BodyTooSlow { .. }
             | ProxyError::ResponseTimeout { .. }
             | ProxyError::UpstreamReset { .. }
@@ -177,6 +182,7 @@ impl ProxyError {
                 Refusal::UpstreamReset,
             ),
             ProxyError::Denied(reason) => (StatusCode::FORBIDDEN, "forbidden\n", *reason),
+            ProxyError::RuleDenied { .. } => (StatusCode::FORBIDDEN, "forbidden\n", Refusal::Rule),
             ProxyError::BodyTooSlow { .. } => (
                 StatusCode::REQUEST_TIMEOUT,
                 "request body too slow\n",
@@ -226,10 +232,16 @@ pub enum Refusal {
     H2Abuse,
     /// An HTTP/2 connection closed for broken framing.
     H2ProtocolError,
+    /// A banned address, at accept.
+    Banned,
+    /// A banned address, on a request.
+    RequestBanned,
+    /// A request that matched a deny, ban or tarpit rule.
+    Rule,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 27] = [
+    pub const ALL: [Refusal; 30] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -257,6 +269,9 @@ impl Refusal {
         Refusal::BodyTooSlow,
         Refusal::H2Abuse,
         Refusal::H2ProtocolError,
+        Refusal::Banned,
+        Refusal::RequestBanned,
+        Refusal::Rule,
     ];
 
     pub fn label(self) -> &'static str {
@@ -288,6 +303,8 @@ impl Refusal {
             Refusal::BodyTooSlow => "body_too_slow",
             Refusal::H2Abuse => "h2_abuse",
             Refusal::H2ProtocolError => "h2_protocol_error",
+            Refusal::Banned | Refusal::RequestBanned => "banned",
+            Refusal::Rule => "rule",
         }
     }
 
@@ -302,7 +319,8 @@ impl Refusal {
             | Refusal::ConnectionLimitPerIp
             | Refusal::WriteTimeout
             | Refusal::H2Abuse
-            | Refusal::H2ProtocolError => "connection",
+            | Refusal::H2ProtocolError
+            | Refusal::Banned => "connection",
             Refusal::TlsHandshake | Refusal::TlsHandshakeTimeout => "tls",
             Refusal::BadRequest
             | Refusal::BodyTooLarge
@@ -315,7 +333,9 @@ impl Refusal {
             | Refusal::RateLimit
             | Refusal::RequestDenyList
             | Refusal::RequestNotAllowed
-            | Refusal::BodyTooSlow => "request",
+            | Refusal::BodyTooSlow
+            | Refusal::RequestBanned
+            | Refusal::Rule => "request",
             Refusal::UpstreamConnect
             | Refusal::UpstreamTimeout
             | Refusal::UpstreamReset
@@ -329,6 +349,7 @@ impl Refusal {
         match self {
             Refusal::DenyList => Refusal::RequestDenyList,
             Refusal::NotAllowed => Refusal::RequestNotAllowed,
+            Refusal::Banned => Refusal::RequestBanned,
             other => other,
         }
     }

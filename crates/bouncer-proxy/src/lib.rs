@@ -74,7 +74,7 @@ pub enum StartError {
     Resolver(#[source] std::io::Error),
     #[error("cannot start the access log writer")]
     AccessLog(#[source] std::io::Error),
-    #[error("cannot set up [protection]")]
+    #[error("cannot set up [protection] or [[rules]]")]
     Protection(#[source] protection::ProtectionError),
     #[error(
         "protection.max_connections = {max} needs about {needed} open files (a client's and a backend's per connection), but this process may open at most {limit}: lower it, or raise the limit (ulimit -n, LimitNOFILE=)"
@@ -109,6 +109,7 @@ pub struct RunningProxy {
     lifecycle: watch::Sender<Lifecycle>,
     grace: Duration,
     metrics: Arc<Metrics>,
+    protection: Arc<protection::Protection>,
 }
 
 /// How a shutdown went.
@@ -119,6 +120,11 @@ pub struct ShutdownReport {
 }
 
 impl RunningProxy {
+    /// The addresses banned now, with the time left on each.
+    pub fn bans(&self) -> Vec<(std::net::IpAddr, Duration)> {
+        self.protection.bans()
+    }
+
     /// The bound address of the named listener (useful with port 0).
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
         self.listeners
@@ -160,9 +166,14 @@ impl Drop for RunningProxy {
 /// Binds every listener of `config` and starts serving. Must run inside a Tokio runtime.
 pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
     check_connection_budget(config)?;
-    let protection = protection::Protection::new(&config.protection, &config.rate_limits)
-        .map_err(StartError::Protection)?;
     let metrics = Metrics::new();
+    let protection = protection::Protection::new(
+        &config.protection,
+        &config.rate_limits,
+        &config.rules,
+        Some(metrics.protection()),
+    )
+    .map_err(StartError::Protection)?;
     let access_log = AccessLog::start(
         config.access_log.format,
         metrics.access_log_dropped().clone(),
@@ -344,6 +355,7 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         lifecycle,
         grace: config.server.shutdown_grace,
         metrics,
+        protection,
     })
 }
 

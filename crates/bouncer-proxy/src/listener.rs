@@ -183,7 +183,9 @@ async fn serve_connection(
     let admitted = if forwarder {
         Ok(())
     } else {
-        protection.check_lists(client_ip)
+        protection
+            .check_lists(client_ip)
+            .and_then(|()| protection.check_ban(client_ip))
     }
     .and_then(|()| protection.admit_connection(client_ip, !forwarder));
     let _permit = match admitted {

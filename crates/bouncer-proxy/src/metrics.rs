@@ -78,6 +78,31 @@ pub struct Metrics {
     acme_certificates: Family<ReloadLabels, Counter>,
     tls_handshakes: Family<HandshakeLabels, Counter>,
     access_log_dropped: Counter,
+    bans: Counter,
+    rule_matches: Family<RuleLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: String,
+    action: &'static str,
+}
+
+/// What the protection layers count besides refusals.
+#[derive(Clone)]
+pub struct ProtectionMetrics {
+    pub bans: Counter,
+    rule_matches: Family<RuleLabels, Counter>,
+}
+
+impl ProtectionMetrics {
+    /// The counter of requests that matched `rule`, whose action is `action`.
+    pub fn rule(&self, rule: &str, action: &'static str) -> Counter {
+        self.rule_matches.get_or_create_owned(&RuleLabels {
+            rule: rule.to_string(),
+            action,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -210,6 +235,18 @@ impl Metrics {
             "TLS handshakes, by result: ok, or why they failed (not_tls, incompatible, alpn, client_certificate, no_certificate, alert_received, misbehaved, connection, timeout, other)",
             tls_handshakes.clone(),
         );
+        let bans = Counter::default();
+        registry.register(
+            "bans",
+            "Addresses banned, by auto_ban or a ban rule",
+            bans.clone(),
+        );
+        let rule_matches = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "rule_matches",
+            "Requests that matched a [[rules]] entry, by rule and action",
+            rule_matches.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -236,6 +273,8 @@ impl Metrics {
             acme_certificates,
             tls_handshakes,
             access_log_dropped,
+            bans,
+            rule_matches,
         })
     }
 
@@ -346,6 +385,13 @@ impl Metrics {
                     result,
                 })
             }),
+        }
+    }
+
+    pub fn protection(&self) -> ProtectionMetrics {
+        ProtectionMetrics {
+            bans: self.bans.clone(),
+            rule_matches: self.rule_matches.clone(),
         }
     }
 

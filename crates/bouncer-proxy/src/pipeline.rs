@@ -165,14 +165,18 @@ async fn forward(
     exchange: &mut Exchange,
     mut request: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
+    let protection = &ctx.runtime.protection;
     if client.peer_trusted {
         // Behind a trusted proxy the client is known only now: the lists act per request, so
         // that the proxy in front is never refused as a whole.
-        ctx.runtime
-            .protection
+        protection
             .check_lists(client.ip)
             .map_err(|refusal| ProxyError::Denied(refusal.per_request()))?;
     }
+    // A ban also ends what a banned client still sends on connections opened before it.
+    protection
+        .check_ban(client.ip)
+        .map_err(|refusal| ProxyError::Denied(refusal.per_request()))?;
     check_framing(&request)?;
     let host_source = request_host(&request)?;
     let host = normalise_host(host_source.as_str())?;
@@ -187,6 +191,12 @@ async fn forward(
     let path =
         normalise_path(request.uri().path()).map_err(|_| ProxyError::BadRequest("invalid path"))?;
     let path_changed = matches!(path, Cow::Owned(_));
+    if protection.has_rules()
+        && let Some((rule, action)) =
+            protection.match_rule(request.method().as_str(), &path, request.headers())
+    {
+        apply_rule(protection, client.ip, rule, action).await?;
+    }
     let route = Arc::clone(
         ctx.runtime
             .routes
@@ -194,17 +204,19 @@ async fn forward(
             .ok_or(ProxyError::NoRoute)?,
     );
     exchange.route = Some(Arc::clone(&route));
-    let protection = &ctx.runtime.protection;
     if protection.has_rate_limits() {
-        protection
+        let checked = protection
             .check_rate_limits(&RateSubject {
                 client: client.ip,
                 headers: request.headers(),
                 path: &path,
                 route: &route.name,
             })
-            .await
-            .map_err(ProxyError::RateLimited)?;
+            .await;
+        if let Err(limited) = checked {
+            protection.record_violation(client.ip);
+            return Err(ProxyError::RateLimited(limited));
+        }
     }
     let key_hash = route.upstream.hash_key.as_ref().and_then(|key| {
         request_key_hash(
@@ -448,6 +460,39 @@ async fn forward(
     }
 }
 
+/// Does what a matched rule says: `log` lets the request through; `deny` refuses it (a
+/// violation towards `auto_ban`); `ban` bans the address and refuses it; `tarpit` holds it for
+/// the tarpit delay first.
+async fn apply_rule(
+    protection: &crate::protection::Protection,
+    client: IpAddr,
+    rule: Arc<str>,
+    action: bouncer_config::RuleAction,
+) -> Result<(), ProxyError> {
+    use bouncer_config::RuleAction;
+    match action {
+        RuleAction::Log => {
+            if let Some(suppressed) = protection.may_log_refusal() {
+                tracing::info!(%client, %rule, suppressed, "request matched a logging rule");
+            }
+            Ok(())
+        }
+        RuleAction::Deny => {
+            protection.record_violation(client);
+            Err(ProxyError::RuleDenied { rule, close: false })
+        }
+        RuleAction::Ban => {
+            protection.ban(client, &rule);
+            Err(ProxyError::RuleDenied { rule, close: true })
+        }
+        RuleAction::Tarpit => {
+            protection.record_violation(client);
+            tokio::time::sleep(protection.tarpit_delay()).await;
+            Err(ProxyError::RuleDenied { rule, close: true })
+        }
+    }
+}
+
 /// What is needed to send an idempotent request again.
 struct Replay {
     method: Method,
@@ -598,10 +643,17 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
     }
     // After a malformed request, or one whose body was not read, the connection cannot be trusted
     // to be in step with the client any more.
-    if matches!(
-        refusal,
-        Refusal::BadRequest | Refusal::BodyTooLarge | Refusal::ClientBody | Refusal::BodyTooSlow
-    ) {
+    let closes = matches!(error, ProxyError::RuleDenied { close: true, .. })
+        || refusal == Refusal::RequestBanned;
+    if closes
+        || matches!(
+            refusal,
+            Refusal::BadRequest
+                | Refusal::BodyTooLarge
+                | Refusal::ClientBody
+                | Refusal::BodyTooSlow
+        )
+    {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response

@@ -19,11 +19,14 @@ use http::HeaderMap;
 use ipnet::IpNet;
 
 use bouncer_config::{
-    IpListsConfig, ProtectionConfig, RateKeyPart, RateLimitAction, RateLimitConfig,
+    IpListsConfig, ProtectionConfig, RateKeyPart, RateLimitAction, RateLimitConfig, RuleAction,
+    RuleConfig,
 };
-use bouncer_rules::{BoundedMap, Decision, Gcra, IpSet, parse_ip_list};
+use bouncer_rules::{BoundedMap, Decision, Gcra, IpSet, RuleInput, RuleSet, parse_ip_list};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::error::Refusal;
+use crate::metrics::ProtectionMetrics;
 
 /// How often list files are looked at for changes.
 const LIST_WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -37,6 +40,8 @@ pub enum ProtectionError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot compile the rules")]
+    Rules(#[source] bouncer_rules::RuleError),
 }
 
 /// Everything the protection layers keep while the proxy runs; one for all listeners.
@@ -51,14 +56,39 @@ pub struct Protection {
     /// The origin of the rate limiter's clock (nanoseconds since then).
     epoch: tokio::time::Instant,
     refusal_log: LogThrottle,
+    rules: RuleSet,
+    /// Per rule: its name, action and match counter.
+    rule_info: Vec<(Arc<str>, RuleAction, Option<Counter>)>,
+    /// Banned addresses with the end of their ban (clock nanoseconds).
+    bans: BoundedMap<Ban>,
+    /// Whether any ban was ever made, so that requests skip the lookup until then.
+    any_ban: std::sync::atomic::AtomicBool,
+    /// `violations` within `within`, as a rate: one over it is a ban.
+    auto_ban: Option<Gcra>,
+    ban_for: Duration,
+    tarpit_delay: Duration,
+    bans_made: Option<Counter>,
+}
+
+/// One banned address.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ban {
+    ip: Option<IpAddr>,
+    until: u64,
 }
 
 impl Protection {
-    /// Loads the list files; inside a Tokio runtime it also starts watching them.
+    /// Loads the list files and compiles the rules; inside a Tokio runtime it also starts
+    /// watching the list files.
     pub fn new(
         config: &ProtectionConfig,
         rate_limits: &[RateLimitConfig],
+        rules: &[RuleConfig],
+        metrics: Option<ProtectionMetrics>,
     ) -> Result<Arc<Self>, ProtectionError> {
+        let specs: Vec<bouncer_rules::RuleSpec> =
+            rules.iter().map(|rule| rule.when.clone()).collect();
+        let rule_set = RuleSet::new(&specs).map_err(ProtectionError::Rules)?;
         let lists = if config.ip.is_empty() {
             None
         } else {
@@ -78,6 +108,24 @@ impl Protection {
             hasher: std::hash::RandomState::new(),
             epoch: tokio::time::Instant::now(),
             refusal_log: LogThrottle::default(),
+            rules: rule_set,
+            rule_info: rules
+                .iter()
+                .map(|rule| {
+                    let counter = metrics
+                        .as_ref()
+                        .map(|metrics| metrics.rule(&rule.name, action_label(rule.action)));
+                    (rule.name.as_str().into(), rule.action, counter)
+                })
+                .collect(),
+            bans: BoundedMap::new(config.max_tracked_keys),
+            any_ban: std::sync::atomic::AtomicBool::new(false),
+            auto_ban: config.auto_ban.as_ref().map(|auto_ban| {
+                Gcra::new(auto_ban.violations, auto_ban.within, auto_ban.violations)
+            }),
+            ban_for: config.ban_for(),
+            tarpit_delay: config.tarpit_delay,
+            bans_made: metrics.map(|metrics| metrics.bans.clone()),
         }))
     }
 
@@ -101,6 +149,127 @@ impl Protection {
             protection: Arc::clone(self),
             ip: per_ip.then_some(ip),
         })
+    }
+
+    /// Whether `ip` is banned now.
+    pub fn check_ban(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if !self.any_ban.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let now = self.now_nanos();
+        // Looked at without making the entry recent: the map holds bans only, so a ban is
+        // forgotten early only when a million newer ones push it out.
+        let banned = self
+            .bans
+            .peek(self.ban_key(ip), |ban| ban.until > now)
+            .unwrap_or(false);
+        if banned { Err(Refusal::Banned) } else { Ok(()) }
+    }
+
+    /// Bans `ip` for the configured time from now.
+    pub fn ban(&self, ip: IpAddr, reason: &str) {
+        let until = self.now_nanos() + u64::try_from(self.ban_for.as_nanos()).unwrap_or(u64::MAX);
+        let was_banned = self.bans.update(self.ban_key(ip), |ban| {
+            let was = ban.until > self.now_nanos();
+            *ban = Ban {
+                ip: Some(ip),
+                until,
+            };
+            was
+        });
+        self.any_ban.store(true, Ordering::Relaxed);
+        if !was_banned {
+            if let Some(counter) = &self.bans_made {
+                counter.inc();
+            }
+            tracing::warn!(%ip, reason, ban_for = ?self.ban_for, "address banned");
+        }
+    }
+
+    /// Counts a refusal of `ip`'s request (a rate limit or a rule) towards `auto_ban`; one too
+    /// many within the window bans the address.
+    pub fn record_violation(&self, ip: IpAddr) {
+        let Some(limit) = &self.auto_ban else {
+            return;
+        };
+        let key = self.violation_key(ip);
+        let now = self.now_nanos();
+        // The violation that uses up the allowance is the one that bans: `violations` of them
+        // within the window.
+        let over = self.keys.update(key, |tat| match limit.check(*tat, now) {
+            Decision::Allow {
+                tat: next,
+                remaining,
+                ..
+            } => {
+                *tat = next;
+                remaining == 0
+            }
+            Decision::Deny { .. } => true,
+        });
+        if over {
+            self.ban(ip, "auto_ban: too many refused requests");
+        }
+    }
+
+    /// The banned addresses now, with the time left on each.
+    pub fn bans(&self) -> Vec<(IpAddr, Duration)> {
+        let now = self.now_nanos();
+        let mut list = Vec::new();
+        self.bans.for_each(|_, ban| {
+            if let Some(ip) = ban.ip
+                && ban.until > now
+            {
+                list.push((ip, Duration::from_nanos(ban.until - now)));
+            }
+        });
+        list
+    }
+
+    fn ban_key(&self, ip: IpAddr) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write_u8(0xb0);
+        hash_ip(&mut hasher, ip);
+        hasher.finish()
+    }
+
+    fn violation_key(&self, ip: IpAddr) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write_u8(0xb1);
+        hash_ip(&mut hasher, ip);
+        hasher.finish()
+    }
+
+    pub fn has_rules(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
+    /// The first rule the request matches: its name and action (counted).
+    pub fn match_rule(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<(Arc<str>, RuleAction)> {
+        let visit = |name: &str, visit: &mut dyn FnMut(&[u8])| {
+            for value in headers.get_all(name) {
+                visit(value.as_bytes());
+            }
+        };
+        let index = self.rules.first_match(&RuleInput {
+            method,
+            path,
+            headers: &visit,
+        })?;
+        let (name, action, counter) = self.rule_info.get(index)?;
+        if let Some(counter) = counter {
+            counter.inc();
+        }
+        Some((Arc::clone(name), *action))
+    }
+
+    pub fn tarpit_delay(&self) -> Duration {
+        self.tarpit_delay
     }
 
     pub fn has_rate_limits(&self) -> bool {
@@ -160,10 +329,7 @@ impl Protection {
         hasher.write_usize(index);
         for part in &limit.key {
             match part {
-                RateKeyPart::ClientIp => match request.client {
-                    IpAddr::V4(v4) => hasher.write(&v4.octets()),
-                    IpAddr::V6(v6) => hasher.write(&v6.octets()),
-                },
+                RateKeyPart::ClientIp => hash_ip(&mut hasher, request.client),
                 RateKeyPart::Header(name) => {
                     for value in request.headers.get_all(name.as_str()) {
                         hasher.write(value.as_bytes());
@@ -202,6 +368,22 @@ impl Protection {
     /// Keys with rate-limit state now.
     pub fn tracked_keys(&self) -> usize {
         self.keys.len()
+    }
+}
+
+fn hash_ip(hasher: &mut impl Hasher, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => hasher.write(&v4.octets()),
+        IpAddr::V6(v6) => hasher.write(&v6.octets()),
+    }
+}
+
+fn action_label(action: RuleAction) -> &'static str {
+    match action {
+        RuleAction::Deny => "deny",
+        RuleAction::Ban => "ban",
+        RuleAction::Tarpit => "tarpit",
+        RuleAction::Log => "log",
     }
 }
 

@@ -5,6 +5,7 @@ pub mod bounded;
 pub mod gcra;
 pub mod grpc;
 pub mod ipset;
+pub mod matcher;
 pub mod path;
 pub mod proxy_protocol;
 
@@ -12,6 +13,7 @@ pub use bounded::BoundedMap;
 pub use gcra::{Decision, Gcra};
 pub use grpc::{grpc_message, grpc_status_for_http, is_grpc_content_type};
 pub use ipset::{IpSet, ListLineError, parse_block, parse_ip_list};
+pub use matcher::{RuleError, RuleInput, RuleSet, RuleSpec};
 pub use path::{PathError, normalise_path, path_has_prefix};
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError, parse_proxy_header};
 

@@ -133,15 +133,18 @@ fn check(path: &Path) -> ExitCode {
                 }
             }
             // So are IP list files; and the connection cap must fit the open-file limit.
-            if let Err(error) =
-                bouncer_proxy::protection::Protection::new(&config.protection, &config.rate_limits)
-            {
+            if let Err(error) = bouncer_proxy::protection::Protection::new(
+                &config.protection,
+                &config.rate_limits,
+                &config.rules,
+                None,
+            ) {
                 broken += 1;
-                eprintln!("{}: protection.ip: {}", path.display(), error_chain(&error));
+                eprintln!("{}: protection: {}", path.display(), error_chain(&error));
             }
             if let Err(error) = bouncer_proxy::check_connection_budget(&config) {
                 broken += 1;
-                eprintln!("{}: protection.max_connections: {error}", path.display());
+                eprintln!("{}: {error}", path.display());
             }
             if broken > 0 {
                 eprintln!("{}: {broken} problem(s) found", path.display());

@@ -46,13 +46,153 @@ pub(super) fn read_protection(
         }
         None => IpListsConfig::default(),
     };
+    let auto_ban = section.table(d, "auto_ban").map(|mut auto_ban| {
+        let violations = auto_ban
+            .integer(d, "violations", 1, 1_000_000)
+            .and_then(|count| u32::try_from(count).ok())
+            .unwrap_or(20);
+        let within = auto_ban.duration(
+            d,
+            "within",
+            Duration::from_secs(10),
+            Duration::from_millis(1),
+        );
+        let ban_for = auto_ban.duration(d, "ban_for", DEFAULT_BAN, Duration::from_secs(1));
+        auto_ban.finish(d);
+        AutoBanConfig {
+            violations,
+            within,
+            ban_for,
+        }
+    });
+    let tarpit_delay = section.duration(d, "tarpit_delay", Duration::from_secs(10), Duration::ZERO);
     section.finish(d);
     ProtectionConfig {
         max_connections,
         max_connections_per_ip,
         max_tracked_keys,
         ip,
+        auto_ban,
+        tarpit_delay,
     }
+}
+
+pub(super) fn read_rules(d: &mut Diagnostics, root: &mut Section) -> Vec<RuleConfig> {
+    let mut rules = Vec::new();
+    let mut names = HashSet::new();
+    for (index, mut section) in root.tables(d, "rules").into_iter().enumerate() {
+        let name = match section.string(d, "name") {
+            Some((name, span)) => {
+                if !names.insert(name.clone()) {
+                    d.report(
+                        span,
+                        section.key_path("name"),
+                        format!("another rule is named \"{name}\""),
+                    );
+                }
+                name
+            }
+            None => index.to_string(),
+        };
+        let when = section.table(d, "when").map(|mut when| {
+            let spec = read_when(d, &mut when, &name);
+            when.finish(d);
+            spec
+        });
+        if when.is_none() {
+            d.report(
+                section.span(),
+                section.key_path("when"),
+                format!("rule \"{name}\" needs when = {{ path_regex, method, header, any }}"),
+            );
+        }
+        let action = match section.string(d, "action") {
+            None => Some(RuleAction::Deny),
+            Some((action, span)) => match action.as_str() {
+                "deny" => Some(RuleAction::Deny),
+                "ban" => Some(RuleAction::Ban),
+                "tarpit" => Some(RuleAction::Tarpit),
+                "log" => Some(RuleAction::Log),
+                _ => {
+                    d.report(
+                        span,
+                        section.key_path("action"),
+                        format!("\"{action}\" is not a rule action: use deny, ban, tarpit or log"),
+                    );
+                    None
+                }
+            },
+        };
+        section.finish(d);
+        if let (Some(when), Some(action)) = (when.flatten(), action) {
+            rules.push(RuleConfig { name, when, action });
+        }
+    }
+    rules
+}
+
+/// `when = { path_regex, method, header = { NAME = REGEX }, any }`; each pattern is compiled now,
+/// so that a bad one is reported with its rule.
+fn read_when(
+    d: &mut Diagnostics,
+    when: &mut Section,
+    rule: &str,
+) -> Option<bouncer_rules::RuleSpec> {
+    let mut valid = true;
+    let path_regex = match when.string(d, "path_regex") {
+        Some((text, span)) => {
+            let checked = checked_pattern(d, text, span, when.key_path("path_regex"), rule);
+            valid &= checked.is_some();
+            checked
+        }
+        None => None,
+    };
+    let methods: Vec<String> = when
+        .strings(d, "method")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(method, _)| method.to_ascii_uppercase())
+        .collect();
+    let mut headers = Vec::new();
+    if let Some(table) = when.table(d, "header") {
+        // Its keys are header names, each with a pattern.
+        for (name, item, span) in table.entries() {
+            let path = format!("{}.{name}", table.path());
+            let Some(text) = item.as_str() else {
+                d.report(
+                    span,
+                    path,
+                    crate::section::expected("a regular expression", item),
+                );
+                valid = false;
+                continue;
+            };
+            if !bouncer_rules::is_token(name.as_bytes()) {
+                d.report(span, path, format!("\"{name}\" is not a header name"));
+                valid = false;
+                continue;
+            }
+            match checked_pattern(d, text.to_string(), span, path, rule) {
+                Some(text) => headers.push((name.to_ascii_lowercase(), text)),
+                None => valid = false,
+            }
+        }
+    }
+    let any = when.bool(d, "any").unwrap_or(false);
+    if path_regex.is_none() && methods.is_empty() && headers.is_empty() && valid {
+        d.report(
+            when.span(),
+            when.path().to_string(),
+            format!("rule \"{rule}\" has no condition: give path_regex, method or header"),
+        );
+        return None;
+    }
+    valid.then_some(bouncer_rules::RuleSpec {
+        path_regex,
+        methods,
+        headers,
+        any,
+    })
 }
 
 pub(super) fn read_rate_limits(
@@ -236,6 +376,27 @@ pub(crate) fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
         return Err(wrong());
     }
     Ok((count, period))
+}
+
+/// `text` when it compiles as a rule's pattern; otherwise the problem is reported.
+fn checked_pattern(
+    d: &mut Diagnostics,
+    text: String,
+    span: crate::section::Span,
+    path: String,
+    rule: &str,
+) -> Option<String> {
+    match bouncer_rules::matcher::check_pattern(&text) {
+        Ok(()) => Some(text),
+        Err(error) => {
+            d.report(
+                span,
+                path,
+                format!("rule \"{rule}\": not a valid regular expression: {error}"),
+            );
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -741,3 +741,83 @@ action = "drop"
         );
     }
 }
+
+#[test]
+fn rules_and_auto_ban_are_read_and_bad_patterns_named() {
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+
+[protection]
+tarpit_delay = "2s"
+
+[protection.auto_ban]
+violations = 20
+within = "10s"
+ban_for = "10m"
+
+[[rules]]
+name = "scanners"
+when = { path_regex = "^/(wp-admin|\\.env)", method = ["get", "POST"], header = { "User-Agent" = "(?i)(sqlmap|nikto)" }, any = true }
+action = "ban"
+
+[[rules]]
+name = "quiet"
+when = { path_regex = "^/probe" }
+action = "log"
+"#;
+    let config = parse(Path::new("bouncer.toml"), text).expect("valid");
+    let auto_ban = config.protection.auto_ban.as_ref().expect("auto_ban");
+    assert_eq!(auto_ban.violations, 20);
+    assert_eq!(config.protection.ban_for(), Duration::from_secs(600));
+    assert_eq!(config.protection.tarpit_delay, Duration::from_secs(2));
+    assert_eq!(config.rules.len(), 2);
+    let scanners = &config.rules[0];
+    assert_eq!(scanners.action, crate::RuleAction::Ban);
+    assert_eq!(scanners.when.methods, ["GET", "POST"]);
+    assert_eq!(
+        scanners.when.headers,
+        [("user-agent".to_string(), "(?i)(sqlmap|nikto)".to_string())]
+    );
+    assert!(scanners.when.any);
+    assert_eq!(config.rules[1].action, crate::RuleAction::Log);
+
+    let wrong = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+
+[[rules]]
+name = "broken"
+when = { path_regex = "^/(unclosed" }
+
+[[rules]]
+name = "empty"
+when = { any = true }
+action = "shout"
+"#;
+    let lines: Vec<String> = problems(wrong).iter().map(ToString::to_string).collect();
+    for fragment in [
+        "rules[0].when.path_regex: rule \"broken\": not a valid regular expression",
+        "rules[1].when: rule \"empty\" has no condition",
+        "rules[1].action: \"shout\" is not a rule action",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(fragment)),
+            "missing {fragment:?} in {lines:#?}"
+        );
+    }
+}

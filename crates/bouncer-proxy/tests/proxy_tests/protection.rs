@@ -293,3 +293,145 @@ async fn rate_limits_apply_only_to_their_routes() {
         assert_eq!(clients.get(&proxy.url("/other")).await.status, 200);
     }
 }
+
+const RULES: &str = r#"
+[protection]
+tarpit_delay = "300ms"
+
+[[rules]]
+name = "scanners"
+when = { path_regex = "^/(wp-admin|wp-login\\.php)", header = { "user-agent" = "(?i)(sqlmap|nikto)" }, any = true }
+action = "deny"
+
+[[rules]]
+name = "secrets"
+when = { path_regex = "^/\\.(env|git)" }
+action = "ban"
+
+[[rules]]
+name = "slowdown"
+when = { path_regex = "^/tarpit", method = ["GET"] }
+action = "tarpit"
+
+[[rules]]
+name = "watch"
+when = { path_regex = "^/watched" }
+action = "log"
+"#;
+
+fn rule_matches(text: &str, rule: &str, action: &str) -> f64 {
+    metric(
+        text,
+        &format!("bouncer_rule_matches_total{{rule=\"{rule}\",action=\"{action}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+async fn get_from(from: &str, proxy: SocketAddr, path: &str, extra: &str) -> Option<String> {
+    let mut stream = connect_from(from, proxy).await;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n{extra}Connection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return None;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answered or closed in time");
+    if read.is_err() || answer.is_empty() {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn rules_deny_log_and_tarpit_requests_that_match() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(std::slice::from_ref(&backend), RULES).await;
+    let denied = get_from("127.0.8.1", proxy.address, "/wp-login.php", "")
+        .await
+        .unwrap();
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    let by_agent = get_from(
+        "127.0.8.1",
+        proxy.address,
+        "/",
+        "User-Agent: sqlmap/1.7\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(by_agent.starts_with("HTTP/1.1 403"), "{by_agent}");
+    let logged = get_from("127.0.8.1", proxy.address, "/watched/page", "")
+        .await
+        .unwrap();
+    assert!(logged.starts_with("HTTP/1.1 200"), "{logged}");
+    let started = Instant::now();
+    let tarpitted = get_from("127.0.8.1", proxy.address, "/tarpit", "")
+        .await
+        .unwrap();
+    assert!(tarpitted.starts_with("HTTP/1.1 403"), "{tarpitted}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        backend.count(),
+        1,
+        "only the logged request reached the backend"
+    );
+    let text = proxy.scrape().await;
+    assert_eq!(rule_matches(&text, "scanners", "deny"), 2.0);
+    assert_eq!(rule_matches(&text, "watch", "log"), 1.0);
+    assert_eq!(rule_matches(&text, "slowdown", "tarpit"), 1.0);
+    assert_eq!(refusals(&text, "request", "rule"), 3.0);
+}
+
+#[tokio::test]
+async fn a_ban_rule_bans_the_address_at_the_connection_level() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(std::slice::from_ref(&backend), RULES).await;
+    let banned = get_from("127.0.8.2", proxy.address, "/.env", "")
+        .await
+        .unwrap();
+    assert!(banned.starts_with("HTTP/1.1 403"), "{banned}");
+    // From now on its connections are refused before anything is read.
+    assert_eq!(get_from("127.0.8.2", proxy.address, "/", "").await, None);
+    let other = get_from("127.0.8.3", proxy.address, "/", "").await.unwrap();
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    let text = proxy.scrape().await;
+    assert_eq!(metric(&text, "bouncer_bans_total"), Some(1.0));
+    assert_eq!(refusals(&text, "connection", "banned"), 1.0);
+    let bans = proxy.proxy.bans();
+    assert_eq!(bans.len(), 1);
+    assert_eq!(bans[0].0, "127.0.8.2".parse::<IpAddr>().unwrap());
+}
+
+#[tokio::test]
+async fn repeated_violations_ban_the_address_and_others_are_served() {
+    let backend = Backend::start(0).await;
+    let toml = bouncer_testkit::config_for(
+        std::slice::from_ref(&backend),
+        r#"
+[protection.auto_ban]
+violations = 3
+within = "10s"
+ban_for = "1h"
+
+[[rate_limits]]
+name = "tight"
+rate = "1/m"
+burst = 1
+"#,
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let first = status_from("127.0.9.1", proxy.address, "").await;
+    assert_eq!(first.as_deref(), Some("HTTP/1.1 200 OK"));
+    // The third refusal within ten seconds bans.
+    for _ in 0..3 {
+        let refused = status_from("127.0.9.1", proxy.address, "").await;
+        assert_eq!(refused.as_deref(), Some("HTTP/1.1 429 Too Many Requests"));
+    }
+    assert_eq!(status_from("127.0.9.1", proxy.address, "").await, None);
+    let other = status_from("127.0.9.2", proxy.address, "").await;
+    assert_eq!(other.as_deref(), Some("HTTP/1.1 200 OK"));
+    assert_eq!(
+        metric(&proxy.scrape().await, "bouncer_bans_total"),
+        Some(1.0)
+    );
+}
