@@ -10,6 +10,7 @@ mod proxy_tests {
     pub mod discovery;
     pub mod errors;
     pub mod failover;
+    pub mod flood;
     pub mod grpc;
     pub mod h2_abuse;
     pub mod headers;

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod certificates;
 pub mod dns;
+pub mod flood;
 pub mod grpc;
 pub mod h2raw;
 pub mod pebble;
