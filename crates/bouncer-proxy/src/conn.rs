@@ -55,6 +55,10 @@ pub struct ConnectionActivity {
     /// The HTTP/2 connection task, woken when a stall may begin so that it arms the write clock
     /// (it may have read last before the answer handed its data over, with nothing to wake it).
     reader: futures_util::task::AtomicWaker,
+    /// Told to close this connection between requests, to make room at the connection cap.
+    reap: tokio::sync::Notify,
+    /// Whether it was told, so that it is not picked twice.
+    reaping: AtomicBool,
 }
 
 impl ConnectionActivity {
@@ -69,6 +73,8 @@ impl ConnectionActivity {
             stall_since_ms: AtomicU64::new(0),
             write_progress_ms: AtomicU64::new(0),
             reader: futures_util::task::AtomicWaker::new(),
+            reap: tokio::sync::Notify::new(),
+            reaping: AtomicBool::new(false),
         })
     }
 
@@ -84,6 +90,39 @@ impl ConnectionActivity {
     /// Told by the pipeline once it sees an HTTP/2 request: HTTP/2 never gets a raw 408.
     pub fn mark_http2(&self) {
         self.is_http2.store(true, Ordering::Relaxed);
+    }
+
+    /// Since when this keep-alive connection has waited for its next request; `None` while a
+    /// request is in flight or one has begun to arrive.
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.busy() || self.phase.load(Ordering::Acquire) != PHASE_IDLE {
+            return None;
+        }
+        Some(self.started + Duration::from_millis(self.phase_since_ms.load(Ordering::Relaxed)))
+    }
+
+    /// A candidate to close at the connection cap: idle, and not asked already.
+    pub fn reapable_since(&self) -> Option<Instant> {
+        if self.reaping.load(Ordering::Acquire) {
+            return None;
+        }
+        self.idle_since()
+    }
+
+    /// Asks the connection to close, if it is still idle when it hears.
+    pub fn reap(&self) {
+        self.reaping.store(true, Ordering::Release);
+        self.reap.notify_one();
+    }
+
+    /// The connection was busy when it heard, and carries on.
+    pub fn spared(&self) {
+        self.reaping.store(false, Ordering::Release);
+    }
+
+    /// Resolves when the connection was asked to close to make room.
+    pub async fn reaped(&self) {
+        self.reap.notified().await;
     }
 
     pub fn is_http2(&self) -> bool {

@@ -238,10 +238,12 @@ pub enum Refusal {
     RequestBanned,
     /// A request that matched a deny, ban or tarpit rule.
     Rule,
+    /// An idle keep-alive connection closed to make room at the connection cap.
+    IdleReaped,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 30] = [
+    pub const ALL: [Refusal; 31] = [
         Refusal::BadRequest,
         Refusal::BodyTooLarge,
         Refusal::HeadersTooLarge,
@@ -272,6 +274,7 @@ impl Refusal {
         Refusal::Banned,
         Refusal::RequestBanned,
         Refusal::Rule,
+        Refusal::IdleReaped,
     ];
 
     pub fn label(self) -> &'static str {
@@ -305,6 +308,7 @@ impl Refusal {
             Refusal::H2ProtocolError => "h2_protocol_error",
             Refusal::Banned | Refusal::RequestBanned => "banned",
             Refusal::Rule => "rule",
+            Refusal::IdleReaped => "idle_reaped",
         }
     }
 
@@ -320,7 +324,8 @@ impl Refusal {
             | Refusal::WriteTimeout
             | Refusal::H2Abuse
             | Refusal::H2ProtocolError
-            | Refusal::Banned => "connection",
+            | Refusal::Banned
+            | Refusal::IdleReaped => "connection",
             Refusal::TlsHandshake | Refusal::TlsHandshakeTimeout => "tls",
             Refusal::BadRequest
             | Refusal::BodyTooLarge

@@ -208,6 +208,7 @@ async fn serve_connection(
         },
         metrics.clone(),
     );
+    runtime.protection.register_connection(&activity);
     let context = |runtime, scheme, sni_certificate, client_subject| ConnectionContext {
         runtime,
         peer,
@@ -286,6 +287,7 @@ async fn serve_http<I>(
 {
     let metrics = context.runtime.metrics.clone();
     let peer = context.peer;
+    let activity = Arc::clone(&context.activity);
     let context = Arc::new(context);
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);
@@ -297,6 +299,14 @@ async fn serve_http<I>(
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
+            () = activity.reaped() => {
+                // Reaped at the connection cap; it must still be idle, or it carries on.
+                if activity.idle_since().is_some() {
+                    metrics.refused(Refusal::IdleReaped);
+                    break Ok(());
+                }
+                activity.spared();
+            }
             changed = lifecycle.changed() => {
                 let state = if changed.is_ok() { *lifecycle.borrow_and_update() } else { Lifecycle::Closing };
                 match state {

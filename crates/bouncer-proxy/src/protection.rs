@@ -139,12 +139,20 @@ impl Protection {
 
     /// Admits a connection from `ip` under the connection caps; the permit gives its place back
     /// when dropped. `per_ip` is false for a trusted proxy, whose connections carry many clients.
+    /// At the total cap, the keep-alive connection idle the longest is closed to make room (so
+    /// the cap may be passed by a connection or two until it is gone); only when none is idle is
+    /// the new one refused.
     pub fn admit_connection(
         self: &Arc<Self>,
         ip: IpAddr,
         per_ip: bool,
     ) -> Result<ConnectionPermit, Refusal> {
-        self.connections.admit(ip, per_ip)?;
+        match self.connections.admit(ip, per_ip) {
+            Err(Refusal::ConnectionLimit) if self.connections.reap_idle() => {
+                self.connections.admit_over_cap(ip, per_ip)?;
+            }
+            other => other?,
+        }
         Ok(ConnectionPermit {
             protection: Arc::clone(self),
             ip: per_ip.then_some(ip),
@@ -360,6 +368,11 @@ impl Protection {
         self.refusal_log.allow(self.now_nanos())
     }
 
+    /// Registers a connection's activity, so that it can be reaped when idle at the cap.
+    pub fn register_connection(&self, activity: &Arc<crate::conn::ConnectionActivity>) {
+        self.connections.register(activity);
+    }
+
     /// Open connections now, all listeners together.
     pub fn open_connections(&self) -> u32 {
         self.connections.total.load(Ordering::Relaxed)
@@ -557,6 +570,8 @@ struct ConnectionCaps {
     /// Only addresses with open connections are held, so this is bounded by `max_total` (or by
     /// the descriptor limit).
     per_ip: Box<[Mutex<HashMap<IpAddr, u32>>]>,
+    /// With `max_total`: every connection's activity, to find idle ones to reap at the cap.
+    registry: Mutex<Vec<Weak<crate::conn::ConnectionActivity>>>,
 }
 
 const PER_IP_SHARDS: usize = 16;
@@ -570,7 +585,55 @@ impl ConnectionCaps {
             per_ip: (0..PER_IP_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            registry: Mutex::new(Vec::new()),
         }
+    }
+
+    fn register(&self, activity: &Arc<crate::conn::ConnectionActivity>) {
+        if self.max_total.is_none() {
+            return;
+        }
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        // Entries of closed connections are dropped now and then, so the list stays near the
+        // number of open connections.
+        let open = self.total.load(Ordering::Relaxed) as usize;
+        if registry.len() > 2 * open + 64 {
+            registry.retain(|entry| entry.strong_count() > 0);
+        }
+        registry.push(Arc::downgrade(activity));
+    }
+
+    /// Asks the keep-alive connection idle the longest to close; false when none is idle.
+    fn reap_idle(&self) -> bool {
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let oldest = registry
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|activity| Some((activity.reapable_since()?, activity)))
+            .min_by_key(|(since, _)| *since);
+        match oldest {
+            Some((_, activity)) => {
+                activity.reap();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Admits a connection past the total cap, in place of one being reaped.
+    fn admit_over_cap(&self, ip: IpAddr, per_ip: bool) -> Result<(), Refusal> {
+        self.total.fetch_add(1, Ordering::AcqRel);
+        if per_ip && let Some(max) = self.max_per_ip {
+            let mut shard = self.shard(ip);
+            let count = shard.entry(ip).or_insert(0);
+            if *count >= max {
+                drop(shard);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::ConnectionLimitPerIp);
+            }
+            *count += 1;
+        }
+        Ok(())
     }
 
     fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {

@@ -174,27 +174,63 @@ async fn connection_caps_hold_per_address_and_in_all() {
     let first = held_connection("127.0.5.1", proxy.address)
         .await
         .expect("admitted");
-    let second = held_connection("127.0.5.1", proxy.address)
+    let _second = held_connection("127.0.5.1", proxy.address)
         .await
         .expect("admitted");
     assert!(held_connection("127.0.5.1", proxy.address).await.is_none());
-    let third = held_connection("127.0.5.2", proxy.address)
+    let _third = held_connection("127.0.5.2", proxy.address)
         .await
         .expect("admitted");
-    assert!(held_connection("127.0.5.3", proxy.address).await.is_none());
     let text = proxy.scrape().await;
     assert_eq!(
         refusals(&text, "connection", "connection_limit_per_ip"),
         1.0
     );
-    assert_eq!(refusals(&text, "connection", "connection_limit"), 1.0);
-    // A closed connection frees its place.
-    drop(first);
-    eventually(Duration::from_secs(5), "a place freed", || async {
-        held_connection("127.0.5.3", proxy.address).await.is_some()
+
+    // At the total cap, the connection idle the longest makes room for a new one.
+    let _fourth = held_connection("127.0.5.3", proxy.address)
+        .await
+        .expect("admitted");
+    let mut first = first;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut rest))
+        .await
+        .expect("the oldest idle connection was closed");
+    assert!(closed.is_ok());
+    eventually(Duration::from_secs(5), "the reaping counted", || async {
+        refusals(&proxy.scrape().await, "connection", "idle_reaped") == 1.0
     })
     .await;
-    drop((second, third));
+}
+
+#[tokio::test]
+async fn at_the_cap_with_every_connection_busy_a_new_one_is_refused() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[protection]\nmax_connections = 2",
+    )
+    .await;
+    // Two connections with requests in flight: nothing is idle to make room.
+    let mut busy = Vec::new();
+    for from in ["127.0.6.1", "127.0.6.2"] {
+        let mut stream = connect_from(from, proxy.address).await;
+        stream
+            .write_all(b"GET /delay/3000 HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        busy.push(stream);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "both requests at the backend",
+        || async { backend.count() == 2 },
+    )
+    .await;
+    assert_eq!(status_from("127.0.6.3", proxy.address, "").await, None);
+    let text = proxy.scrape().await;
+    assert_eq!(refusals(&text, "connection", "connection_limit"), 1.0);
+    assert_eq!(refusals(&text, "connection", "idle_reaped"), 0.0);
 }
 
 #[tokio::test]

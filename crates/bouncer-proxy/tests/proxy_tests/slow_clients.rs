@@ -154,3 +154,66 @@ async fn a_slow_but_reading_http2_client_is_not_cut_off() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_with_thousands_of_connections_does_not_keep_a_client_out() {
+    // Each slow connection costs this process two descriptors (its end and the proxy's).
+    let limit = bouncer_proxy::raise_open_file_limit().unwrap_or(1024);
+    let slow = usize::try_from(limit.saturating_sub(512) / 2)
+        .unwrap_or(0)
+        .min(2_000);
+    assert!(
+        slow >= 400,
+        "the open-file limit ({limit}) leaves room for too few connections"
+    );
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[server]\nheader_timeout = \"1s\"",
+    )
+    .await;
+    let address = proxy.address;
+    let mut drippers = Vec::with_capacity(slow);
+    for index in 0..slow {
+        let from = std::net::IpAddr::from([127, 30, (index / 200) as u8, 1 + (index % 200) as u8]);
+        drippers.push(tokio::spawn(async move {
+            let socket = tokio::net::TcpSocket::new_v4().ok()?;
+            socket.bind(std::net::SocketAddr::new(from, 0)).ok()?;
+            let mut stream = socket.connect(address).await.ok()?;
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: app\r\nX-Slow: ")
+                .await
+                .ok()?;
+            // A byte every 300 ms, never finishing the head; at most ten bytes.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if stream.write_all(b"a").await.is_err() {
+                    return Some(true);
+                }
+            }
+            Some(false)
+        }));
+    }
+    // Meanwhile a client makes its requests and is served promptly.
+    let clients = bouncer_testkit::Clients::new();
+    let mut served = 0;
+    for _ in 0..100 {
+        let answer = tokio::time::timeout(Duration::from_secs(2), clients.get(&proxy.url("/")))
+            .await
+            .expect("served within 2 s");
+        if answer.status == 200 {
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served, 100);
+    // The slow connections are cut off by the header timeout.
+    let mut cut_off = 0;
+    for dripper in drippers {
+        if dripper.await.ok().flatten() == Some(true) {
+            cut_off += 1;
+        }
+    }
+    assert!(cut_off * 10 >= slow * 9, "{cut_off} of {slow} cut off");
+    assert_eq!(backend.count(), 100);
+}
