@@ -527,6 +527,27 @@ pub struct ProtectionConfig {
     pub auto_ban: Option<AutoBanConfig>,
     /// How long a `tarpit` rule holds a request before refusing it.
     pub tarpit_delay: Duration,
+    /// "Under attack" mode: rate limits tighten while the backends suffer.
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+/// `[protection.adaptive]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveConfig {
+    pub trigger: AdaptiveTrigger,
+    /// The share of each rate limit (rate and burst) that holds while triggered.
+    pub tighten_to: f64,
+}
+
+// The share is a finite number in (0, 1], so equality is total here.
+impl Eq for AdaptiveConfig {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdaptiveTrigger {
+    /// The 99th percentile of the backends' response times over a second.
+    BackendP99(Duration),
+    /// Requests in flight, all listeners together.
+    InFlight(u32),
 }
 
 impl Default for ProtectionConfig {
@@ -538,6 +559,7 @@ impl Default for ProtectionConfig {
             ip: IpListsConfig::default(),
             auto_ban: None,
             tarpit_delay: Duration::from_secs(10),
+            adaptive: None,
         }
     }
 }

@@ -118,6 +118,35 @@ impl<'d> Section<'d> {
         }
     }
 
+    /// A number (integer or float) within `min..=max`.
+    pub(crate) fn number(
+        &mut self,
+        d: &mut Diagnostics,
+        key: &'static str,
+        min: f64,
+        max: f64,
+    ) -> Option<f64> {
+        let (item, span) = self.item(key)?;
+        let value = item
+            .as_float()
+            .or_else(|| item.as_integer().map(|value| value as f64));
+        match value {
+            Some(value) if (min..=max).contains(&value) => Some(value),
+            Some(value) => {
+                d.report(
+                    span,
+                    self.key_path(key),
+                    format!("{value} is out of range: it must be between {min} and {max}"),
+                );
+                None
+            }
+            None => {
+                d.report(span, self.key_path(key), expected("a number", item));
+                None
+            }
+        }
+    }
+
     /// A duration such as `"500ms"` or `"2s"`, at least `min`; `default` when absent or wrong.
     pub(crate) fn duration(
         &mut self,

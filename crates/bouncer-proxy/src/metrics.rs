@@ -80,6 +80,13 @@ pub struct Metrics {
     access_log_dropped: Counter,
     bans: Counter,
     rule_matches: Family<RuleLabels, Counter>,
+    adaptive_changes: Family<ChangeLabels, Counter>,
+    adaptive_active: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeLabels {
+    change: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -93,6 +100,9 @@ struct RuleLabels {
 pub struct ProtectionMetrics {
     pub bans: Counter,
     rule_matches: Family<RuleLabels, Counter>,
+    pub adaptive_tightened: Counter,
+    pub adaptive_relaxed: Counter,
+    pub adaptive_active: Gauge,
 }
 
 impl ProtectionMetrics {
@@ -247,6 +257,18 @@ impl Metrics {
             "Requests that matched a [[rules]] entry, by rule and action",
             rule_matches.clone(),
         );
+        let adaptive_changes = Family::<ChangeLabels, Counter>::default();
+        registry.register(
+            "adaptive_changes",
+            "Adaptive mode switching on (tightened) and off (relaxed)",
+            adaptive_changes.clone(),
+        );
+        let adaptive_active = Gauge::default();
+        registry.register(
+            "adaptive_active",
+            "Whether adaptive mode has the rate limits tightened now (1) or not (0)",
+            adaptive_active.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -275,6 +297,8 @@ impl Metrics {
             access_log_dropped,
             bans,
             rule_matches,
+            adaptive_changes,
+            adaptive_active,
         })
     }
 
@@ -389,9 +413,16 @@ impl Metrics {
     }
 
     pub fn protection(&self) -> ProtectionMetrics {
+        let change = |change| {
+            self.adaptive_changes
+                .get_or_create_owned(&ChangeLabels { change })
+        };
         ProtectionMetrics {
             bans: self.bans.clone(),
             rule_matches: self.rule_matches.clone(),
+            adaptive_tightened: change("tightened"),
+            adaptive_relaxed: change("relaxed"),
+            adaptive_active: self.adaptive_active.clone(),
         }
     }
 

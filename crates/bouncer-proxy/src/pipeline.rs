@@ -72,6 +72,7 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
+        _pressure: ctx.runtime.protection.track_in_flight(),
     };
     if let Some(challenges) = &ctx.runtime.acme_challenges
         && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)
@@ -407,6 +408,9 @@ async fn forward(
                     response.headers_mut().append(header::SET_COOKIE, value);
                 }
                 exchange.upstream_time = Some(upstream_time);
+                ctx.runtime
+                    .protection
+                    .observe_backend_latency(upstream_time);
                 if let Some(progress) = &progress {
                     // The answer is committed: a kept copy of the body is not needed any more.
                     progress.release_kept();
@@ -421,6 +425,10 @@ async fn forward(
             Err(failure) => failure,
         };
         let (error, unsent) = failure;
+        if let ProxyError::ResponseTimeout { timeout, .. } = &error {
+            // A backend too slow to answer at all is the slowest answer of all.
+            ctx.runtime.protection.observe_backend_latency(*timeout);
+        }
         if may_retry && let Some(unsent) = unsent {
             // It reached no backend, so any request may go to another, and doing so adds no load
             // to the fleet: such retries are not counted against the budget.
@@ -838,6 +846,8 @@ pub struct Exchange {
     pub(crate) upstream_body_failed: bool,
     /// A gRPC call, whose client reads errors from `grpc-status`.
     grpc: bool,
+    /// Counts the request in flight for adaptive mode, when it watches that.
+    _pressure: Option<crate::protection::InFlightGuard>,
 }
 
 impl Exchange {

@@ -19,8 +19,8 @@ use http::HeaderMap;
 use ipnet::IpNet;
 
 use bouncer_config::{
-    IpListsConfig, ProtectionConfig, RateKeyPart, RateLimitAction, RateLimitConfig, RuleAction,
-    RuleConfig,
+    AdaptiveConfig, AdaptiveTrigger, IpListsConfig, ProtectionConfig, RateKeyPart, RateLimitAction,
+    RateLimitConfig, RuleAction, RuleConfig,
 };
 use bouncer_rules::{BoundedMap, Decision, Gcra, IpSet, RuleInput, RuleSet, parse_ip_list};
 use prometheus_client::metrics::counter::Counter;
@@ -68,6 +68,7 @@ pub struct Protection {
     ban_for: Duration,
     tarpit_delay: Duration,
     bans_made: Option<Counter>,
+    adaptive: Option<Adaptive>,
 }
 
 /// One banned address.
@@ -100,10 +101,13 @@ impl Protection {
         {
             runtime.spawn(watch_lists(Arc::downgrade(lists), config.ip.clone()));
         }
-        Ok(Arc::new(Protection {
+        let protection = Arc::new(Protection {
             lists,
             connections: ConnectionCaps::new(config),
-            limits: rate_limits.iter().map(RateLimit::new).collect(),
+            limits: rate_limits
+                .iter()
+                .map(|limit| RateLimit::new(limit, config.adaptive.as_ref()))
+                .collect(),
             keys: BoundedMap::new(config.max_tracked_keys),
             hasher: std::hash::RandomState::new(),
             epoch: tokio::time::Instant::now(),
@@ -125,8 +129,18 @@ impl Protection {
             }),
             ban_for: config.ban_for(),
             tarpit_delay: config.tarpit_delay,
-            bans_made: metrics.map(|metrics| metrics.bans.clone()),
-        }))
+            bans_made: metrics.as_ref().map(|metrics| metrics.bans.clone()),
+            adaptive: config
+                .adaptive
+                .as_ref()
+                .map(|adaptive| Adaptive::new(adaptive, metrics)),
+        });
+        if protection.adaptive.is_some()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(watch_backends(Arc::downgrade(&protection)));
+        }
+        Ok(protection)
     }
 
     /// Whether `ip` may connect (or, behind a trusted proxy, send a request) by the IP lists.
@@ -293,8 +307,13 @@ impl Protection {
             }
             let key = self.key_of(index, limit, request);
             let now = self.now_nanos();
+            // Under attack the tightened limit applies, to the same per-key state.
+            let gcra = match (&limit.tight, &self.adaptive) {
+                (Some(tight), Some(adaptive)) if adaptive.active.load(Ordering::Relaxed) => tight,
+                _ => &limit.gcra,
+            };
             let decision = self.keys.update(key, |tat| {
-                let decision = limit.gcra.check(*tat, now);
+                let decision = gcra.check(*tat, now);
                 match decision {
                     Decision::Allow { tat: next, .. } => *tat = next,
                     Decision::Deny { retry_after } => {
@@ -305,7 +324,7 @@ impl Protection {
                             // so that waiting requests keep their order and the rate stays exact.
                             let at =
                                 now + u64::try_from(retry_after.as_nanos()).unwrap_or(u64::MAX);
-                            if let Decision::Allow { tat: next, .. } = limit.gcra.check(*tat, at) {
+                            if let Decision::Allow { tat: next, .. } = gcra.check(*tat, at) {
                                 *tat = next;
                             }
                         }
@@ -322,7 +341,7 @@ impl Protection {
                     _ => {
                         return Err(RateLimited {
                             limit: Arc::clone(&limit.name),
-                            burst: limit.gcra.burst(),
+                            burst: gcra.burst(),
                             retry_after,
                         });
                     }
@@ -400,6 +419,185 @@ fn action_label(action: RuleAction) -> &'static str {
     }
 }
 
+/// Adaptive ("under attack") mode: a signal of the backends' suffering, looked at every second,
+/// turns the tightened limits on after two bad seconds in a row, and off again after five calm
+/// ones (below half the trigger), so that it does not flap.
+struct Adaptive {
+    trigger: AdaptiveTrigger,
+    tighten_to: f64,
+    active: std::sync::atomic::AtomicBool,
+    /// Backend response times in the current second, in log-linear buckets of microseconds:
+    /// four per power of two, so a percentile is within a quarter of the truth.
+    latencies: Box<[AtomicU64]>,
+    in_flight: AtomicU64,
+    metrics: Option<ProtectionMetrics>,
+}
+
+const LATENCY_BUCKETS: usize = 64 * 4;
+
+/// Seconds in a row of a bad signal that turn adaptive mode on, and of a calm one that turn it off.
+const BAD_SECONDS_TO_TIGHTEN: u32 = 2;
+const CALM_SECONDS_TO_RELAX: u32 = 5;
+
+impl Adaptive {
+    fn new(config: &AdaptiveConfig, metrics: Option<ProtectionMetrics>) -> Self {
+        Adaptive {
+            trigger: config.trigger,
+            tighten_to: config.tighten_to,
+            active: std::sync::atomic::AtomicBool::new(false),
+            latencies: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            in_flight: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    fn bucket(micros: u64) -> usize {
+        if micros < 4 {
+            return micros as usize;
+        }
+        let power = 63 - micros.leading_zeros() as usize;
+        let quarter = ((micros >> (power - 2)) & 0b11) as usize;
+        (power * 4 + quarter).min(LATENCY_BUCKETS - 1)
+    }
+
+    /// The lower bound of a bucket, in microseconds.
+    fn bucket_floor(bucket: usize) -> u64 {
+        if bucket < 4 {
+            return bucket as u64;
+        }
+        let power = bucket / 4;
+        let quarter = (bucket % 4) as u64;
+        (1u64 << power) + quarter * (1u64 << (power - 2))
+    }
+
+    /// The 99th percentile of this second's samples (none: zero), and a fresh second.
+    fn take_p99(&self) -> Duration {
+        let counts: Vec<u64> = self
+            .latencies
+            .iter()
+            .map(|bucket| bucket.swap(0, Ordering::AcqRel))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return Duration::ZERO;
+        }
+        // The smallest bucket with at least 99% of the samples at or below it.
+        let wanted = total - total / 100;
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= wanted {
+                return Duration::from_micros(Self::bucket_floor(bucket));
+            }
+        }
+        Duration::ZERO
+    }
+
+    /// How bad this second was, as a share of the trigger (1.0 is the trigger itself).
+    fn pressure(&self) -> f64 {
+        match self.trigger {
+            AdaptiveTrigger::BackendP99(limit) => {
+                self.take_p99().as_secs_f64() / limit.as_secs_f64().max(f64::MIN_POSITIVE)
+            }
+            AdaptiveTrigger::InFlight(limit) => {
+                self.in_flight.load(Ordering::Acquire) as f64 / f64::from(limit.max(1))
+            }
+        }
+    }
+
+    fn switch(&self, on: bool, pressure: f64) {
+        self.active.store(on, Ordering::Release);
+        if let Some(metrics) = &self.metrics {
+            metrics.adaptive_active.set(i64::from(on));
+            if on {
+                metrics.adaptive_tightened.inc();
+            } else {
+                metrics.adaptive_relaxed.inc();
+            }
+        }
+        if on {
+            tracing::warn!(trigger = ?self.trigger, pressure, tighten_to = self.tighten_to, "adaptive mode on: the backends suffer, rate limits are tightened");
+        } else {
+            tracing::info!(trigger = ?self.trigger, pressure, "adaptive mode off: the backends are calm, rate limits are back to normal");
+        }
+    }
+}
+
+/// Looks at the backends every second and switches adaptive mode, while the protection exists.
+async fn watch_backends(protection: Weak<Protection>) {
+    let mut bad = 0u32;
+    let mut calm = 0u32;
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(protection) = protection.upgrade() else {
+            return;
+        };
+        let Some(adaptive) = &protection.adaptive else {
+            return;
+        };
+        let pressure = adaptive.pressure();
+        let active = adaptive.active.load(Ordering::Acquire);
+        if pressure >= 1.0 {
+            bad += 1;
+            calm = 0;
+        } else if pressure < 0.5 {
+            calm += 1;
+            bad = 0;
+        } else {
+            bad = 0;
+            calm = 0;
+        }
+        if !active && bad >= BAD_SECONDS_TO_TIGHTEN {
+            adaptive.switch(true, pressure);
+        } else if active && calm >= CALM_SECONDS_TO_RELAX {
+            adaptive.switch(false, pressure);
+        }
+    }
+}
+
+/// Counts a request in flight for adaptive mode's `trigger_in_flight`, until dropped.
+pub struct InFlightGuard(Arc<Protection>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Some(adaptive) = &self.0.adaptive {
+            adaptive.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Protection {
+    /// A backend answered (its headers) after `took`: a sample for adaptive mode.
+    pub fn observe_backend_latency(&self, took: Duration) {
+        if let Some(adaptive) = &self.adaptive
+            && matches!(adaptive.trigger, AdaptiveTrigger::BackendP99(_))
+        {
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            adaptive.latencies[Adaptive::bucket(micros)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request in flight, when adaptive mode watches requests in flight.
+    pub fn track_in_flight(self: &Arc<Self>) -> Option<InFlightGuard> {
+        let adaptive = self.adaptive.as_ref()?;
+        if !matches!(adaptive.trigger, AdaptiveTrigger::InFlight(_)) {
+            return None;
+        }
+        adaptive.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(InFlightGuard(Arc::clone(self)))
+    }
+
+    /// Whether adaptive mode has the limits tightened now.
+    pub fn under_attack(&self) -> bool {
+        self.adaptive
+            .as_ref()
+            .is_some_and(|adaptive| adaptive.active.load(Ordering::Acquire))
+    }
+}
+
 /// What identifies a request to the rate limits.
 pub struct RateSubject<'a> {
     pub client: IpAddr,
@@ -420,16 +618,20 @@ struct RateLimit {
     name: Arc<str>,
     key: Vec<RateKeyPart>,
     gcra: Gcra,
+    /// The limit while adaptive mode is on.
+    tight: Option<Gcra>,
     routes: Vec<String>,
     action: RateLimitAction,
 }
 
 impl RateLimit {
-    fn new(config: &RateLimitConfig) -> Self {
+    fn new(config: &RateLimitConfig, adaptive: Option<&AdaptiveConfig>) -> Self {
+        let gcra = Gcra::new(config.count, config.period, config.burst);
         RateLimit {
             name: config.name.as_str().into(),
             key: config.key.clone(),
-            gcra: Gcra::new(config.count, config.period, config.burst),
+            gcra,
+            tight: adaptive.map(|adaptive| gcra.scaled(adaptive.tighten_to)),
             routes: config.routes.clone(),
             action: config.action,
         }
@@ -725,6 +927,20 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_are_within_a_quarter() {
+        for micros in [
+            0u64, 3, 4, 5, 7, 100, 1_000, 262_144, 300_000, 499_999, 500_000, 10_000_000,
+        ] {
+            let floor = Adaptive::bucket_floor(Adaptive::bucket(micros));
+            assert!(floor <= micros, "{micros}: {floor}");
+            assert!(
+                micros as f64 <= floor as f64 * 1.25 + 1.0,
+                "{micros}: {floor}"
+            );
+        }
+    }
 
     #[test]
     fn cookies_are_found_by_name() {

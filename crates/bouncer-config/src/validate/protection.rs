@@ -66,6 +66,11 @@ pub(super) fn read_protection(
         }
     });
     let tarpit_delay = section.duration(d, "tarpit_delay", Duration::from_secs(10), Duration::ZERO);
+    let adaptive = section.table(d, "adaptive").and_then(|mut adaptive| {
+        let config = read_adaptive(d, &mut adaptive);
+        adaptive.finish(d);
+        config
+    });
     section.finish(d);
     ProtectionConfig {
         max_connections,
@@ -74,7 +79,41 @@ pub(super) fn read_protection(
         ip,
         auto_ban,
         tarpit_delay,
+        adaptive,
     }
+}
+
+/// `[protection.adaptive]`: one trigger, and the share the limits shrink to.
+fn read_adaptive(d: &mut Diagnostics, section: &mut Section) -> Option<AdaptiveConfig> {
+    let enabled = section.bool(d, "enabled").unwrap_or(true);
+    let p99 = section.item("trigger_backend_p99").is_some().then(|| {
+        section.duration(
+            d,
+            "trigger_backend_p99",
+            Duration::from_millis(500),
+            Duration::from_millis(1),
+        )
+    });
+    let in_flight = section
+        .integer(d, "trigger_in_flight", 1, i64::from(u32::MAX))
+        .and_then(|count| u32::try_from(count).ok());
+    let tighten_to = section.number(d, "tighten_to", 0.001, 1.0).unwrap_or(0.25);
+    let trigger = match (p99, in_flight) {
+        (Some(p99), None) => AdaptiveTrigger::BackendP99(p99),
+        (None, Some(count)) => AdaptiveTrigger::InFlight(count),
+        _ => {
+            d.report(
+                section.span(),
+                section.path().to_string(),
+                "adaptive needs one trigger: trigger_backend_p99 = \"500ms\" or trigger_in_flight = N",
+            );
+            return None;
+        }
+    };
+    enabled.then_some(AdaptiveConfig {
+        trigger,
+        tighten_to,
+    })
 }
 
 pub(super) fn read_rules(d: &mut Diagnostics, root: &mut Section) -> Vec<RuleConfig> {

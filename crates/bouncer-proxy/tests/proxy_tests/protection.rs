@@ -471,3 +471,104 @@ burst = 1
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn adaptive_mode_tightens_limits_while_backends_are_slow_and_relaxes_after() {
+    let backend = Backend::start(0).await;
+    let toml = bouncer_testkit::config_for(std::slice::from_ref(&backend), "")
+        .replace(
+            "[[routes]]\nname = \"app\"\nupstream = \"app\"",
+            "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"app\"\n\n[[routes]]\nname = \"app\"\nupstream = \"app\"",
+        )
+        + r#"
+[protection.adaptive]
+trigger_backend_p99 = "100ms"
+tighten_to = 0.25
+
+[[rate_limits]]
+name = "users"
+key = "header:x-user"
+rate = "8/m"
+burst = 8
+routes = ["api"]
+"#;
+    let proxy = TestProxy::start(&toml).await;
+    let clients = bouncer_testkit::Clients::new();
+    let user = |name: &'static str| {
+        let clients = clients.clone();
+        let url = proxy.url("/api/x");
+        async move {
+            clients
+                .send(
+                    http::Request::get(url)
+                        .header("x-user", name)
+                        .body(bouncer_testkit::empty())
+                        .unwrap(),
+                )
+                .await
+                .status
+                .as_u16()
+        }
+    };
+    let active = |proxy: &TestProxy| {
+        let address = proxy.admin();
+        async move {
+            let text = bouncer_testkit::Clients::new()
+                .get(&format!("http://{address}/metrics"))
+                .await
+                .text();
+            metric(&text, "bouncer_adaptive_active")
+        }
+    };
+    // Slow answers (300 ms) from the backend, a few at a time, until adaptive mode is on.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = std::sync::Arc::clone(&stop);
+        let clients = clients.clone();
+        let url = proxy.url("/delay/300");
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < deadline {
+                let batch = (0..4).map(|_| clients.get(&url));
+                futures_util::future::join_all(batch).await;
+            }
+        })
+    };
+    eventually(Duration::from_secs(15), "adaptive mode on", || async {
+        active(&proxy).await == Some(1.0)
+    })
+    .await;
+    // A quarter of the burst of 8 now.
+    let mut passed = 0;
+    for _ in 0..8 {
+        if user("alice").await == 200 {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 2);
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    load.await.unwrap();
+    eventually(Duration::from_secs(20), "adaptive mode off", || async {
+        active(&proxy).await == Some(0.0)
+    })
+    .await;
+    let mut passed = 0;
+    for _ in 0..8 {
+        if user("bob").await == 200 {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 8);
+    let text = proxy.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "bouncer_adaptive_changes_total{change=\"tightened\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "bouncer_adaptive_changes_total{change=\"relaxed\"}"),
+        Some(1.0)
+    );
+}
