@@ -61,6 +61,21 @@ pub struct FailoverShow {
     pub back_after: Option<Duration>,
 }
 
+/// What a short flood did, and how a normal client fared meanwhile.
+pub struct FloodShow {
+    pub attackers: usize,
+    pub attack_requests: u64,
+    /// Attack requests that a backend answered.
+    pub attack_reached: u64,
+    /// Attack requests refused with 429 or 403.
+    pub attack_refused: u64,
+    /// Attack connections closed or refused at the door.
+    pub attack_shut_out: u64,
+    pub banned: usize,
+    pub client_sent: usize,
+    pub client_served: usize,
+}
+
 /// Starts three demo backends and a proxy listening on `bind` (HTTP) and `https` (HTTPS, with a
 /// certificate it makes itself), with its admin API on `admin`.
 pub async fn start(
@@ -111,8 +126,19 @@ interval = "500ms"
 healthy_threshold = 2
 unhealthy_threshold = 2
 
+[[rate_limits]]
+name = "per-ip"
+rate = "50/s"
+burst = 100
+
+[protection.auto_ban]
+violations = 50
+within = "10s"
+ban_for = "1m"
+
+# Off, so that the flood the demo shows does not scroll everything else away.
 [access_log]
-format = "common"
+format = "off"
 "#,
         servers = servers.join(", "),
         cert = certificate.display(),
@@ -242,6 +268,102 @@ impl Demo {
         }
         show
     }
+}
+
+impl Demo {
+    /// Floods the proxy for `length` from `attackers` addresses of 127.66.0.0/16, as fast as they
+    /// can, while a normal client on 127.0.0.1 asks for a page every 100 ms.
+    pub async fn show_flood(&self, attackers: u8, length: Duration) -> FloodShow {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let mut show = FloodShow {
+            attackers: usize::from(attackers),
+            attack_requests: 0,
+            attack_reached: 0,
+            attack_refused: 0,
+            attack_shut_out: 0,
+            banned: 0,
+            client_sent: 0,
+            client_served: 0,
+        };
+        let Some(address) = self.proxy.listener_address("public") else {
+            return show;
+        };
+        let counts = Arc::new([
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+        ]);
+        let until = Instant::now() + length;
+        let mut tasks = Vec::new();
+        for index in 0..attackers {
+            let counts = Arc::clone(&counts);
+            let from = std::net::IpAddr::from([127, 66, 0, 1 + index]);
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let Some(mut sender) = connect_from(from, address).await else {
+                        counts[3].fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    while Instant::now() < until {
+                        counts[0].fetch_add(1, Ordering::Relaxed);
+                        match attack_request(&mut sender).await {
+                            Some(200) => counts[1].fetch_add(1, Ordering::Relaxed),
+                            Some(_) => counts[2].fetch_add(1, Ordering::Relaxed),
+                            None => {
+                                counts[3].fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        };
+                    }
+                }
+            }));
+        }
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        while Instant::now() < until {
+            show.client_sent += 1;
+            if get(&client, address).await.is_ok() {
+                show.client_served += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        show.attack_requests = counts[0].load(Ordering::Relaxed);
+        show.attack_reached = counts[1].load(Ordering::Relaxed);
+        show.attack_refused = counts[2].load(Ordering::Relaxed);
+        show.attack_shut_out = counts[3].load(Ordering::Relaxed);
+        show.banned = self.proxy.bans().len();
+        show
+    }
+}
+
+type AttackSender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect_from(from: std::net::IpAddr, proxy: SocketAddr) -> Option<AttackSender> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(SocketAddr::new(from, 0)).ok()?;
+    let stream = socket.connect(proxy).await.ok()?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    Some(sender)
+}
+
+async fn attack_request(sender: &mut AttackSender) -> Option<u16> {
+    sender.ready().await.ok()?;
+    let request = Request::get("/hello")
+        .header(header::HOST, "demo")
+        .body(Empty::new())
+        .ok()?;
+    let response = sender.send_request(request).await.ok()?;
+    let status = response.status().as_u16();
+    response.into_body().collect().await.ok()?;
+    Some(status)
 }
 
 /// `GET /hello` through the proxy: the answer's text, or what went wrong.

@@ -244,6 +244,21 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
             None => println!("Backend {} restarted, but is not back yet.", show.crashed),
         }
         println!();
+        println!("A flood refused at the door: 20 addresses send as fast as they can for 3 s while a normal client asks every 100 ms.");
+        let flood = demo.show_flood(20, std::time::Duration::from_secs(3)).await;
+        println!(
+            "    attack: {} requests; {} reached a backend (each address's first 100 and 50/s), {} were refused (429), {} connections were shut at the door; {} addresses banned",
+            flood.attack_requests,
+            flood.attack_reached,
+            flood.attack_refused,
+            flood.attack_shut_out,
+            flood.banned
+        );
+        println!(
+            "    normal client: {} of {} requests served",
+            flood.client_served, flood.client_sent
+        );
+        println!();
         println!("Try it yourself:");
         println!("    curl -i http://{bind}/hello          # round robin over the three backends");
         println!(
@@ -256,7 +271,7 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
             "    curl -s http://{admin}/metrics | grep bouncer_requests   # Prometheus metrics"
         );
         println!();
-        println!("The access log follows below. Press Ctrl-C to stop.");
+        println!("Press Ctrl-C to stop.");
         wait_for_shutdown_signal().await?;
         demo.proxy.shutdown().await;
         Ok(())

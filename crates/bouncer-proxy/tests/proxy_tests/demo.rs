@@ -52,3 +52,22 @@ async fn the_demo_serves_https_with_a_certificate_it_made() {
         answer.text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_a_flood_refused_while_a_client_is_served() {
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let demo = demo::start(loopback, loopback, loopback).await.unwrap();
+    let show = demo
+        .show_flood(10, std::time::Duration::from_millis(1500))
+        .await;
+    assert_eq!(show.client_served, show.client_sent);
+    assert!(show.client_sent >= 10);
+    assert!(show.attack_refused + show.attack_shut_out > 0);
+    // Each attacker gets at most its burst and the rate for the flood's length through.
+    assert!(
+        show.attack_reached <= 10 * (100 + 50 * 2),
+        "{}",
+        show.attack_reached
+    );
+    assert!(show.banned >= 1);
+}
