@@ -28,6 +28,11 @@ use prometheus_client::metrics::counter::Counter;
 use crate::error::Refusal;
 use crate::metrics::ProtectionMetrics;
 
+/// Kinds of per-address keys, kept apart from each other and from rate-limit keys (which start
+/// with the limit's index).
+const KEY_BAN: u8 = 0xb0;
+const KEY_VIOLATIONS: u8 = 0xb1;
+
 /// How often list files are looked at for changes.
 const LIST_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -249,15 +254,17 @@ impl Protection {
     }
 
     fn ban_key(&self, ip: IpAddr) -> u64 {
-        let mut hasher = self.hasher.build_hasher();
-        hasher.write_u8(0xb0);
-        hash_ip(&mut hasher, ip);
-        hasher.finish()
+        self.ip_key(KEY_BAN, ip)
     }
 
     fn violation_key(&self, ip: IpAddr) -> u64 {
+        self.ip_key(KEY_VIOLATIONS, ip)
+    }
+
+    /// The key of one address's entry of one kind (`KEY_*`).
+    fn ip_key(&self, kind: u8, ip: IpAddr) -> u64 {
         let mut hasher = self.hasher.build_hasher();
-        hasher.write_u8(0xb1);
+        hasher.write_u8(kind);
         hash_ip(&mut hasher, ip);
         hasher.finish()
     }

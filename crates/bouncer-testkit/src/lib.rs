@@ -246,6 +246,17 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// How many refusals of `layer` and `reason` the listener `public` counted, from Prometheus text.
+pub fn refusals(text: &str, layer: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        &format!(
+            "bouncer_refusals_total{{listener=\"public\",layer=\"{layer}\",reason=\"{reason}\"}}"
+        ),
+    )
+    .unwrap_or(0.0)
+}
+
 /// Polls `condition` every few milliseconds until it holds, failing the test after `deadline`.
 pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut condition: F)
 where

@@ -120,19 +120,7 @@ pub(super) fn read_rules(d: &mut Diagnostics, root: &mut Section) -> Vec<RuleCon
     let mut rules = Vec::new();
     let mut names = HashSet::new();
     for (index, mut section) in root.tables(d, "rules").into_iter().enumerate() {
-        let name = match section.string(d, "name") {
-            Some((name, span)) => {
-                if !names.insert(name.clone()) {
-                    d.report(
-                        span,
-                        section.key_path("name"),
-                        format!("another rule is named \"{name}\""),
-                    );
-                }
-                name
-            }
-            None => index.to_string(),
-        };
+        let name = unique_name(d, &mut section, &mut names, index, "rule");
         let when = section.table(d, "when").map(|mut when| {
             let spec = read_when(d, &mut when, &name);
             when.finish(d);
@@ -242,19 +230,7 @@ pub(super) fn read_rate_limits(
     let mut limits = Vec::new();
     let mut names = HashSet::new();
     for (index, mut section) in root.tables(d, "rate_limits").into_iter().enumerate() {
-        let name = match section.string(d, "name") {
-            Some((name, span)) => {
-                if !names.insert(name.clone()) {
-                    d.report(
-                        span,
-                        section.key_path("name"),
-                        format!("another rate limit is named \"{name}\""),
-                    );
-                }
-                name
-            }
-            None => index.to_string(),
-        };
+        let name = unique_name(d, &mut section, &mut names, index, "rate limit");
         let key = read_key(d, &mut section);
         let rate = match section.string(d, "rate") {
             Some((text, span)) => match parse_rate(&text) {
@@ -345,6 +321,29 @@ pub(super) fn read_rate_limits(
         });
     }
     limits
+}
+
+/// A section's `name` (its position when it has none), reported when another of its `kind` has it.
+fn unique_name(
+    d: &mut Diagnostics,
+    section: &mut Section,
+    names: &mut HashSet<String>,
+    index: usize,
+    kind: &str,
+) -> String {
+    match section.string(d, "name") {
+        Some((name, span)) => {
+            if !names.insert(name.clone()) {
+                d.report(
+                    span,
+                    section.key_path("name"),
+                    format!("another {kind} is named \"{name}\""),
+                );
+            }
+            name
+        }
+        None => index.to_string(),
+    }
 }
 
 /// `key = "client_ip"` or a list of parts.

@@ -8,14 +8,10 @@ use bouncer_testkit::h2raw::{
     self, CANCEL, CONTINUATION, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, PING, REFUSED_STREAM,
     RST_STREAM, RawH2, SETTINGS,
 };
-use bouncer_testkit::{Backend, TestProxy, eventually, metric};
+use bouncer_testkit::{Backend, TestProxy, eventually};
 
 fn h2_abuse(text: &str) -> f64 {
-    metric(
-        text,
-        "bouncer_refusals_total{listener=\"public\",layer=\"connection\",reason=\"h2_abuse\"}",
-    )
-    .unwrap_or(0.0)
+    bouncer_testkit::refusals(text, "connection", "h2_abuse")
 }
 
 #[tokio::test]

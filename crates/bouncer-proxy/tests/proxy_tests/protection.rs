@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bouncer_testkit::{Backend, TestProxy, eventually, metric};
+use bouncer_testkit::{Backend, TestProxy, eventually, metric, refusals};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -18,12 +18,11 @@ async fn connect_from(from: &str, proxy: SocketAddr) -> TcpStream {
     socket.connect(proxy).await.unwrap()
 }
 
-/// Sends one request from `from` with `extra` header lines; the status line of the answer, or
-/// `None` when the proxy closed the connection without one.
-async fn status_from(from: &str, proxy: SocketAddr, extra: &str) -> Option<String> {
+/// Sends `GET path` from `from` with `extra` header lines and reads the whole answer; `None` when
+/// the proxy closed the connection without one.
+async fn get_from(from: &str, proxy: SocketAddr, path: &str, extra: &str) -> Option<String> {
     let mut stream = connect_from(from, proxy).await;
-    let request = format!("GET / HTTP/1.1\r\nHost: app\r\n{extra}Connection: close\r\n\r\n");
-    // The proxy may have closed the connection already: a failed write is an answer too.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n{extra}Connection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
         return None;
     }
@@ -34,18 +33,14 @@ async fn status_from(from: &str, proxy: SocketAddr, extra: &str) -> Option<Strin
     if read.is_err() || answer.is_empty() {
         return None;
     }
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    Some(text.lines().next().unwrap_or_default().to_string())
+    Some(String::from_utf8_lossy(&answer).into_owned())
 }
 
-fn refusals(text: &str, layer: &str, reason: &str) -> f64 {
-    metric(
-        text,
-        &format!(
-            "bouncer_refusals_total{{listener=\"public\",layer=\"{layer}\",reason=\"{reason}\"}}"
-        ),
-    )
-    .unwrap_or(0.0)
+/// Sends one request from `from` with `extra` header lines; the status line of the answer, or
+/// `None` when the proxy closed the connection without one.
+async fn status_from(from: &str, proxy: SocketAddr, extra: &str) -> Option<String> {
+    let answer = get_from(from, proxy, "/", extra).await?;
+    Some(answer.lines().next().unwrap_or_default().to_string())
 }
 
 #[tokio::test]
@@ -361,22 +356,6 @@ fn rule_matches(text: &str, rule: &str, action: &str) -> f64 {
         &format!("bouncer_rule_matches_total{{rule=\"{rule}\",action=\"{action}\"}}"),
     )
     .unwrap_or(0.0)
-}
-
-async fn get_from(from: &str, proxy: SocketAddr, path: &str, extra: &str) -> Option<String> {
-    let mut stream = connect_from(from, proxy).await;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n{extra}Connection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return None;
-    }
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .expect("the proxy answered or closed in time");
-    if read.is_err() || answer.is_empty() {
-        return None;
-    }
-    Some(String::from_utf8_lossy(&answer).into_owned())
 }
 
 #[tokio::test]

@@ -3,21 +3,11 @@
 
 use std::time::Duration;
 
-use bouncer_testkit::{Backend, TestProxy, eventually, metric, read_head};
+use bouncer_testkit::{Backend, TestProxy, eventually, metric, read_head, refusals};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn refusals(text: &str, layer: &str, reason: &str) -> f64 {
-    metric(
-        text,
-        &format!(
-            "bouncer_refusals_total{{listener=\"public\",layer=\"{layer}\",reason=\"{reason}\"}}"
-        ),
-    )
-    .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn a_body_dripped_slower_than_the_minimum_rate_gets_408() {
