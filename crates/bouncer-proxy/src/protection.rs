@@ -166,9 +166,9 @@ impl Protection {
         ip: IpAddr,
         per_ip: bool,
     ) -> Result<ConnectionPermit, Refusal> {
-        match self.connections.admit(ip, per_ip) {
+        match self.connections.admit(ip, per_ip, true) {
             Err(Refusal::ConnectionLimit) if self.connections.reap_idle() => {
-                self.connections.admit_over_cap(ip, per_ip)?;
+                self.connections.admit(ip, per_ip, false)?;
             }
             other => other?,
         }
@@ -829,22 +829,6 @@ impl ConnectionCaps {
         }
     }
 
-    /// Admits a connection past the total cap, in place of one being reaped.
-    fn admit_over_cap(&self, ip: IpAddr, per_ip: bool) -> Result<(), Refusal> {
-        self.total.fetch_add(1, Ordering::AcqRel);
-        if per_ip && let Some(max) = self.max_per_ip {
-            let mut shard = self.shard(ip);
-            let count = shard.entry(ip).or_insert(0);
-            if *count >= max {
-                drop(shard);
-                self.total.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refusal::ConnectionLimitPerIp);
-            }
-            *count += 1;
-        }
-        Ok(())
-    }
-
     fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
         let index = match ip {
             IpAddr::V4(v4) => usize::from(v4.octets()[3]),
@@ -855,9 +839,11 @@ impl ConnectionCaps {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn admit(&self, ip: IpAddr, per_ip: bool) -> Result<(), Refusal> {
+    /// Counts a new connection; `within_total` is false for one admitted past the total cap in
+    /// place of a connection being reaped.
+    fn admit(&self, ip: IpAddr, per_ip: bool, within_total: bool) -> Result<(), Refusal> {
         let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.max_total.is_some_and(|max| total > max) {
+        if within_total && self.max_total.is_some_and(|max| total > max) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::ConnectionLimit);
         }
@@ -980,13 +966,16 @@ mod tests {
         });
         let a: IpAddr = "127.0.0.2".parse().expect("ip");
         let b: IpAddr = "127.0.0.3".parse().expect("ip");
-        assert_eq!(caps.admit(a, true), Ok(()));
-        assert_eq!(caps.admit(a, true), Ok(()));
-        assert_eq!(caps.admit(a, true), Err(Refusal::ConnectionLimitPerIp));
-        assert_eq!(caps.admit(b, true), Ok(()));
-        assert_eq!(caps.admit(b, true), Err(Refusal::ConnectionLimit));
+        assert_eq!(caps.admit(a, true, true), Ok(()));
+        assert_eq!(caps.admit(a, true, true), Ok(()));
+        assert_eq!(
+            caps.admit(a, true, true),
+            Err(Refusal::ConnectionLimitPerIp)
+        );
+        assert_eq!(caps.admit(b, true, true), Ok(()));
+        assert_eq!(caps.admit(b, true, true), Err(Refusal::ConnectionLimit));
         caps.release(Some(a));
-        assert_eq!(caps.admit(b, true), Ok(()));
+        assert_eq!(caps.admit(b, true, true), Ok(()));
         assert_eq!(caps.total.load(Ordering::Relaxed), 3);
     }
 }
