@@ -645,9 +645,9 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
             limited.retry_after.as_secs() + u64::from(limited.retry_after.subsec_nanos() > 0);
         let seconds = HeaderValue::from(seconds.max(1));
         headers.insert(header::RETRY_AFTER, seconds.clone());
-        headers.insert("ratelimit-limit", HeaderValue::from(limited.burst));
-        headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
-        headers.insert("ratelimit-reset", seconds);
+        headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(limited.burst));
+        headers.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from_static("0"));
+        headers.insert(RATELIMIT_RESET.clone(), seconds);
     }
     // After a malformed request, or one whose body was not read, the connection cannot be trusted
     // to be in step with the client any more.
@@ -667,6 +667,15 @@ fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<Response
     response
 }
 
+// Made once: a name given as a string is parsed again on every use, and a flood of 429s uses
+// them often.
+static RATELIMIT_LIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: header::HeaderName =
+    header::HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: header::HeaderName = header::HeaderName::from_static("ratelimit-reset");
+static GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: header::HeaderName = header::HeaderName::from_static("grpc-message");
+
 /// A gRPC "trailers-only" answer: status 200 with the outcome in `grpc-status` and `grpc-message`,
 /// which is how a gRPC client learns of a failure (an HTTP error status reaches its application
 /// only as a vague UNKNOWN or INTERNAL).
@@ -683,13 +692,13 @@ fn answer_grpc_error(
         HeaderValue::from_static("application/grpc"),
     );
     headers.insert(
-        "grpc-status",
+        GRPC_STATUS.clone(),
         HeaderValue::from(u16::from(bouncer_rules::grpc_status_for_http(
             status.as_u16(),
         ))),
     );
     if let Ok(message) = HeaderValue::from_str(&bouncer_rules::grpc_message(text)) {
-        headers.insert("grpc-message", message);
+        headers.insert(GRPC_MESSAGE.clone(), message);
     }
     headers.insert(X_REQUEST_ID.clone(), request_id);
     response
