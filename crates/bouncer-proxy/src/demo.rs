@@ -302,14 +302,23 @@ impl Demo {
             let from = std::net::IpAddr::from([127, 66, 0, 1 + index]);
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < until {
-                    let Some(mut sender) = connect_from(from, address).await else {
+                    // Bounded: a connect whose SYN is dropped would otherwise wait minutes.
+                    let connected = tokio::time::timeout_at(until, connect_from(from, address))
+                        .await
+                        .ok()
+                        .flatten();
+                    let Some(mut sender) = connected else {
                         counts[3].fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     };
                     while Instant::now() < until {
                         counts[0].fetch_add(1, Ordering::Relaxed);
-                        match attack_request(&mut sender).await {
+                        let answered = tokio::time::timeout_at(until, attack_request(&mut sender))
+                            .await
+                            .ok()
+                            .flatten();
+                        match answered {
                             Some(200) => counts[1].fetch_add(1, Ordering::Relaxed),
                             Some(_) => counts[2].fetch_add(1, Ordering::Relaxed),
                             None => {

@@ -98,7 +98,14 @@ pub async fn flood(proxy: SocketAddr, plan: &FloodPlan) -> FloodReport {
     }
     stop.store(true, Ordering::Release);
     for attacker in attackers {
-        let _ = attacker.await;
+        // Each attacker stops at its next step; one stuck in a step is not waited for long.
+        let abort = attacker.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), attacker)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
     latencies.sort_unstable();
     let p99 = latencies
@@ -168,7 +175,12 @@ async fn attack(
     let mut sender: Option<Sender> = None;
     while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
         if sender.as_ref().is_none_or(Sender::is_closed) {
-            sender = connect_from(from, proxy).await;
+            // Every step is bounded by the deadline: a connect whose SYN is dropped would
+            // otherwise wait minutes.
+            sender = tokio::time::timeout_at(deadline, connect_from(from, proxy))
+                .await
+                .ok()
+                .flatten();
             if sender.is_none() {
                 refused.fetch_add(1, Ordering::Relaxed);
                 // Refused at the door: knock again shortly, as a flood does, without spinning.
@@ -180,7 +192,11 @@ async fn attack(
             continue;
         };
         requests.fetch_add(1, Ordering::Relaxed);
-        match exchange(current, "/attack").await {
+        let answered = tokio::time::timeout_at(deadline, exchange(current, "/attack"))
+            .await
+            .ok()
+            .flatten();
+        match answered {
             Some(200) => {
                 ok.fetch_add(1, Ordering::Relaxed);
             }
