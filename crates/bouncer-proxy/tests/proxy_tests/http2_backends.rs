@@ -8,8 +8,8 @@ use http::{Request, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[tokio::test]
-async fn h2c_backends_take_concurrent_requests_on_one_connection() {
+/// A test backend behind a proxy that speaks cleartext HTTP/2 to it.
+async fn h2c_proxy() -> (Backend, TestProxy) {
     let backend = Backend::start(0).await;
     let proxy = TestProxy::start(&bouncer_testkit::config_with_upstream_keys(
         std::slice::from_ref(&backend),
@@ -17,6 +17,12 @@ async fn h2c_backends_take_concurrent_requests_on_one_connection() {
         "",
     ))
     .await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn h2c_backends_take_concurrent_requests_on_one_connection() {
+    let (backend, proxy) = h2c_proxy().await;
     let clients = Clients::new();
     let requests = (0..20).map(|index| {
         let clients = clients.clone();
@@ -130,13 +136,7 @@ async fn proxy_metric_requests(proxy: &TestProxy) -> Option<f64> {
 
 #[tokio::test]
 async fn websocket_upgrades_to_an_http2_upstream_go_on_http1() {
-    let backend = Backend::start(0).await;
-    let proxy = TestProxy::start(&bouncer_testkit::config_with_upstream_keys(
-        std::slice::from_ref(&backend),
-        "protocol = \"h2c\"",
-        "",
-    ))
-    .await;
+    let (backend, proxy) = h2c_proxy().await;
     let mut stream = TcpStream::connect(proxy.address).await.unwrap();
     stream
         .write_all(
@@ -155,13 +155,7 @@ async fn websocket_upgrades_to_an_http2_upstream_go_on_http1() {
 
 #[tokio::test]
 async fn a_backend_that_closed_its_http2_connection_gets_a_new_one() {
-    let backend = Backend::start(0).await;
-    let proxy = TestProxy::start(&bouncer_testkit::config_with_upstream_keys(
-        std::slice::from_ref(&backend),
-        "protocol = \"h2c\"",
-        "",
-    ))
-    .await;
+    let (backend, proxy) = h2c_proxy().await;
     let clients = Clients::new();
     assert_eq!(clients.get(&proxy.url("/")).await.status, 200);
     // The backend drops every connection it has; the proxy's next request opens a new one.

@@ -9,6 +9,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A proxy whose clients must take their answers within 300 ms of silence.
+async fn proxy_with_write_timeout() -> (Backend, TestProxy) {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(
+        std::slice::from_ref(&backend),
+        "[server]\nwrite_timeout = \"300ms\"",
+    )
+    .await;
+    (backend, proxy)
+}
+
 #[tokio::test]
 async fn a_body_dripped_slower_than_the_minimum_rate_gets_408() {
     let backend = Backend::start(0).await;
@@ -48,12 +59,7 @@ async fn a_body_dripped_slower_than_the_minimum_rate_gets_408() {
 
 #[tokio::test]
 async fn a_client_that_does_not_read_is_disconnected_after_the_write_timeout() {
-    let backend = Backend::start(0).await;
-    let proxy = TestProxy::for_backends(
-        std::slice::from_ref(&backend),
-        "[server]\nwrite_timeout = \"300ms\"",
-    )
-    .await;
+    let (_backend, proxy) = proxy_with_write_timeout().await;
     let mut stream = TcpStream::connect(proxy.address).await.unwrap();
     stream
         .write_all(b"GET /bytes/200000000 HTTP/1.1\r\nHost: app\r\n\r\n")
@@ -73,12 +79,7 @@ async fn a_client_that_does_not_read_is_disconnected_after_the_write_timeout() {
 
 #[tokio::test]
 async fn an_http2_client_that_keeps_its_window_shut_is_disconnected() {
-    let backend = Backend::start(0).await;
-    let proxy = TestProxy::for_backends(
-        std::slice::from_ref(&backend),
-        "[server]\nwrite_timeout = \"300ms\"",
-    )
-    .await;
+    let (_backend, proxy) = proxy_with_write_timeout().await;
     let stream = TcpStream::connect(proxy.address).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -110,12 +111,7 @@ async fn an_http2_client_that_keeps_its_window_shut_is_disconnected() {
 
 #[tokio::test]
 async fn a_slow_but_reading_http2_client_is_not_cut_off() {
-    let backend = Backend::start(0).await;
-    let proxy = TestProxy::for_backends(
-        std::slice::from_ref(&backend),
-        "[server]\nwrite_timeout = \"300ms\"",
-    )
-    .await;
+    let (_backend, proxy) = proxy_with_write_timeout().await;
     let stream = TcpStream::connect(proxy.address).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
