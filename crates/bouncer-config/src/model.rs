@@ -27,6 +27,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimitConfig>,
     /// `[[rules]]`, in the order the file gives them: the first that matches decides.
     pub rules: Vec<RuleConfig>,
+    /// `[cluster]`: rate limits and bans shared with other instances; `None` keeps them local.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -511,6 +513,17 @@ pub enum AccessLogFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AccessLogConfig {
     pub format: AccessLogFormat,
+}
+
+/// `[cluster]`: the state that several Bouncer instances share through one Redis server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host[:port][/db]` or `unix:///path/to/redis.sock`.
+    pub redis: String,
+    /// Put before every key and channel name, so that several clusters can share one Redis.
+    pub key_prefix: String,
+    /// How long a Redis command may take before the instance decides alone.
+    pub timeout: Duration,
 }
 
 /// `[protection]`: what is refused before a request reaches a backend.

@@ -55,6 +55,9 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
     let route_names: Vec<&str> = routes.iter().map(|route| route.name.as_str()).collect();
     let rate_limits = protection::read_rate_limits(&mut d, &mut root, &route_names);
     let rules = protection::read_rules(&mut d, &mut root);
+    let cluster = root
+        .table(&mut d, "cluster")
+        .and_then(|section| read_cluster(&mut d, section));
     check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
     check_redirects(&mut d, &listeners);
     root.finish(&mut d);
@@ -78,7 +81,112 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         protection,
         rate_limits,
         rules,
+        cluster,
     })
+}
+
+/// `[cluster]`: `redis` (required), `key_prefix` and `timeout`.
+fn read_cluster(d: &mut Diagnostics, mut section: Section) -> Option<ClusterConfig> {
+    let redis = match section.string(d, "redis") {
+        Some((url, span)) => match redis_url_problem(&url) {
+            None => Some(url),
+            Some(problem) => {
+                d.report(span, section.key_path("redis"), problem);
+                None
+            }
+        },
+        None => {
+            d.report(
+                section.span(),
+                section.key_path("redis"),
+                "is required: the Redis server to share state through, such as \"redis://127.0.0.1:6379\"",
+            );
+            None
+        }
+    };
+    let key_prefix = match section.string(d, "key_prefix") {
+        Some((prefix, span)) if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            d.report(
+                span,
+                section.key_path("key_prefix"),
+                "must not contain spaces or control characters",
+            );
+            String::new()
+        }
+        Some((prefix, _)) => prefix,
+        None => "bouncer:".to_string(),
+    };
+    let timeout = section.duration(
+        d,
+        "timeout",
+        Duration::from_millis(250),
+        Duration::from_millis(1),
+    );
+    section.finish(d);
+    Some(ClusterConfig {
+        redis: redis?,
+        key_prefix,
+        timeout,
+    })
+}
+
+/// What is wrong with a Redis URL, if anything: the scheme, and a host for a TCP address.
+fn redis_url_problem(url: &str) -> Option<String> {
+    let example = "such as \"redis://127.0.0.1:6379\" or \"unix:///run/redis.sock\"";
+    if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+        return Some(format!(
+            "\"{url}\": TLS to Redis is not supported; use a plain or unix-socket address, {example}"
+        ));
+    }
+    if let Some(path) = url
+        .strip_prefix("unix://")
+        .or_else(|| url.strip_prefix("redis+unix://"))
+    {
+        return (!path.starts_with('/'))
+            .then(|| format!("\"{url}\" does not name an absolute socket path, {example}"));
+    }
+    let Some(rest) = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("valkey://"))
+    else {
+        return Some(format!("\"{url}\" is not a Redis URL, {example}"));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    // "[v6]:port" keeps its colons inside the brackets; otherwise the last colon starts the port.
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, after)) => (host, Some(after.strip_prefix(':').unwrap_or(after))),
+            None => ("", None),
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return Some(format!("\"{url}\" names no host, {example}"));
+    }
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return Some(format!("\"{url}\": \"{port}\" is not a port number"));
+    }
+    let database = rest[authority.len()..]
+        .strip_prefix('/')
+        .map(|path| path.split('?').next().unwrap_or_default());
+    if let Some(database) = database
+        && !database.is_empty()
+        && database.parse::<u32>().is_err()
+    {
+        return Some(format!(
+            "\"{url}\": the path must be a database number, not \"{database}\""
+        ));
+    }
+    None
 }
 
 /// `[resolver]`: `nameservers = ["127.0.0.1:53"]` (port 53 when left out) and a query `timeout`.

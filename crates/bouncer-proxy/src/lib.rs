@@ -7,6 +7,7 @@ pub mod acme;
 mod admin;
 mod balance;
 mod body;
+pub mod cluster;
 mod conn;
 pub mod demo;
 mod error;
@@ -125,6 +126,16 @@ impl RunningProxy {
         self.protection.bans()
     }
 
+    /// Lifts the ban on `ip`, on every instance of a cluster; tells whether it was banned here.
+    pub fn unban(&self, ip: std::net::IpAddr) -> bool {
+        self.protection.unban(ip)
+    }
+
+    /// Whether the cluster's Redis answers now (`None` without `[cluster]`).
+    pub fn cluster_up(&self) -> Option<bool> {
+        self.protection.cluster().map(|cluster| cluster.is_up())
+    }
+
     /// The bound address of the named listener (useful with port 0).
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
         self.listeners
@@ -171,9 +182,15 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         &config.protection,
         &config.rate_limits,
         &config.rules,
+        config.cluster.as_ref(),
         Some(metrics.protection()),
     )
     .map_err(StartError::Protection)?;
+    // A Redis that answers is used from the first request; one that does not is tried again in
+    // the background while each instance enforces its limits alone.
+    if let (Some(cluster), Some(cluster_config)) = (protection.cluster(), &config.cluster) {
+        cluster.wait_until_up(cluster_config.timeout).await;
+    }
     let access_log = AccessLog::start(
         config.access_log.format,
         metrics.access_log_dropped().clone(),

@@ -82,6 +82,7 @@ pub struct Metrics {
     rule_matches: Family<RuleLabels, Counter>,
     adaptive_changes: Family<ChangeLabels, Counter>,
     adaptive_active: Gauge,
+    cluster: ClusterMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,6 +104,26 @@ pub struct ProtectionMetrics {
     pub adaptive_tightened: Counter,
     pub adaptive_relaxed: Counter,
     pub adaptive_active: Gauge,
+    pub cluster: ClusterMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+/// What the sharing of rate limits and bans through Redis counts.
+#[derive(Clone, Default)]
+pub struct ClusterMetrics {
+    /// 1 while Redis answers, 0 while the instance decides alone.
+    pub redis_up: Gauge,
+    pub redis_errors: Counter,
+    /// Round trips to Redis for a batch of rate-limit allowance.
+    pub lease_requests: Counter,
+    /// Rate-limit decisions made with the local limits because Redis was unreachable.
+    pub local_decisions: Counter,
+    pub bans_sent: Counter,
+    pub bans_received: Counter,
 }
 
 impl ProtectionMetrics {
@@ -269,6 +290,40 @@ impl Metrics {
             "Whether adaptive mode has the rate limits tightened now (1) or not (0)",
             adaptive_active.clone(),
         );
+        let cluster = ClusterMetrics::default();
+        registry.register(
+            "cluster_redis_up",
+            "Whether the cluster's Redis answers (1) or each instance enforces its limits alone (0)",
+            cluster.redis_up.clone(),
+        );
+        registry.register(
+            "cluster_redis_errors",
+            "Redis commands that failed or timed out",
+            cluster.redis_errors.clone(),
+        );
+        registry.register(
+            "cluster_lease_requests",
+            "Round trips to Redis for a batch of shared rate-limit allowance",
+            cluster.lease_requests.clone(),
+        );
+        registry.register(
+            "cluster_local_decisions",
+            "Rate-limit decisions made with the local limits because Redis was unreachable",
+            cluster.local_decisions.clone(),
+        );
+        let cluster_bans = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "cluster_bans",
+            "Bans shared with the other instances (sent) and learnt from them (received)",
+            cluster_bans.clone(),
+        );
+        let cluster = ClusterMetrics {
+            bans_sent: cluster_bans.get_or_create_owned(&DirectionLabels { direction: "sent" }),
+            bans_received: cluster_bans.get_or_create_owned(&DirectionLabels {
+                direction: "received",
+            }),
+            ..cluster
+        };
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -299,6 +354,7 @@ impl Metrics {
             rule_matches,
             adaptive_changes,
             adaptive_active,
+            cluster,
         })
     }
 
@@ -423,6 +479,7 @@ impl Metrics {
             adaptive_tightened: change("tightened"),
             adaptive_relaxed: change("relaxed"),
             adaptive_active: self.adaptive_active.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 

@@ -19,12 +19,13 @@ use http::HeaderMap;
 use ipnet::IpNet;
 
 use bouncer_config::{
-    AdaptiveConfig, AdaptiveTrigger, IpListsConfig, ProtectionConfig, RateKeyPart, RateLimitAction,
-    RateLimitConfig, RuleAction, RuleConfig,
+    AdaptiveConfig, AdaptiveTrigger, ClusterConfig, IpListsConfig, ProtectionConfig, RateKeyPart,
+    RateLimitAction, RateLimitConfig, RuleAction, RuleConfig,
 };
 use bouncer_rules::{BoundedMap, Decision, Gcra, IpSet, RuleInput, RuleSet, parse_ip_list};
 use prometheus_client::metrics::counter::Counter;
 
+use crate::cluster::{Cluster, LEASE_LIFETIME, LeaseAnswer, MAX_LEASE};
 use crate::error::Refusal;
 use crate::metrics::ProtectionMetrics;
 
@@ -47,6 +48,8 @@ pub enum ProtectionError {
     },
     #[error("cannot compile the rules")]
     Rules(#[source] bouncer_rules::RuleError),
+    #[error("cluster.redis")]
+    Cluster(#[source] redis::RedisError),
 }
 
 /// Everything the protection layers keep while the proxy runs; one for all listeners.
@@ -74,6 +77,62 @@ pub struct Protection {
     tarpit_delay: Duration,
     bans_made: Option<Counter>,
     adaptive: Option<Adaptive>,
+    /// The Redis that shares rate limits and bans with other instances, when configured.
+    cluster: Option<Arc<Cluster>>,
+    /// Per shared key: the allowance taken from Redis and not spent yet.
+    leases: Option<BoundedMap<Lease>>,
+    lease_answers: Box<[tokio::sync::Notify]>,
+    max_tracked_keys: usize,
+}
+
+/// A batch of shared allowance for one key, taken from Redis.
+#[derive(Debug, Default, Clone, Copy)]
+struct Lease {
+    tokens: u32,
+    /// When the tokens must be given back (clock nanoseconds).
+    expires: u64,
+    /// Whether a request is asking Redis for this key now.
+    asking: bool,
+    /// Until when Redis refused the key: no need to ask again before.
+    refused_until: u64,
+}
+
+/// A rate limit's verdict on one request.
+enum Verdict {
+    Allow,
+    /// Admitted, after this wait (a `delay` limit).
+    Wait(Duration),
+    Refuse(Duration),
+}
+
+/// One step of a shared decision taken with the local lease alone.
+enum LeaseStep {
+    Decided(Verdict),
+    /// Redis must be asked, giving back this many expired tokens.
+    Ask {
+        refund: u32,
+    },
+    /// Another request is asking Redis for this key: its answer decides.
+    Wait,
+}
+
+/// Wakes requests waiting on a key's lease answer; a few shards, woken together.
+const LEASE_ANSWER_SHARDS: usize = 64;
+/// How many answers a request waits for before it decides alone.
+const MAX_LEASE_WAITS: u32 = 4;
+
+/// Ends a request's turn at asking Redis for a key, whether or not it got an answer.
+struct AskingGuard<'a> {
+    leases: &'a BoundedMap<Lease>,
+    key: u64,
+    answered: &'a tokio::sync::Notify,
+}
+
+impl Drop for AskingGuard<'_> {
+    fn drop(&mut self) {
+        self.leases.update(self.key, |lease| lease.asking = false);
+        self.answered.notify_waiters();
+    }
 }
 
 /// One banned address.
@@ -90,8 +149,18 @@ impl Protection {
         config: &ProtectionConfig,
         rate_limits: &[RateLimitConfig],
         rules: &[RuleConfig],
+        cluster: Option<&ClusterConfig>,
         metrics: Option<ProtectionMetrics>,
     ) -> Result<Arc<Self>, ProtectionError> {
+        let cluster = cluster
+            .map(|cluster| {
+                Cluster::new(
+                    cluster,
+                    metrics.as_ref().map(|metrics| metrics.cluster.clone()),
+                )
+            })
+            .transpose()
+            .map_err(ProtectionError::Cluster)?;
         let specs: Vec<bouncer_rules::RuleSpec> =
             rules.iter().map(|rule| rule.when.clone()).collect();
         let rule_set = RuleSet::new(&specs).map_err(ProtectionError::Rules)?;
@@ -139,7 +208,27 @@ impl Protection {
                 .adaptive
                 .as_ref()
                 .map(|adaptive| Adaptive::new(adaptive, metrics)),
+            leases: cluster
+                .is_some()
+                .then(|| BoundedMap::new(config.max_tracked_keys)),
+            lease_answers: if cluster.is_some() {
+                (0..LEASE_ANSWER_SHARDS)
+                    .map(|_| tokio::sync::Notify::new())
+                    .collect()
+            } else {
+                Box::default()
+            },
+            cluster,
+            max_tracked_keys: config.max_tracked_keys,
         });
+        if let Some(cluster) = &protection.cluster
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(crate::cluster::supervise(
+                Arc::clone(cluster),
+                Arc::downgrade(&protection),
+            ));
+        }
         if protection.adaptive.is_some()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -210,7 +299,64 @@ impl Protection {
                 counter.inc();
             }
             tracing::warn!(%ip, reason, ban_for = ?self.ban_for, "address banned");
+            if let Some(cluster) = &self.cluster {
+                cluster.share_ban(ip, self.ban_for);
+            }
         }
+    }
+
+    /// Lifts the ban on `ip` (here and, in a cluster, everywhere); tells whether there was one.
+    pub fn unban(&self, ip: IpAddr) -> bool {
+        let was_banned = self.apply_unban(ip);
+        if let Some(cluster) = &self.cluster {
+            cluster.share_unban(ip);
+        }
+        was_banned
+    }
+
+    fn apply_unban(&self, ip: IpAddr) -> bool {
+        let now = self.now_nanos();
+        let was_banned = self
+            .bans
+            .peek(self.ban_key(ip), |ban| ban.until > now)
+            .unwrap_or(false);
+        self.bans.remove(self.ban_key(ip));
+        if was_banned {
+            tracing::info!(%ip, "ban lifted");
+        }
+        was_banned
+    }
+
+    /// Applies a ban made by another instance, for `ban_for` from now (extending one already
+    /// here, never shortening it); tells whether the address was not banned until now.
+    pub(crate) fn apply_shared_ban(&self, ip: IpAddr, ban_for: Duration) -> bool {
+        let now = self.now_nanos();
+        let until = now.saturating_add(u64::try_from(ban_for.as_nanos()).unwrap_or(u64::MAX));
+        let was_banned = self.bans.update(self.ban_key(ip), |ban| {
+            let was = ban.until > now;
+            ban.ip = Some(ip);
+            ban.until = ban.until.max(until);
+            was
+        });
+        self.any_ban.store(true, Ordering::Relaxed);
+        if !was_banned {
+            tracing::info!(%ip, ?ban_for, "address banned by another instance");
+        }
+        !was_banned
+    }
+
+    /// Applies another instance's lifting of a ban.
+    pub(crate) fn apply_shared_unban(&self, ip: IpAddr) {
+        self.apply_unban(ip);
+    }
+
+    pub(crate) fn max_tracked_keys(&self) -> usize {
+        self.max_tracked_keys
+    }
+
+    /// The cluster's Redis connection, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Counts a refusal of `ip`'s request (a rate limit or a rule) towards `auto_ban`; one too
@@ -307,81 +453,207 @@ impl Protection {
 
     /// Counts a request against every rate limit that applies to `route`. Refused, it says which
     /// limit and when to retry; with `delay`, it may first wait (up to the limit's `max_delay`).
+    /// In a cluster the limits are shared through Redis while it answers, and local otherwise.
     pub async fn check_rate_limits(&self, request: &RateSubject<'_>) -> Result<(), RateLimited> {
         for (index, limit) in self.limits.iter().enumerate() {
             if !limit.applies_to(request.route) {
                 continue;
             }
             let key = self.key_of(index, limit, request);
-            let now = self.now_nanos();
             // Under attack the tightened limit applies, to the same per-key state.
             let gcra = match (&limit.tight, &self.adaptive) {
                 (Some(tight), Some(adaptive)) if adaptive.active.load(Ordering::Relaxed) => tight,
                 _ => &limit.gcra,
             };
-            let decision = self.keys.update(key, |tat| {
-                let decision = gcra.check(*tat, now);
-                match decision {
-                    Decision::Allow { tat: next, .. } => *tat = next,
-                    Decision::Deny { retry_after } => {
-                        if let RateLimitAction::Delay { max_delay } = limit.action
-                            && retry_after <= max_delay
-                        {
-                            // The request takes the first place that frees up, reserved now
-                            // so that waiting requests keep their order and the rate stays exact.
-                            let at =
-                                now + u64::try_from(retry_after.as_nanos()).unwrap_or(u64::MAX);
-                            if let Decision::Allow { tat: next, .. } = gcra.check(*tat, at) {
-                                *tat = next;
-                            }
+            let verdict = match &self.cluster {
+                Some(cluster) if cluster.is_up() => {
+                    match self.check_shared(cluster, limit, gcra, key, request).await {
+                        Some(verdict) => verdict,
+                        None => {
+                            cluster.count_local_decision();
+                            self.check_local(limit, gcra, key)
                         }
                     }
                 }
-                decision
-            });
-            match decision {
-                Decision::Allow { .. } => {}
-                Decision::Deny { retry_after } => match limit.action {
-                    RateLimitAction::Delay { max_delay } if retry_after <= max_delay => {
-                        tokio::time::sleep(retry_after).await;
-                    }
-                    _ => {
-                        return Err(RateLimited {
-                            limit: Arc::clone(&limit.name),
-                            burst: gcra.burst(),
-                            retry_after,
-                        });
-                    }
-                },
+                Some(cluster) => {
+                    cluster.count_local_decision();
+                    self.check_local(limit, gcra, key)
+                }
+                None => self.check_local(limit, gcra, key),
+            };
+            match verdict {
+                Verdict::Allow => {}
+                Verdict::Wait(wait) => tokio::time::sleep(wait).await,
+                Verdict::Refuse(retry_after) => {
+                    return Err(RateLimited {
+                        limit: Arc::clone(&limit.name),
+                        burst: gcra.burst(),
+                        retry_after,
+                    });
+                }
             }
         }
         Ok(())
     }
 
+    /// Decides by this instance's own state of `key`.
+    fn check_local(&self, limit: &RateLimit, gcra: &Gcra, key: u64) -> Verdict {
+        let now = self.now_nanos();
+        let decision = self.keys.update(key, |tat| {
+            let decision = gcra.check(*tat, now);
+            match decision {
+                Decision::Allow { tat: next, .. } => *tat = next,
+                Decision::Deny { retry_after } => {
+                    if let RateLimitAction::Delay { max_delay } = limit.action
+                        && retry_after <= max_delay
+                    {
+                        // The request takes the first place that frees up, reserved now so that
+                        // waiting requests keep their order and the rate stays exact.
+                        let at = now + u64::try_from(retry_after.as_nanos()).unwrap_or(u64::MAX);
+                        if let Decision::Allow { tat: next, .. } = gcra.check(*tat, at) {
+                            *tat = next;
+                        }
+                    }
+                }
+            }
+            decision
+        });
+        match decision {
+            Decision::Allow { .. } => Verdict::Allow,
+            Decision::Deny { retry_after } => match limit.action {
+                RateLimitAction::Delay { max_delay } if retry_after <= max_delay => {
+                    Verdict::Wait(retry_after)
+                }
+                _ => Verdict::Refuse(retry_after),
+            },
+        }
+    }
+
+    /// Decides by the state shared in Redis: from this instance's lease of allowance when it has
+    /// one, otherwise by asking Redis, one request per key at a time (the others wait for its
+    /// answer). `None` when Redis failed.
+    async fn check_shared(
+        &self,
+        cluster: &Cluster,
+        limit: &RateLimit,
+        gcra: &Gcra,
+        key: u64,
+        request: &RateSubject<'_>,
+    ) -> Option<Verdict> {
+        let leases = self.leases.as_ref()?;
+        let asked = &self.lease_answers[(key % LEASE_ANSWER_SHARDS as u64) as usize];
+        let mut waits = 0;
+        let refund = loop {
+            match self.lease_step(leases, key) {
+                LeaseStep::Decided(verdict) => return Some(verdict),
+                LeaseStep::Ask { refund } => break refund,
+                LeaseStep::Wait => {}
+            }
+            if waits == MAX_LEASE_WAITS {
+                return None;
+            }
+            waits += 1;
+            // Registered before looking again, so that an answer in between is not missed.
+            let answered = asked.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            match self.lease_step(leases, key) {
+                LeaseStep::Decided(verdict) => return Some(verdict),
+                LeaseStep::Ask { refund } => break refund,
+                LeaseStep::Wait => {
+                    let _ = tokio::time::timeout(cluster.timeout(), answered).await;
+                }
+            }
+        };
+        // Whatever happens to this request from here, the key is free to ask again after it.
+        let _asking = AskingGuard {
+            leases,
+            key,
+            answered: asked,
+        };
+        let shared_key = cluster.rate_key(&limit.name, &self.shared_digest(limit, request));
+        let max_wait = match limit.action {
+            RateLimitAction::Delay { max_delay } => Some(max_delay),
+            RateLimitAction::Reject => None,
+        };
+        let want = lease_size(gcra);
+        let answer = cluster
+            .lease(&shared_key, gcra, want, refund, max_wait)
+            .await?;
+        let now = self.now_nanos();
+        Some(match answer {
+            LeaseAnswer::Granted { count, wait } => {
+                if count > 1 {
+                    leases.update(key, |lease| {
+                        // Tokens already held keep their earlier expiry, so that none is spent
+                        // longer than the lease lifetime after Redis granted it.
+                        if lease.tokens == 0 || lease.expires <= now {
+                            lease.expires = now + LEASE_NANOS;
+                        }
+                        lease.tokens = lease.tokens.saturating_add(count - 1);
+                    });
+                }
+                if wait.is_zero() {
+                    Verdict::Allow
+                } else {
+                    Verdict::Wait(wait)
+                }
+            }
+            LeaseAnswer::Refused { retry_after } => {
+                // Redis is asked again once a whole lease has freed up rather than a single
+                // request, so that a key over its limit costs a round trip per lease, not per
+                // request; the client is told when one request would pass.
+                let batch = want.min(gcra.burst()).saturating_sub(1);
+                let until = now
+                    + u64::try_from((retry_after + gcra.emission_interval() * batch).as_nanos())
+                        .unwrap_or(u64::MAX);
+                leases.update(key, |lease| {
+                    lease.refused_until = lease.refused_until.max(until)
+                });
+                Verdict::Refuse(retry_after)
+            }
+        })
+    }
+
+    /// What the local lease of `key` says about one more request.
+    fn lease_step(&self, leases: &BoundedMap<Lease>, key: u64) -> LeaseStep {
+        let now = self.now_nanos();
+        leases.update(key, |lease| {
+            if lease.refused_until > now {
+                return LeaseStep::Decided(Verdict::Refuse(Duration::from_nanos(
+                    lease.refused_until - now,
+                )));
+            }
+            if lease.tokens > 0 && lease.expires > now {
+                lease.tokens -= 1;
+                return LeaseStep::Decided(Verdict::Allow);
+            }
+            if lease.asking {
+                return LeaseStep::Wait;
+            }
+            lease.asking = true;
+            LeaseStep::Ask {
+                refund: std::mem::take(&mut lease.tokens),
+            }
+        })
+    }
+
     fn key_of(&self, index: usize, limit: &RateLimit, request: &RateSubject<'_>) -> u64 {
         let mut hasher = self.hasher.build_hasher();
         hasher.write_usize(index);
-        for part in &limit.key {
-            match part {
-                RateKeyPart::ClientIp => hash_ip(&mut hasher, request.client),
-                RateKeyPart::Header(name) => {
-                    for value in request.headers.get_all(name.as_str()) {
-                        hasher.write(value.as_bytes());
-                        hasher.write_u8(0xff);
-                    }
-                }
-                RateKeyPart::Cookie(name) => {
-                    if let Some(value) = cookie_value(request.headers, name) {
-                        hasher.write(value.as_bytes());
-                    }
-                }
-                RateKeyPart::Path => hasher.write(request.path.as_bytes()),
-                RateKeyPart::Route => hasher.write(request.route.as_bytes()),
-            }
-            // Parts are separated, so that ("ab", "c") and ("a", "bc") differ.
-            hasher.write_u8(0);
-        }
+        write_key_parts(&mut hasher, limit, request);
         hasher.finish()
+    }
+
+    /// A digest of the key's parts that every instance computes alike, and that no client can
+    /// aim a collision at: the first 16 bytes of their SHA-256.
+    fn shared_digest(&self, limit: &RateLimit, request: &RateSubject<'_>) -> [u8; 16] {
+        let mut digest = DigestHasher(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256));
+        write_key_parts(&mut digest, limit, request);
+        let sum = digest.0.finish();
+        let mut head = [0u8; 16];
+        head.copy_from_slice(&sum.as_ref()[..16]);
+        head
     }
 
     fn now_nanos(&self) -> u64 {
@@ -407,6 +679,53 @@ impl Protection {
     /// Keys with rate-limit state now.
     pub fn tracked_keys(&self) -> usize {
         self.keys.len()
+    }
+}
+
+/// The lease lifetime in clock nanoseconds.
+const LEASE_NANOS: u64 = LEASE_LIFETIME.as_nanos() as u64;
+
+/// How much allowance to take from Redis at once: a hundredth of a second's worth of the rate,
+/// so that a key is asked about at most about a hundred times a second per instance.
+fn lease_size(limit: &Gcra) -> u32 {
+    let per_second = 1e9 / limit.emission_interval().as_nanos().max(1) as f64;
+    ((per_second / 100.0) as u32).clamp(1, MAX_LEASE)
+}
+
+/// Feeds the parts of a request's key for `limit` to `hasher`.
+fn write_key_parts(hasher: &mut impl Hasher, limit: &RateLimit, request: &RateSubject<'_>) {
+    for part in &limit.key {
+        match part {
+            RateKeyPart::ClientIp => hash_ip(hasher, request.client),
+            RateKeyPart::Header(name) => {
+                for value in request.headers.get_all(name.as_str()) {
+                    hasher.write(value.as_bytes());
+                    hasher.write_u8(0xff);
+                }
+            }
+            RateKeyPart::Cookie(name) => {
+                if let Some(value) = cookie_value(request.headers, name) {
+                    hasher.write(value.as_bytes());
+                }
+            }
+            RateKeyPart::Path => hasher.write(request.path.as_bytes()),
+            RateKeyPart::Route => hasher.write(request.route.as_bytes()),
+        }
+        // Parts are separated, so that ("ab", "c") and ("a", "bc") differ.
+        hasher.write_u8(0);
+    }
+}
+
+/// SHA-256 fed through the `Hasher` interface; only `write` is used.
+struct DigestHasher(aws_lc_rs::digest::Context);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        0
     }
 }
 

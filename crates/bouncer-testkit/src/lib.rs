@@ -10,6 +10,7 @@ pub mod flood;
 pub mod grpc;
 pub mod h2raw;
 pub mod pebble;
+pub mod redis;
 pub mod tls;
 
 use std::net::SocketAddr;

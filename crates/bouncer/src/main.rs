@@ -137,6 +137,7 @@ fn check(path: &Path) -> ExitCode {
                 &config.protection,
                 &config.rate_limits,
                 &config.rules,
+                config.cluster.as_ref(),
                 None,
             ) {
                 broken += 1;

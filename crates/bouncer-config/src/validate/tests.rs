@@ -821,3 +821,77 @@ action = "shout"
         );
     }
 }
+
+#[test]
+fn the_cluster_section_names_a_redis_server() {
+    let base = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+"#;
+    let config = parse(
+        Path::new("bouncer.toml"),
+        &format!("{base}\n[cluster]\nredis = \"redis://10.0.0.5:6380/2\"\n"),
+    )
+    .expect("valid");
+    let cluster = config.cluster.expect("a cluster");
+    assert_eq!(cluster.redis, "redis://10.0.0.5:6380/2");
+    assert_eq!(cluster.key_prefix, "bouncer:");
+    assert_eq!(cluster.timeout, Duration::from_millis(250));
+    assert!(
+        parse(Path::new("bouncer.toml"), base)
+            .expect("valid")
+            .cluster
+            .is_none()
+    );
+    for good in [
+        "redis://localhost",
+        "redis://:secret@[::1]:6379/0",
+        "unix:///run/redis/redis.sock",
+    ] {
+        let text = format!("{base}\n[cluster]\nredis = \"{good}\"\ntimeout = \"100ms\"\n");
+        assert!(
+            parse(Path::new("bouncer.toml"), &text).is_ok(),
+            "{good} is refused"
+        );
+    }
+    for (bad, reason) in [
+        ("http://127.0.0.1:6379", "is not a Redis URL"),
+        ("rediss://127.0.0.1:6379", "TLS to Redis is not supported"),
+        ("redis://:6379", "names no host"),
+        ("redis://127.0.0.1:63790000", "is not a port number"),
+        ("redis://127.0.0.1:6379/cache", "must be a database number"),
+        ("unix://run/redis.sock", "absolute socket path"),
+    ] {
+        let text = format!("{base}\n[cluster]\nredis = \"{bad}\"\n");
+        let lines: Vec<String> = problems(&text).iter().map(ToString::to_string).collect();
+        assert!(
+            lines
+                .iter()
+                .any(|line| line.contains("cluster.redis") && line.contains(reason)),
+            "{bad}: {lines:#?}"
+        );
+    }
+    let lines: Vec<String> = problems(&format!("{base}\n[cluster]\nkey_prefix = \"a b\"\n"))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("cluster.redis: is required")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("cluster.key_prefix: must not contain spaces")),
+        "{lines:#?}"
+    );
+}

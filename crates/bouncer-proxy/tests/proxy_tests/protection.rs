@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// A connection to `proxy` from the source address `from`.
-async fn connect_from(from: &str, proxy: SocketAddr) -> TcpStream {
+pub async fn connect_from(from: &str, proxy: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket
         .bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
@@ -20,7 +20,7 @@ async fn connect_from(from: &str, proxy: SocketAddr) -> TcpStream {
 
 /// Sends `GET path` from `from` with `extra` header lines and reads the whole answer; `None` when
 /// the proxy closed the connection without one.
-async fn get_from(from: &str, proxy: SocketAddr, path: &str, extra: &str) -> Option<String> {
+pub async fn get_from(from: &str, proxy: SocketAddr, path: &str, extra: &str) -> Option<String> {
     let mut stream = connect_from(from, proxy).await;
     let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n{extra}Connection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
@@ -38,7 +38,7 @@ async fn get_from(from: &str, proxy: SocketAddr, path: &str, extra: &str) -> Opt
 
 /// Sends one request from `from` with `extra` header lines; the status line of the answer, or
 /// `None` when the proxy closed the connection without one.
-async fn status_from(from: &str, proxy: SocketAddr, extra: &str) -> Option<String> {
+pub async fn status_from(from: &str, proxy: SocketAddr, extra: &str) -> Option<String> {
     let answer = get_from(from, proxy, "/", extra).await?;
     Some(answer.lines().next().unwrap_or_default().to_string())
 }
