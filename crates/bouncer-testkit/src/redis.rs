@@ -46,6 +46,22 @@ impl RedisServer {
         }
     }
 
+    /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the server: a Redis that hangs rather than dies.
+    pub async fn freeze(&self, frozen: bool) {
+        let pid = self
+            .server
+            .as_ref()
+            .and_then(Child::id)
+            .expect("redis-server runs");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Starts the server again on the same port, empty.
     pub async fn restart(&mut self) {
         self.kill().await;
