@@ -462,6 +462,8 @@ pub(crate) async fn supervise(cluster: Arc<Cluster>, protection: Weak<Protection
                                 "Redis unreachable: rate limits are enforced by each instance alone until it answers again"
                             );
                         }
+                        // The outage is logged; failed reconnections are not logged again.
+                        failures_logged = true;
                     }
                     Err(error) => {
                         cluster.metrics.redis_errors.inc();
