@@ -451,7 +451,6 @@ pub(crate) async fn supervise(cluster: Arc<Cluster>, protection: Weak<Protection
                 };
                 match caught_up {
                     Ok(()) => {
-                        failures_logged = false;
                         cluster.set_up(connection.clone());
                         tracing::info!(
                             "Redis reachable: rate limits and bans are shared with the other instances"
