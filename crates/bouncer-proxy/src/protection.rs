@@ -602,11 +602,16 @@ impl Protection {
             LeaseAnswer::Refused { retry_after } => {
                 // Redis is asked again once a whole lease has freed up rather than a single
                 // request, so that a key over its limit costs a round trip per lease, not per
-                // request; the client is told when one request would pass.
-                let batch = want.min(gcra.burst()).saturating_sub(1);
-                let until = now
-                    + u64::try_from((retry_after + gcra.emission_interval() * batch).as_nanos())
-                        .unwrap_or(u64::MAX);
+                // request; the client is told when one request would pass. A `delay` limit asks
+                // as soon as a request could be booked within its `max_delay`.
+                let ask_again = match max_wait {
+                    Some(max_delay) => retry_after.saturating_sub(max_delay),
+                    None => {
+                        let batch = want.min(gcra.burst()).saturating_sub(1);
+                        retry_after + gcra.emission_interval() * batch
+                    }
+                };
+                let until = now + u64::try_from(ask_again.as_nanos()).unwrap_or(u64::MAX);
                 leases.update(key, |lease| {
                     lease.refused_until = lease.refused_until.max(until)
                 });

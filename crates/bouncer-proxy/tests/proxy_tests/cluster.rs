@@ -302,3 +302,42 @@ async fn a_redis_that_hangs_costs_at_most_one_timeout_then_instances_decide_alon
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_shared_delay_limit_spaces_requests_across_instances() {
+    let redis = RedisServer::start("delay").await;
+    let backend = Backend::start(0).await;
+    let instances = two_instances(
+        &backend,
+        &redis,
+        "[[rate_limits]]\nname = \"paced\"\nrate = \"10/s\"\nburst = 1\naction = \"delay\"\nmax_delay = \"450ms\"\n",
+    )
+    .await;
+    // Six at once, three to each instance: the first passes, the next four wait their turn (a
+    // tenth of a second apart, booked in Redis), the sixth would wait too long and is refused.
+    let started = Instant::now();
+    let requests: Vec<_> = (0..6)
+        .map(|turn| {
+            let address = instances[turn % 2].address;
+            tokio::spawn(async move {
+                let status = status_from("127.0.7.1", address, "").await;
+                (status, Instant::now())
+            })
+        })
+        .collect();
+    let mut served = Vec::new();
+    let mut refused = 0;
+    for request in requests {
+        let (status, at) = request.await.unwrap();
+        match status.as_deref() {
+            OK => served.push(at.duration_since(started)),
+            LIMITED => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    served.sort();
+    assert_eq!((served.len(), refused), (5, 1), "{served:?}");
+    // Spaced by the rate, whichever instance each went through.
+    assert!(served[4] >= Duration::from_millis(390), "{served:?}");
+    assert!(served[4] < Duration::from_millis(900), "{served:?}");
+}
