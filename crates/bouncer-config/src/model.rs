@@ -29,6 +29,8 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     /// `[cluster]`: rate limits and bans shared with other instances; `None` keeps them local.
     pub cluster: Option<ClusterConfig>,
+    /// `[cache]`, with its defaults when left out.
+    pub cache: CacheConfig,
 }
 
 impl Config {
@@ -157,6 +159,58 @@ pub struct RouteConfig {
     /// Empty means every listener.
     pub listeners: Vec<String>,
     pub upstream: String,
+    /// `cache = { enabled = true, ... }`: this route's responses go through the shared cache.
+    pub cache: Option<RouteCacheConfig>,
+}
+
+/// A route's `cache` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteCacheConfig {
+    /// The freshness of a response that states none (zero: the RFC's heuristic).
+    pub default_ttl: Duration,
+    /// What names a stored response.
+    pub key: Vec<CacheKeyPart>,
+    /// Query parameters left out of the key.
+    pub ignore_query_params: Vec<String>,
+    /// Store responses that carry `Set-Cookie` (never by default).
+    pub store_set_cookie: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKeyPart {
+    Method,
+    Host,
+    Path,
+    Query,
+}
+
+/// `[cache]`: the shared HTTP cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Bound on the bytes stored in memory, headers included.
+    pub memory: u64,
+    /// Larger responses stream through without being stored.
+    pub max_object_size: u64,
+    /// How long a request waits for another's response to the same key before it goes to the
+    /// backend itself.
+    pub lock_timeout: Duration,
+    /// How long a key whose response could not be stored is passed straight through, so that
+    /// the next burst does not queue behind one request again.
+    pub pass_ttl: Duration,
+    /// Addresses allowed to send `PURGE` requests.
+    pub purge_allow: Vec<IpNet>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            memory: 256 << 20,
+            max_object_size: 8 << 20,
+            lock_timeout: Duration::from_secs(5),
+            pass_ttl: Duration::from_secs(10),
+            purge_allow: Vec::new(),
+        }
+    }
 }
 
 /// A host a route answers for: an exact name, or `*.suffix` for any name below the suffix.

@@ -58,6 +58,10 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
     let cluster = root
         .table(&mut d, "cluster")
         .and_then(|section| read_cluster(&mut d, section));
+    let cache = match root.table(&mut d, "cache") {
+        Some(section) => read_cache(&mut d, section),
+        None => CacheConfig::default(),
+    };
     check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
     check_redirects(&mut d, &listeners);
     root.finish(&mut d);
@@ -82,6 +86,98 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         rate_limits,
         rules,
         cluster,
+        cache,
+    })
+}
+
+/// `[cache]`: the memory bound, the largest object, and how waiting, pass-through and `PURGE`
+/// behave.
+fn read_cache(d: &mut Diagnostics, mut section: Section) -> CacheConfig {
+    let defaults = CacheConfig::default();
+    let memory = section.size(d, "memory", defaults.memory, 1 << 20, 1 << 50);
+    let max_object_size = section.size(
+        d,
+        "max_object_size",
+        defaults.max_object_size,
+        1,
+        u64::from(u32::MAX),
+    );
+    if max_object_size > memory
+        && let Some((_, span)) = section.item("max_object_size")
+    {
+        d.report(
+            span,
+            section.key_path("max_object_size"),
+            format!("is larger than the cache's memory ({memory} bytes)"),
+        );
+    }
+    let lock_timeout = section.duration(
+        d,
+        "lock_timeout",
+        defaults.lock_timeout,
+        Duration::from_millis(1),
+    );
+    let pass_ttl = section.duration(d, "pass_ttl", defaults.pass_ttl, Duration::ZERO);
+    let purge_allow = networks(d, &mut section, "purge_allow");
+    section.finish(d);
+    CacheConfig {
+        memory,
+        max_object_size,
+        lock_timeout,
+        pass_ttl,
+        purge_allow,
+    }
+}
+
+/// A route's `cache = { enabled, default_ttl, key, ignore_query_params, store_set_cookie }`;
+/// `None` when it is left out or not enabled.
+fn read_route_cache(d: &mut Diagnostics, mut section: Section) -> Option<RouteCacheConfig> {
+    let enabled = section.bool(d, "enabled").unwrap_or(true);
+    let default_ttl = section.duration(d, "default_ttl", Duration::ZERO, Duration::ZERO);
+    let key = match section.strings(d, "key") {
+        Some(parts) => parts
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, (part, span))| {
+                let parsed = match part.as_str() {
+                    "method" => Some(CacheKeyPart::Method),
+                    "host" => Some(CacheKeyPart::Host),
+                    "path" => Some(CacheKeyPart::Path),
+                    "query" => Some(CacheKeyPart::Query),
+                    _ => None,
+                };
+                if parsed.is_none() {
+                    d.report(
+                        span,
+                        format!("{}[{index}]", section.key_path("key")),
+                        format!(
+                            "\"{part}\" is not a key part: use \"method\", \"host\", \"path\" or \"query\""
+                        ),
+                    );
+                }
+                parsed
+            })
+            .collect(),
+        None => vec![
+            CacheKeyPart::Method,
+            CacheKeyPart::Host,
+            CacheKeyPart::Path,
+            CacheKeyPart::Query,
+        ],
+    };
+    let ignore_query_params = section
+        .strings(d, "ignore_query_params")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let store_set_cookie = section.bool(d, "store_set_cookie").unwrap_or(false);
+    section.finish(d);
+    enabled.then_some(RouteCacheConfig {
+        default_ttl,
+        key,
+        ignore_query_params,
+        store_set_cookie,
     })
 }
 
@@ -1256,6 +1352,9 @@ fn read_routes(
                 String::new()
             }
         };
+        let cache = section
+            .table(d, "cache")
+            .and_then(|cache| read_route_cache(d, cache));
         section.finish(d);
         routes.push(RouteConfig {
             name,
@@ -1263,6 +1362,7 @@ fn read_routes(
             path_prefix,
             listeners: route_listeners,
             upstream,
+            cache,
         });
     }
     routes

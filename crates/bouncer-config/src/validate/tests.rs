@@ -895,3 +895,63 @@ servers = ["127.0.0.1:1"]
         "{lines:#?}"
     );
 }
+
+#[test]
+fn the_cache_section_and_route_caches_are_read() {
+    let text = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+name = "static"
+path_prefix = "/static"
+upstream = "app"
+cache = { enabled = true, default_ttl = "30s", key = ["method", "host", "path", "query"], ignore_query_params = ["utm_source"] }
+
+[[routes]]
+name = "off"
+path_prefix = "/off"
+upstream = "app"
+cache = { enabled = false }
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+
+[cache]
+memory = "64MiB"
+max_object_size = "1MiB"
+purge_allow = ["127.0.0.1"]
+"#;
+    let config = parse(Path::new("bouncer.toml"), text).expect("valid");
+    assert_eq!(config.cache.memory, 64 << 20);
+    assert_eq!(config.cache.max_object_size, 1 << 20);
+    assert_eq!(config.cache.lock_timeout, Duration::from_secs(5));
+    assert_eq!(config.cache.purge_allow.len(), 1);
+    let cache = config.routes[0].cache.as_ref().expect("cached");
+    assert_eq!(cache.default_ttl, Duration::from_secs(30));
+    assert_eq!(cache.ignore_query_params, ["utm_source"]);
+    assert_eq!(cache.key.len(), 4);
+    assert!(!cache.store_set_cookie);
+    assert!(config.routes[1].cache.is_none());
+    assert!(config.routes[2].cache.is_none());
+
+    let wrong = text
+        .replace("\"query\"]", "\"cookie\"]")
+        .replace("max_object_size = \"1MiB\"", "max_object_size = \"128MiB\"")
+        .replace("enabled = false", "enabled = false, ttl = \"1s\"");
+    let lines: Vec<String> = problems(&wrong).iter().map(ToString::to_string).collect();
+    for expected in [
+        "routes[0].cache.key[3]: \"cookie\" is not a key part",
+        "cache.max_object_size: is larger than the cache's memory",
+        "routes[1].cache.ttl",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(expected)),
+            "{expected}: {lines:#?}"
+        );
+    }
+}
