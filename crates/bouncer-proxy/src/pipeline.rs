@@ -64,9 +64,7 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
         body_progress: None,
         bytes_out: 0,
         route: None,
-        backend: None,
-        backend_in_flight: None,
-        upstream_time: None,
+        attempt: Attempt::default(),
         upstream_body_failed: false,
         grpc: request
             .headers()
@@ -344,10 +342,66 @@ async fn forward(
         .as_ref()
         .map(|sticky| (sticky, sticky.target(&parts.headers)));
 
+    let request = Request::from_parts(parts, body);
+    let dispatch = Dispatch {
+        runtime: &ctx.runtime,
+        route: &route,
+        secure: ctx.scheme == "https",
+        key_hash,
+        sticky,
+        replay,
+        progress,
+        host_missing,
+    };
+    let (response, lease) = send_to_backend(&dispatch, &mut exchange.attempt, request).await?;
+    Ok(Forwarded {
+        response,
+        lease,
+        read_timeout: route.upstream.read_timeout,
+        client_upgrade,
+    })
+}
+
+/// The backend a request went to: which, its in-flight slot there (held until the response is
+/// done, for the balancers), and how long it took to answer.
+#[derive(Default)]
+pub(crate) struct Attempt {
+    pub backend: Option<Arc<str>>,
+    pub in_flight: Option<InFlight>,
+    pub upstream_time: Option<Duration>,
+}
+
+/// What sending a prepared request needs besides the request itself.
+pub(crate) struct Dispatch<'a> {
+    pub runtime: &'a Arc<ListenerRuntime>,
+    pub route: &'a Arc<Route>,
+    /// Whether the client came over TLS (a new sticky cookie is then `Secure`).
+    pub secure: bool,
+    pub key_hash: Option<u64>,
+    pub sticky: Option<(&'a crate::sticky::StickyCookie, Option<u64>)>,
+    pub replay: Option<Replay>,
+    pub progress: Option<Arc<BodyProgress>>,
+    /// The request had no host: each backend gets its own name.
+    pub host_missing: bool,
+}
+
+/// Sends a prepared request to a backend of the route's upstream, with the retries its upstream
+/// allows, and gives the answer with the connection it came on.
+pub(crate) async fn send_to_backend(
+    dispatch: &Dispatch<'_>,
+    attempt: &mut Attempt,
+    mut request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    let upstream = &dispatch.route.upstream;
+    let (key_hash, sticky, replay, progress) = (
+        dispatch.key_hash,
+        dispatch.sticky,
+        dispatch.replay.as_ref(),
+        &dispatch.progress,
+    );
     let set = upstream.current();
-    let mut request = Request::from_parts(parts, body);
     let mut tried = 0u64;
-    let mut attempt = 0u32;
+    let mut attempt_number = 0u32;
     let mut last_error: Option<ProxyError> = None;
     loop {
         let picked = upstream
@@ -362,14 +416,14 @@ async fn forward(
             Err(none_left) => return Err(last_error.unwrap_or(none_left)),
         };
         let backend = Arc::clone(guard.backend());
-        exchange.backend = Some(Arc::clone(&backend.label));
-        exchange.backend_in_flight = Some(guard);
-        if host_missing {
+        attempt.backend = Some(Arc::clone(&backend.label));
+        attempt.in_flight = Some(guard);
+        if dispatch.host_missing {
             let authority = HeaderValue::from_str(backend.authority.as_str())
                 .map_err(|_| ProxyError::BadRequest("invalid target"))?;
             request.headers_mut().insert(header::HOST, authority);
         }
-        let may_retry = attempt < upstream.retries;
+        let may_retry = attempt_number < upstream.retries;
         let failure = match upstream
             .send(&set, &backend, request, progress.clone())
             .await
@@ -380,11 +434,7 @@ async fn forward(
                 let again = (may_retry
                     && upstream.retry_on.retries_status(status)
                     && upstream.any_available(&set, tried | bit(backend_index)))
-                .then(|| {
-                    replay
-                        .as_ref()
-                        .and_then(|copy| copy.request(progress.as_deref()))
-                })
+                .then(|| replay.and_then(|copy| copy.request(progress.as_deref())))
                 .flatten();
                 match again {
                     Some(again) if upstream.take_retry(&backend) => {
@@ -392,52 +442,51 @@ async fn forward(
                         // The failed answer is dropped; its connection closes unless it was done.
                         drop((response, lease));
                         // Its slot at the failed backend is freed before another is taken.
-                        exchange.backend_in_flight = None;
+                        attempt.in_flight = None;
                         request = again;
                         tried |= bit(backend_index);
-                        attempt += 1;
+                        attempt_number += 1;
                         continue;
                     }
                     _ => {}
                 }
                 if let Some((cookie, target)) = sticky
                     && target != Some(backend.sticky_id)
-                    && let Some(value) = cookie.set_cookie(backend.sticky_id, ctx.scheme == "https")
+                    && let Some(value) = cookie.set_cookie(backend.sticky_id, dispatch.secure)
                 {
                     // A new client, or one whose backend is gone: it sticks to this one now.
                     response.headers_mut().append(header::SET_COOKIE, value);
                 }
-                exchange.upstream_time = Some(upstream_time);
-                ctx.runtime
+                attempt.upstream_time = Some(upstream_time);
+                dispatch
+                    .runtime
                     .protection
                     .observe_backend_latency(upstream_time);
                 if let Some(progress) = &progress {
                     // The answer is committed: a kept copy of the body is not needed any more.
                     progress.release_kept();
                 }
-                return Ok(Forwarded {
-                    response,
-                    lease,
-                    read_timeout: upstream.read_timeout,
-                    client_upgrade,
-                });
+                return Ok((response, lease));
             }
             Err(failure) => failure,
         };
         let (error, unsent) = failure;
         if let ProxyError::ResponseTimeout { timeout, .. } = &error {
             // A backend too slow to answer at all is the slowest answer of all.
-            ctx.runtime.protection.observe_backend_latency(*timeout);
+            dispatch
+                .runtime
+                .protection
+                .observe_backend_latency(*timeout);
         }
         if may_retry && let Some(unsent) = unsent {
             // It reached no backend, so any request may go to another, and doing so adds no load
             // to the fleet: such retries are not counted against the budget.
             tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "sending to another backend");
             backend.metrics.retries.inc();
-            exchange.backend_in_flight = None;
+            attempt.in_flight = None;
             request = unsent;
             tried |= bit(backend_index);
-            attempt += 1;
+            attempt_number += 1;
             last_error = Some(error);
             continue;
         }
@@ -450,17 +499,16 @@ async fn forward(
                 _ => false,
             };
             replay
-                .as_ref()
                 .filter(|_| retryable)
                 .and_then(|copy| copy.request(progress.as_deref()))
         };
         match next {
             Some(again) if upstream.take_retry(&backend) => {
                 tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "retrying on another backend");
-                exchange.backend_in_flight = None;
+                attempt.in_flight = None;
                 request = again;
                 tried |= bit(backend_index);
-                attempt += 1;
+                attempt_number += 1;
                 last_error = Some(error);
             }
             _ => return Err(error),
@@ -502,7 +550,7 @@ async fn apply_rule(
 }
 
 /// What is needed to send an idempotent request again.
-struct Replay {
+pub(crate) struct Replay {
     method: Method,
     uri: http::Uri,
     headers: http::HeaderMap,
@@ -541,7 +589,11 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
     } = forwarded;
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
-        let backend = exchange.backend.clone().unwrap_or_else(|| "".into());
+        let backend = exchange
+            .attempt
+            .backend
+            .clone()
+            .unwrap_or_else(|| "".into());
         let Some(client_upgrade) = client_upgrade else {
             let error = ProxyError::UpstreamFailed {
                 backend: backend.to_string(),
@@ -848,10 +900,8 @@ pub struct Exchange {
     body_progress: Option<Arc<BodyProgress>>,
     pub(crate) bytes_out: u64,
     route: Option<Arc<Route>>,
-    backend: Option<Arc<str>>,
-    /// Counts the request at its backend for least-connections and peak-EWMA balancing.
-    backend_in_flight: Option<InFlight>,
-    upstream_time: Option<Duration>,
+    /// The backend it went to, counted there for least-connections and peak-EWMA balancing.
+    attempt: Attempt,
     pub(crate) upstream_body_failed: bool,
     /// A gRPC call, whose client reads errors from `grpc-status`.
     grpc: bool,
@@ -909,9 +959,9 @@ impl Drop for Exchange {
             bytes_out: self.bytes_out,
             listener: &runtime.name,
             route: self.route.as_ref().map_or("-", |route| &route.name),
-            backend: self.backend.as_deref().unwrap_or(""),
+            backend: self.attempt.backend.as_deref().unwrap_or(""),
             total,
-            upstream: self.upstream_time,
+            upstream: self.attempt.upstream_time,
         });
     }
 }
