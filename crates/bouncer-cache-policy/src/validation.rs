@@ -139,8 +139,12 @@ pub fn is_storable_field(name: &HeaderName, headers: &HeaderMap) -> bool {
 
 /// Freshens stored headers with a backend's `304` (RFC 9111 sections 3.2 and 4.3.4): each field
 /// of the `304` replaces the stored field of that name, except `Content-Length` and the fields
-/// that are not stored at all.
+/// that are not stored at all. A stored `Age` that the `304` does not restate is dropped: it was
+/// the age of the first response, and the validation has just confirmed the stored one.
 pub fn freshen(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+    if !not_modified.contains_key(header::AGE) {
+        stored.remove(header::AGE);
+    }
     for name in not_modified.keys() {
         if name == CONTENT_LENGTH || !is_storable_field(name, not_modified) {
             continue;

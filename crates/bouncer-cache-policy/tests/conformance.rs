@@ -377,6 +377,7 @@ fn rfc9111_3_2_a_304_updates_the_stored_fields_but_not_content_length() {
         ("content-length", "10"),
         ("content-type", "text/plain"),
         ("x-old", "1"),
+        ("age", "100"),
     ]);
     let answer = headers(&[
         ("cache-control", "max-age=120"),
@@ -394,6 +395,8 @@ fn rfc9111_3_2_a_304_updates_the_stored_fields_but_not_content_length() {
     assert!(!stored.contains_key("x-hop"));
     assert!(!stored.contains_key("keep-alive"));
     assert!(!stored.contains_key("connection"));
+    // The first response's age does not outlive its validation.
+    assert!(!stored.contains_key("age"));
 }
 
 #[test]

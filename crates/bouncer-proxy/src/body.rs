@@ -316,6 +316,8 @@ pub enum ResponseBodyError {
     ReadTimeout(Duration),
     #[error("the backend's response body failed")]
     Upstream(#[source] hyper::Error),
+    #[error("the cache fill this response was read from broke off")]
+    Fill(#[source] crate::cache::FillBroken),
 }
 
 pin_project! {
@@ -331,6 +333,8 @@ pin_project! {
         silence: Option<Sleep>,
         // On HTTP/2: whether data handed over waits on the client (see `conn`).
         send_watch: Option<crate::conn::SendWatch>,
+        // A response read from a cache fill in progress.
+        shared: Option<crate::cache::FillReader>,
         exchange: Option<Exchange>,
     }
 }
@@ -350,6 +354,37 @@ impl ResponseBody {
             last_progress: Instant::now(),
             silence: None,
             send_watch: exchange.send_watch(),
+            shared: None,
+            exchange: Some(exchange),
+        }
+    }
+
+    /// A backend's body read by no request (a cache fill's task reads it).
+    pub fn detached(body: Incoming, lease: Option<Lease>, read_timeout: Duration) -> Self {
+        Self {
+            upstream: Some(body),
+            lease,
+            fixed: None,
+            read_timeout,
+            last_progress: Instant::now(),
+            silence: None,
+            send_watch: None,
+            shared: None,
+            exchange: None,
+        }
+    }
+
+    /// A response read from a cache fill as it arrives.
+    pub fn shared(reader: crate::cache::FillReader, exchange: Exchange) -> Self {
+        Self {
+            upstream: None,
+            lease: None,
+            fixed: None,
+            read_timeout: Duration::ZERO,
+            last_progress: Instant::now(),
+            silence: None,
+            send_watch: None,
+            shared: Some(reader),
             exchange: Some(exchange),
         }
     }
@@ -364,6 +399,7 @@ impl ResponseBody {
             last_progress: Instant::now(),
             silence: None,
             send_watch: None,
+            shared: None,
             exchange,
         }
     }
@@ -383,6 +419,28 @@ impl Body for ResponseBody {
                 exchange.bytes_out += text.len() as u64;
             }
             return Poll::Ready(Some(Ok(Frame::data(text))));
+        }
+        if let Some(reader) = this.shared.as_mut() {
+            return match ready!(Pin::new(reader).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut())
+                    {
+                        exchange.bytes_out += data.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(error)) => {
+                    *this.shared = None;
+                    if let Some(exchange) = this.exchange.as_mut() {
+                        exchange.upstream_body_failed = true;
+                    }
+                    Poll::Ready(Some(Err(ResponseBodyError::Fill(error))))
+                }
+                None => {
+                    *this.shared = None;
+                    Poll::Ready(None)
+                }
+            };
         }
         let Some(upstream) = this.upstream.as_mut() else {
             return Poll::Ready(None);
@@ -453,10 +511,15 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.fixed.is_none() && self.upstream.as_ref().is_none_or(Body::is_end_stream)
+        self.fixed.is_none()
+            && self.upstream.as_ref().is_none_or(Body::is_end_stream)
+            && self.shared.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(reader) = &self.shared {
+            return reader.size_hint();
+        }
         match (&self.fixed, &self.upstream) {
             (Some(text), _) => SizeHint::with_exact(text.len() as u64),
             (None, Some(upstream)) => upstream.size_hint(),

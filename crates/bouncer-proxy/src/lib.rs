@@ -7,6 +7,7 @@ pub mod acme;
 mod admin;
 mod balance;
 mod body;
+pub mod cache;
 pub mod cluster;
 mod conn;
 pub mod demo;
@@ -248,6 +249,12 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         .iter()
         .any(|listener| listener.tls.as_ref().is_some_and(|tls| tls.acme.is_some()))
         .then(|| Arc::new(acme::AcmeChallenges::default()));
+    // One cache for the whole process, when some route caches.
+    let cache = config
+        .routes
+        .iter()
+        .any(|route| route.cache.is_some())
+        .then(|| cache::Cache::new(&config.cache, metrics.cache()));
     let mut runtimes = Vec::with_capacity(config.listeners.len());
     for (listener_config, socket) in config.listeners.iter().zip(sockets) {
         let routes = config
@@ -258,10 +265,23 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             })
             .filter_map(|route| {
                 let upstream = upstreams.get(route.upstream.as_str())?;
+                let route_cache =
+                    route
+                        .cache
+                        .as_ref()
+                        .zip(cache.as_ref())
+                        .map(|(route_cache, cache)| {
+                            cache::RouteCache::new(
+                                Arc::clone(cache),
+                                route_cache,
+                                metrics.route_cache(&route.name),
+                            )
+                        });
                 Some(Arc::new(Route::new(
                     route,
                     Arc::clone(upstream),
                     metrics.route(&listener_config.name, &route.name),
+                    route_cache,
                 )))
             })
             .collect();

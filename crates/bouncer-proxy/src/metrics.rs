@@ -83,6 +83,40 @@ pub struct Metrics {
     adaptive_changes: Family<ChangeLabels, Counter>,
     adaptive_active: Gauge,
     cluster: ClusterMetrics,
+    cache_requests: Family<CacheResultLabels, Counter>,
+    cache_coalesced: Family<CacheRouteLabels, Counter>,
+    cache: CacheMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheResultLabels {
+    route: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheRouteLabels {
+    route: String,
+}
+
+/// What the cache counts for the whole process.
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    /// Objects pushed out to make room.
+    pub evictions: Counter,
+    /// Bytes stored now, fields included.
+    pub stored_bytes: Gauge,
+}
+
+/// What the cache counts for one route.
+#[derive(Clone)]
+pub struct RouteCacheMetrics {
+    pub hit: Counter,
+    pub miss: Counter,
+    pub stale: Counter,
+    pub revalidated: Counter,
+    pub pass: Counter,
+    pub coalesced: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -324,6 +358,29 @@ impl Metrics {
             }),
             ..cluster
         };
+        let cache_requests = Family::<CacheResultLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Requests on caching routes, by result: hit (answered from the cache), miss (fetched from a backend), stale (a stale copy served: stale-while-revalidate or stale-if-error), revalidated (a stale copy confirmed by a 304), pass (a key whose last response could not be stored)",
+            cache_requests.clone(),
+        );
+        let cache_coalesced = Family::<CacheRouteLabels, Counter>::default();
+        registry.register(
+            "cache_coalesced",
+            "Requests that waited for another request's backend response to the same key",
+            cache_coalesced.clone(),
+        );
+        let cache = CacheMetrics::default();
+        registry.register(
+            "cache_evictions",
+            "Cached objects pushed out to make room",
+            cache.evictions.clone(),
+        );
+        registry.register(
+            "cache_stored_bytes",
+            "Bytes held by the cache now, fields included",
+            cache.stored_bytes.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -355,7 +412,33 @@ impl Metrics {
             adaptive_changes,
             adaptive_active,
             cluster,
+            cache_requests,
+            cache_coalesced,
+            cache,
         })
+    }
+
+    pub fn cache(&self) -> CacheMetrics {
+        self.cache.clone()
+    }
+
+    pub fn route_cache(&self, route: &str) -> RouteCacheMetrics {
+        let result = |result| {
+            self.cache_requests.get_or_create_owned(&CacheResultLabels {
+                route: route.to_string(),
+                result,
+            })
+        };
+        RouteCacheMetrics {
+            hit: result("hit"),
+            miss: result("miss"),
+            stale: result("stale"),
+            revalidated: result("revalidated"),
+            pass: result("pass"),
+            coalesced: self.cache_coalesced.get_or_create_owned(&CacheRouteLabels {
+                route: route.to_string(),
+            }),
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -84,7 +84,8 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
         return redirect_to_https(&request, port, exchange);
     }
     match forward(ctx, &client, &mut exchange, request).await {
-        Ok(forwarded) => respond(exchange, forwarded),
+        Ok(Outcome::Forwarded(forwarded)) => respond(exchange, forwarded),
+        Ok(Outcome::Cached(answer)) => respond_cached(exchange, answer),
         Err(error) => answer_error(&error, exchange),
     }
 }
@@ -156,6 +157,8 @@ struct Forwarded {
     lease: Lease,
     read_timeout: Duration,
     client_upgrade: Option<OnUpgrade>,
+    /// What the cache did, on a caching route.
+    cache_status: Option<HeaderValue>,
 }
 
 async fn forward(
@@ -163,7 +166,7 @@ async fn forward(
     client: &ClientAddress,
     exchange: &mut Exchange,
     mut request: Request<Incoming>,
-) -> Result<Forwarded, ProxyError> {
+) -> Result<Outcome, ProxyError> {
     let protection = &ctx.runtime.protection;
     if client.peer_trusted {
         // Behind a trusted proxy the client is known only now: the lists act per request, so
@@ -217,6 +220,50 @@ async fn forward(
             return Err(ProxyError::RateLimited(limited));
         }
     }
+    if let Some(route_cache) = &route.cache
+        && request.method().as_str() == "PURGE"
+    {
+        return Ok(Outcome::Cached(crate::cache::purge(
+            route_cache,
+            client.ip,
+            &host,
+            &path,
+            request.uri().query(),
+            request.headers(),
+        )));
+    }
+    // A GET or HEAD without a body on a caching route goes through the cache.
+    let cache_target = route.cache.as_ref().and_then(|route_cache| {
+        let method = request.method();
+        (matches!(*method, Method::GET | Method::HEAD)
+            && request.body().is_end_stream()
+            && !is_websocket_upgrade(&request))
+        .then(|| {
+            let key = route_cache.spec.key(&bouncer_cache_policy::KeyInput {
+                method,
+                host: &host,
+                normalised_path: &path,
+                query: request.uri().query(),
+            });
+            crate::cache::CacheRequest {
+                key: key.into(),
+                host: host.as_ref().into(),
+                path: path.as_ref().into(),
+                method: method.clone(),
+            }
+        })
+    });
+    // An unsafe method on a caching route invalidates what it changed, once it succeeds.
+    let invalidates = (route.cache.is_some() && !request.method().is_safe()).then(|| {
+        (
+            request.method().clone(),
+            host.to_string(),
+            request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| path.to_string(), |target| target.as_str().to_string()),
+        )
+    });
     let key_hash = route.upstream.hash_key.as_ref().and_then(|key| {
         request_key_hash(
             key,
@@ -353,13 +400,54 @@ async fn forward(
         progress,
         host_missing,
     };
+    if let (Some(route_cache), Some(target)) = (&route.cache, cache_target) {
+        let served = crate::cache::serve(
+            route_cache,
+            &dispatch,
+            &mut exchange.attempt,
+            request,
+            target,
+        )
+        .await?;
+        return Ok(match served {
+            crate::cache::Served::Answer(answer) => Outcome::Cached(answer),
+            crate::cache::Served::Backend {
+                response,
+                lease,
+                cache_status,
+            } => Outcome::Forwarded(Forwarded {
+                response,
+                lease,
+                read_timeout: route.upstream.read_timeout,
+                client_upgrade,
+                cache_status: Some(cache_status),
+            }),
+        });
+    }
     let (response, lease) = send_to_backend(&dispatch, &mut exchange.attempt, request).await?;
-    Ok(Forwarded {
+    if let (Some(route_cache), Some((method, host, target))) = (&route.cache, invalidates) {
+        crate::cache::invalidate_after(
+            route_cache,
+            &method,
+            response.status(),
+            &host,
+            &target,
+            response.headers(),
+        );
+    }
+    Ok(Outcome::Forwarded(Forwarded {
         response,
         lease,
         read_timeout: route.upstream.read_timeout,
         client_upgrade,
-    })
+        cache_status: None,
+    }))
+}
+
+/// Where a request's answer comes from.
+enum Outcome {
+    Forwarded(Forwarded),
+    Cached(crate::cache::CacheAnswer),
 }
 
 /// The backend a request went to: which, its in-flight slot there (held until the response is
@@ -586,6 +674,7 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
         lease,
         read_timeout,
         client_upgrade,
+        cache_status,
     } = forwarded;
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -631,11 +720,44 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
             .entry(header::STRICT_TRANSPORT_SECURITY)
             .or_insert_with(|| hsts.clone());
     }
+    if let Some(cache_status) = cache_status {
+        parts.headers.insert(CACHE_STATUS.clone(), cache_status);
+    }
     exchange.status = parts.status.as_u16();
     Response::from_parts(
         parts,
         ResponseBody::upstream(incoming, lease, read_timeout, exchange),
     )
+}
+
+static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+
+/// Passes an answer made by the cache on to the client.
+fn respond_cached(
+    mut exchange: Exchange,
+    answer: crate::cache::CacheAnswer,
+) -> Response<ResponseBody> {
+    let crate::cache::CacheAnswer { mut parts, body } = answer;
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+    if let Some(hsts) = exchange
+        .runtime
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.hsts.as_ref())
+    {
+        parts
+            .headers
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| hsts.clone());
+    }
+    exchange.status = parts.status.as_u16();
+    let body = match body {
+        crate::cache::CacheBody::Bytes(bytes) => ResponseBody::fixed(bytes, Some(exchange)),
+        crate::cache::CacheBody::Fill(reader) => ResponseBody::shared(reader, exchange),
+    };
+    Response::from_parts(parts, body)
 }
 
 /// Copies bytes both ways between a client and a backend after a WebSocket handshake.

@@ -16,16 +16,24 @@ pub struct Route {
     path_prefix: String,
     pub upstream: Arc<Upstream>,
     pub metrics: RouteMetrics,
+    /// The route's use of the shared cache, when it caches.
+    pub cache: Option<crate::cache::RouteCache>,
 }
 
 impl Route {
-    pub fn new(config: &RouteConfig, upstream: Arc<Upstream>, metrics: RouteMetrics) -> Self {
+    pub fn new(
+        config: &RouteConfig,
+        upstream: Arc<Upstream>,
+        metrics: RouteMetrics,
+        cache: Option<crate::cache::RouteCache>,
+    ) -> Self {
         Self {
             name: config.name.as_str().into(),
             hosts: config.hosts.clone(),
             path_prefix: config.path_prefix.clone(),
             upstream,
             metrics,
+            cache,
         }
     }
 

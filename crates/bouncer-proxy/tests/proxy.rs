@@ -6,6 +6,7 @@ mod proxy_tests {
     pub mod acme;
     pub mod balancing;
     pub mod bodies;
+    pub mod cache;
     pub mod cluster;
     pub mod demo;
     pub mod discovery;

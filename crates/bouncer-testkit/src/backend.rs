@@ -14,6 +14,7 @@
 //! | `/count` | the number of request body bytes, after reading them all |
 //! | `/trailers` | a chunked body followed by a `x-checksum` trailer |
 //! | `/ws` | a WebSocket-style upgrade whose tunnel echoes bytes |
+//! | `/cache/{name}?...` | a cacheable object, shaped by the query (see [`cache_object`]) |
 //! | anything else | `backend {index}` |
 
 use std::convert::Infallible;
@@ -465,6 +466,11 @@ async fn answer(
                 .insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
             response
         }
+        ["cache", ..] => {
+            shared.requests.lock().expect("lock").push(record);
+            let served = shared.count.load(Ordering::SeqCst);
+            cache_object(&request, served).await
+        }
         ["ws"] => {
             shared.requests.lock().expect("lock").push(record);
             let upgrade = hyper::upgrade::on(&mut request);
@@ -498,6 +504,164 @@ async fn answer(
         }
     };
     Ok(response)
+}
+
+/// A cacheable object for `/cache/{name}`, shaped by query parameters (values percent-encoded):
+///
+/// | parameter | effect |
+/// |---|---|
+/// | `cc` | the `Cache-Control` value |
+/// | `etag` | an `ETag` (`"value"`); a request whose `If-None-Match` names it gets `304` |
+/// | `lm` | `Last-Modified` this many seconds before now |
+/// | `vary` | the `Vary` value |
+/// | `status` | the status (default 200) |
+/// | `size` | a body of this many pattern bytes instead of the text one |
+/// | `chunked` | send the body without `Content-Length` |
+/// | `delay` | milliseconds to wait before answering |
+/// | `cookie` | add a `Set-Cookie` |
+/// | `tag` | a `Surrogate-Key` value |
+/// | `location` | a `Location` value |
+/// | `age` | an `Age` value on full answers (not on `304`): stored already stale |
+///
+/// The text body names the object, the number of requests the backend had served, and the
+/// values of the fields the object varies on, so that a test can tell fetches and variants apart.
+pub async fn cache_object(request: &Request<Incoming>, served: usize) -> Response<BoxBody> {
+    let path = request.uri().path().to_string();
+    let parameters: Vec<(String, String)> = request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(name, value)| (name.to_string(), percent_decode(value)))
+        .collect();
+    let get = |name: &str| {
+        parameters
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    };
+    if let Some(delay) = get("delay").and_then(|delay| delay.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let etag = get("etag").map(|etag| format!("\"{etag}\""));
+    let mut headers = HeaderMap::new();
+    if let Some(cc) = get("cc") {
+        headers.insert(header::CACHE_CONTROL, header_value(cc));
+    }
+    if let Some(etag) = &etag {
+        headers.insert(header::ETAG, header_value(etag));
+    }
+    if let Some(seconds) = get("lm").and_then(|seconds| seconds.parse::<u64>().ok()) {
+        let when = std::time::SystemTime::now() - Duration::from_secs(seconds);
+        headers.insert(
+            header::LAST_MODIFIED,
+            header_value(&httpdate::fmt_http_date(when)),
+        );
+    }
+    if let Some(vary) = get("vary") {
+        headers.insert(header::VARY, header_value(vary));
+    }
+    if get("cookie").is_some() {
+        headers.insert(header::SET_COOKIE, HeaderValue::from_static("session=1"));
+    }
+    if let Some(tag) = get("tag") {
+        headers.insert("surrogate-key", header_value(tag));
+    }
+    if let Some(location) = get("location") {
+        headers.insert(header::LOCATION, header_value(location));
+    }
+    let not_modified = etag.as_ref().is_some_and(|etag| {
+        request
+            .headers()
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .any(|value| value.split(',').any(|tag| tag.trim() == etag))
+    });
+    let status = get("status")
+        .and_then(|status| status.parse().ok())
+        .and_then(|status| StatusCode::from_u16(status).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = if not_modified {
+        with_status(empty(), StatusCode::NOT_MODIFIED)
+    } else if let Some(size) = get("size").and_then(|size| size.parse::<u64>().ok()) {
+        let mut response = Response::new(PatternBody { remaining: size }.boxed());
+        if get("chunked").is_none() {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+        with_status(response, status)
+    } else {
+        let varied: Vec<String> = get("vary")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                let value = request
+                    .headers()
+                    .get(name)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("-");
+                format!("{name}={value}")
+            })
+            .collect();
+        let body = format!("{path} #{served} {}\n", varied.join(" "));
+        if get("chunked").is_some() {
+            let (mut sender, channel) =
+                http_body_util::channel::Channel::<Bytes, std::io::Error>::new(2);
+            tokio::spawn(async move {
+                let _ = sender.send_data(Bytes::from(body)).await;
+            });
+            with_status(Response::new(channel.boxed()), status)
+        } else {
+            with_status(text(body), status)
+        }
+    };
+    if !not_modified && let Some(age) = get("age") {
+        headers.insert(header::AGE, header_value(age));
+    }
+    response.headers_mut().extend(headers);
+    response
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Decodes `%XX` escapes and `+` (a space).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' if index + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(byte) => {
+                        decoded.push(byte);
+                        index += 3;
+                    }
+                    Err(_) => {
+                        decoded.push(b'%');
+                        index += 1;
+                    }
+                }
+            }
+            b'+' => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            byte => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 fn text(body: String) -> Response<BoxBody> {

@@ -1,0 +1,298 @@
+//! The shared HTTP cache: stored responses in memory, bounded by bytes (moka's W-TinyLFU admission
+//! and eviction), the fills that turn concurrent misses for one key into one backend request, and
+//! purges. The policy (may it be stored, is it fresh, may it be served stale) is in
+//! `bouncer-cache-policy`; the request path is in `serve.rs`.
+
+mod fill;
+mod serve;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bouncer_cache_policy::{
+    Freshness, KeyPart, KeySpec, StoreOptions, secondary_key, variant_matches,
+};
+use bouncer_config::{CacheConfig, CacheKeyPart, RouteCacheConfig};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, StatusCode};
+use ipnet::IpNet;
+
+use crate::metrics::CacheMetrics;
+
+pub use fill::FillBroken;
+pub(crate) use fill::FillReader;
+pub(crate) use serve::{
+    CacheAnswer, CacheBody, CacheRequest, Served, invalidate_after, purge, serve,
+};
+
+/// At most this many variants (by `Vary`) are kept per key; the oldest goes first.
+const MAX_VARIANTS: usize = 16;
+
+/// One stored response: one variant of a key.
+pub(crate) struct Variant {
+    pub status: StatusCode,
+    /// The response's fields as stored (hop-by-hop fields removed).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub freshness: Freshness,
+    /// The request fields it varies on, and their values in the request that fetched it.
+    pub vary: Vec<HeaderName>,
+    pub secondary: Vec<Option<String>>,
+    /// Its `Surrogate-Key` and `Cache-Tag` names, for purges by tag.
+    pub tags: Vec<String>,
+}
+
+impl Variant {
+    /// The bytes it takes: body, fields, and a fixed share for the rest.
+    fn weight(&self) -> u64 {
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        self.body.len() as u64 + fields as u64 + 256
+    }
+}
+
+/// Everything stored under one key.
+pub(crate) struct Object {
+    /// The host and normalised path it was fetched for, for purges by URL and prefix.
+    host: Arc<str>,
+    path: Arc<str>,
+    variants: Vec<Arc<Variant>>,
+}
+
+/// What a key holds for a request.
+pub(crate) enum Lookup {
+    /// Nothing under the key.
+    UriMiss,
+    /// Variants, but none for this request's `Vary` fields.
+    VaryMiss,
+    Found(Arc<Variant>),
+}
+
+/// The cache of the whole proxy, shared by every route that caches.
+pub struct Cache {
+    memory: moka::sync::Cache<Arc<str>, Arc<Object>>,
+    /// Keys whose last response could not be stored: requests go straight to the backend for
+    /// `pass_ttl` rather than queue behind one another.
+    passes: moka::sync::Cache<Arc<str>, ()>,
+    /// Backend requests in progress that other requests for the key may wait on.
+    fills: Mutex<HashMap<Arc<str>, Arc<fill::Fill>>>,
+    max_object_size: u64,
+    lock_timeout: Duration,
+    purge_allow: Vec<IpNet>,
+    metrics: CacheMetrics,
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Arc<Cache> {
+        let evictions = metrics.evictions.clone();
+        let stored_bytes = metrics.stored_bytes.clone();
+        let memory = moka::sync::Cache::builder()
+            .max_capacity(config.memory)
+            .weigher(|_key: &Arc<str>, object: &Arc<Object>| {
+                let weight: u64 = object.variants.iter().map(|variant| variant.weight()).sum();
+                u32::try_from(weight).unwrap_or(u32::MAX)
+            })
+            .eviction_listener(move |_key, object: Arc<Object>, cause| {
+                let weight: u64 = object.variants.iter().map(|variant| variant.weight()).sum();
+                stored_bytes.dec_by(i64::try_from(weight).unwrap_or(i64::MAX));
+                if cause == moka::notification::RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
+            .support_invalidation_closures()
+            .build();
+        let passes = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(config.pass_ttl.max(Duration::from_millis(1)))
+            .build();
+        Arc::new(Cache {
+            memory,
+            passes,
+            fills: Mutex::new(HashMap::new()),
+            max_object_size: config.max_object_size,
+            lock_timeout: config.lock_timeout,
+            purge_allow: config.purge_allow.clone(),
+            metrics,
+        })
+    }
+
+    /// The stored variant of `key` that a request with `headers` selects.
+    pub(crate) fn lookup(&self, key: &Arc<str>, headers: &HeaderMap) -> Lookup {
+        let Some(object) = self.memory.get(key) else {
+            return Lookup::UriMiss;
+        };
+        // The newest variant first: a later store replaces an older one with the same key.
+        match object
+            .variants
+            .iter()
+            .rev()
+            .find(|variant| variant_matches(&variant.vary, &variant.secondary, headers))
+        {
+            Some(variant) => Lookup::Found(Arc::clone(variant)),
+            None => Lookup::VaryMiss,
+        }
+    }
+
+    /// Stores `variant` under `key`, replacing the variant for the same `Vary` values.
+    pub(crate) fn store(&self, key: &Arc<str>, host: &Arc<str>, path: &Arc<str>, variant: Variant) {
+        let variant = Arc::new(variant);
+        let mut variants: Vec<Arc<Variant>> = match self.memory.get(key) {
+            Some(object) => object
+                .variants
+                .iter()
+                .filter(|old| !(old.vary == variant.vary && old.secondary == variant.secondary))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        if variants.len() >= MAX_VARIANTS {
+            variants.remove(0);
+        }
+        variants.push(Arc::clone(&variant));
+        // The replaced object's bytes leave through the eviction listener (cause: replaced).
+        let weight: u64 = variants.iter().map(|variant| variant.weight()).sum();
+        self.metrics
+            .stored_bytes
+            .inc_by(i64::try_from(weight).unwrap_or(i64::MAX));
+        self.memory.insert(
+            Arc::clone(key),
+            Arc::new(Object {
+                host: Arc::clone(host),
+                path: Arc::clone(path),
+                variants,
+            }),
+        );
+        self.passes.invalidate(key);
+    }
+
+    /// Forgets everything stored under `key`.
+    pub(crate) fn remove(&self, key: &str) {
+        self.memory.invalidate(key);
+    }
+
+    /// Forgets every object of `host` whose path starts with `prefix`; `None` as the host matches
+    /// every host. Gives how many keys were stored.
+    pub(crate) fn purge_prefix(&self, host: Option<&str>, prefix: &str) -> usize {
+        let host = host.map(str::to_string);
+        let prefix = prefix.to_string();
+        self.purge_if(move |object| {
+            host.as_deref().is_none_or(|host| &*object.host == host)
+                && object.path.starts_with(prefix.as_str())
+        })
+    }
+
+    /// Forgets every object with a variant tagged `tag`.
+    pub(crate) fn purge_tag(&self, tag: &str) -> usize {
+        let tag = tag.to_string();
+        self.purge_if(move |object| {
+            object
+                .variants
+                .iter()
+                .any(|variant| variant.tags.contains(&tag))
+        })
+    }
+
+    fn purge_if(&self, matches: impl Fn(&Object) -> bool + Send + Sync + 'static) -> usize {
+        let matches = Arc::new(matches);
+        let count = self
+            .memory
+            .iter()
+            .filter(|(_, object)| matches(object))
+            .count();
+        let predicate = Arc::clone(&matches);
+        if self
+            .memory
+            .invalidate_entries_if(move |_, object| predicate(object))
+            .is_err()
+        {
+            // Invalidation closures are enabled when the cache is built, so this does not happen;
+            // were it to, the entries are removed one by one instead.
+            let keys: Vec<Arc<str>> = self
+                .memory
+                .iter()
+                .filter(|(_, object)| matches(object))
+                .map(|(key, _)| Arc::clone(&*key))
+                .collect();
+            for key in keys {
+                self.memory.invalidate(&key);
+            }
+        }
+        self.memory.run_pending_tasks();
+        count
+    }
+
+    /// Whether `ip` may send `PURGE` requests.
+    pub(crate) fn may_purge(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.purge_allow.iter().any(|network| network.contains(&ip))
+    }
+
+    fn is_pass(&self, key: &Arc<str>) -> bool {
+        self.passes.contains_key(key)
+    }
+
+    fn mark_pass(&self, key: &Arc<str>) {
+        self.passes.insert(Arc::clone(key), ());
+    }
+
+    /// Entries and bytes stored now (after pending maintenance), for tests and the admin API.
+    pub fn usage(&self) -> (u64, u64) {
+        self.memory.run_pending_tasks();
+        (self.memory.entry_count(), self.memory.weighted_size())
+    }
+}
+
+/// A route's use of the cache: how it keys requests and what it lets be stored.
+pub struct RouteCache {
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) spec: KeySpec,
+    pub(crate) options: StoreOptions,
+    pub(crate) metrics: crate::metrics::RouteCacheMetrics,
+}
+
+impl RouteCache {
+    pub fn new(
+        cache: Arc<Cache>,
+        config: &RouteCacheConfig,
+        metrics: crate::metrics::RouteCacheMetrics,
+    ) -> RouteCache {
+        RouteCache {
+            cache,
+            spec: KeySpec {
+                parts: config
+                    .key
+                    .iter()
+                    .map(|part| match part {
+                        CacheKeyPart::Method => KeyPart::Method,
+                        CacheKeyPart::Host => KeyPart::Host,
+                        CacheKeyPart::Path => KeyPart::Path,
+                        CacheKeyPart::Query => KeyPart::Query,
+                    })
+                    .collect(),
+                ignore_query_params: config.ignore_query_params.clone(),
+            },
+            options: StoreOptions {
+                store_set_cookie: config.store_set_cookie,
+                default_ttl: Some(config.default_ttl).filter(|ttl| !ttl.is_zero()),
+            },
+            metrics,
+        }
+    }
+}
+
+/// The values a variant is stored under for `vary` fields of the request `headers`.
+pub(crate) fn variant_key(vary: &[HeaderName], headers: &HeaderMap) -> Vec<Option<String>> {
+    secondary_key(vary, headers)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
