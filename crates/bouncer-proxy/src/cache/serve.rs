@@ -152,7 +152,6 @@ pub(crate) async fn serve(
                     &head,
                     reader,
                     request.headers(),
-                    &target.method,
                     status,
                 )));
             }
@@ -234,7 +233,6 @@ pub(crate) async fn serve(
                 &head,
                 reader,
                 &client_headers,
-                &target.method,
                 status,
             )))
         }
@@ -313,6 +311,13 @@ async fn fetch(
     fill: &Arc<Fill>,
 ) -> Fetched {
     let cache = &route.cache;
+    // Should this request go away before the fill is settled, the waiters must not wait on it.
+    let mut lead = LeadGuard {
+        cache,
+        key: &target.key,
+        fill,
+        armed: true,
+    };
     let (mut parts, body) = request.into_parts();
     let client_headers = parts.headers.clone();
     let request_cc = RequestDirectives::parse(&client_headers);
@@ -458,6 +463,7 @@ async fn fetch(
                 in_flight: attempt.in_flight.take(),
                 upstream_time: attempt.upstream_time,
             };
+            lead.armed = false;
             tokio::spawn(pump(Arc::clone(fill), body, job, slot));
             return Fetched::Filling(head, reader);
         }
@@ -477,6 +483,25 @@ async fn fetch(
         response,
         lease,
         reason: reason.map_or("too-large", NotStorable::detail),
+    }
+}
+
+/// Fails a fill whose leader went away before settling it, so that its waiters go on at once.
+struct LeadGuard<'a> {
+    cache: &'a Arc<Cache>,
+    key: &'a Arc<str>,
+    fill: &'a Arc<Fill>,
+    /// Off once the fill belongs to its task.
+    armed: bool,
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Settled fills stay as they are; an unsettled one fails.
+            self.fill.fail();
+            self.cache.remove_fill(self.key, self.fill);
+        }
     }
 }
 
@@ -625,7 +650,6 @@ fn answer_from_fill(
     head: &FillHead,
     reader: FillReader,
     request: &HeaderMap,
-    _method: &Method,
     status: CacheStatus,
 ) -> CacheAnswer {
     if head.status == StatusCode::OK && not_modified(request, &head.headers, SystemTime::now()) {
