@@ -199,6 +199,17 @@ pub struct CacheConfig {
     pub pass_ttl: Duration,
     /// Addresses allowed to send `PURGE` requests.
     pub purge_allow: Vec<IpNet>,
+    /// The second tier on disk, which survives restarts.
+    pub disk: Option<DiskCacheConfig>,
+}
+
+/// `[cache] disk = { path, size }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskCacheConfig {
+    /// The directory of the cache's files (relative paths are taken from the config file's).
+    pub path: PathBuf,
+    /// Bound on the bytes of the files.
+    pub size: u64,
 }
 
 impl Default for CacheConfig {
@@ -209,6 +220,7 @@ impl Default for CacheConfig {
             lock_timeout: Duration::from_secs(5),
             pass_ttl: Duration::from_secs(10),
             purge_allow: Vec::new(),
+            disk: None,
         }
     }
 }

@@ -59,7 +59,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         .table(&mut d, "cluster")
         .and_then(|section| read_cluster(&mut d, section));
     let cache = match root.table(&mut d, "cache") {
-        Some(section) => read_cache(&mut d, section),
+        Some(section) => read_cache(&mut d, section, file),
         None => CacheConfig::default(),
     };
     check_bind_conflicts(&mut d, &root, admin.as_ref(), &listeners);
@@ -92,7 +92,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
 
 /// `[cache]`: the memory bound, the largest object, and how waiting, pass-through and `PURGE`
 /// behave.
-fn read_cache(d: &mut Diagnostics, mut section: Section) -> CacheConfig {
+fn read_cache(d: &mut Diagnostics, mut section: Section, file: &Path) -> CacheConfig {
     let defaults = CacheConfig::default();
     let memory = section.size(d, "memory", defaults.memory, 1 << 20, 1 << 50);
     let max_object_size = section.size(
@@ -119,6 +119,26 @@ fn read_cache(d: &mut Diagnostics, mut section: Section) -> CacheConfig {
     );
     let pass_ttl = section.duration(d, "pass_ttl", defaults.pass_ttl, Duration::ZERO);
     let purge_allow = networks(d, &mut section, "purge_allow");
+    let disk = section.table(d, "disk").and_then(|mut disk| {
+        let path = match disk.string(d, "path") {
+            Some((path, span)) if path.is_empty() => {
+                d.report(span, disk.key_path("path"), "must name a directory");
+                None
+            }
+            Some((path, _)) => Some(relative_to(file, &path)),
+            None => {
+                d.report(
+                    disk.span(),
+                    disk.key_path("path"),
+                    "is required: the directory of the cache's files",
+                );
+                None
+            }
+        };
+        let size = disk.size(d, "size", 1 << 30, 1 << 20, 1 << 50);
+        disk.finish(d);
+        Some(DiskCacheConfig { path: path?, size })
+    });
     section.finish(d);
     CacheConfig {
         memory,
@@ -126,6 +146,7 @@ fn read_cache(d: &mut Diagnostics, mut section: Section) -> CacheConfig {
         lock_timeout,
         pass_ttl,
         purge_allow,
+        disk,
     }
 }
 

@@ -76,6 +76,15 @@ pub struct FloodShow {
     pub client_served: usize,
 }
 
+/// What the cache did with a few requests for one object and a purge.
+pub struct CacheShow {
+    /// Each step: what was sent, the status, and the answer's `Cache-Status` (or body, for the
+    /// purge).
+    pub steps: Vec<(String, u16, String)>,
+    /// Requests for the object that reached a backend.
+    pub fetched: usize,
+}
+
 /// Starts three demo backends and a proxy listening on `bind` (HTTP) and `https` (HTTPS, with a
 /// certificate it makes itself), with its admin API on `admin`.
 pub async fn start(
@@ -115,6 +124,17 @@ certificates = [{{ cert = "{cert}", key = "{key}" }}]
 name = "demo"
 path_prefix = "/"
 upstream = "demo"
+
+# The backends mark /static as cacheable for a minute: the cache answers it.
+[[routes]]
+name = "static"
+path_prefix = "/static"
+upstream = "demo"
+cache = {{ enabled = true }}
+
+[cache]
+memory = "64MiB"
+purge_allow = ["127.0.0.1"]
 
 [upstreams.demo]
 servers = [{servers}]
@@ -350,6 +370,62 @@ impl Demo {
     }
 }
 
+impl Demo {
+    /// Three GETs of a cacheable object (a miss, then hits), a `PURGE`, and a GET again (a miss).
+    pub async fn show_cache(&self) -> CacheShow {
+        let mut show = CacheShow {
+            steps: Vec::new(),
+            fetched: 0,
+        };
+        let Some(address) = self.proxy.listener_address("public") else {
+            return show;
+        };
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let object = format!("http://{address}/static/logo.txt");
+        let steps = [
+            ("GET", false),
+            ("GET", false),
+            ("GET", false),
+            ("PURGE", true),
+            ("GET", false),
+        ];
+        for (method, show_body) in steps {
+            let Ok(request) = Request::builder()
+                .method(method)
+                .uri(&object)
+                .body(Empty::new())
+            else {
+                continue;
+            };
+            let Ok(response) = client.request(request).await else {
+                show.steps
+                    .push((method.to_string(), 0, "no answer".to_string()));
+                continue;
+            };
+            let status = response.status().as_u16();
+            let cache_status = response
+                .headers()
+                .get("cache-status")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|body| String::from_utf8_lossy(&body.to_bytes()).trim().to_string())
+                .unwrap_or_default();
+            if method == "GET" && cache_status.contains("fwd=") {
+                show.fetched += 1;
+            }
+            let told = if show_body { body } else { cache_status };
+            show.steps
+                .push((format!("{method} /static/logo.txt"), status, told));
+        }
+        show
+    }
+}
+
 type AttackSender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 async fn connect_from(from: std::net::IpAddr, proxy: SocketAddr) -> Option<AttackSender> {
@@ -423,11 +499,18 @@ fn serve_backend(listener: TcpListener, index: usize) -> watch::Sender<bool> {
                         request.method(),
                         request.uri().path()
                     );
+                    let cacheable = request.uri().path().starts_with("/static/");
                     let mut response = Response::new(Full::new(Bytes::from(text)));
                     response.headers_mut().insert(
                         header::CONTENT_TYPE,
                         header::HeaderValue::from_static("text/plain"),
                     );
+                    if cacheable {
+                        response.headers_mut().insert(
+                            header::CACHE_CONTROL,
+                            header::HeaderValue::from_static("public, max-age=60"),
+                        );
+                    }
                     Ok::<_, Infallible>(response)
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());

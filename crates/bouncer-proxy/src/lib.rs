@@ -78,6 +78,8 @@ pub enum StartError {
     AccessLog(#[source] std::io::Error),
     #[error("cannot set up [protection] or [[rules]]")]
     Protection(#[source] protection::ProtectionError),
+    #[error("cache")]
+    Cache(#[source] cache::DiskError),
     #[error(
         "protection.max_connections = {max} needs about {needed} open files (a client's and a backend's per connection), but this process may open at most {limit}: lower it, or raise the limit (ulimit -n, LimitNOFILE=)"
     )]
@@ -254,7 +256,9 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         .routes
         .iter()
         .any(|route| route.cache.is_some())
-        .then(|| cache::Cache::new(&config.cache, metrics.cache()));
+        .then(|| cache::Cache::new(&config.cache, metrics.cache()))
+        .transpose()
+        .map_err(StartError::Cache)?;
     let mut runtimes = Vec::with_capacity(config.listeners.len());
     for (listener_config, socket) in config.listeners.iter().zip(sockets) {
         let routes = config

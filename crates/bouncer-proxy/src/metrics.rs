@@ -106,6 +106,7 @@ pub struct CacheMetrics {
     pub evictions: Counter,
     /// Bytes stored now, fields included.
     pub stored_bytes: Gauge,
+    pub disk: crate::cache::DiskMetrics,
 }
 
 /// What the cache counts for one route.
@@ -380,6 +381,16 @@ impl Metrics {
             "cache_stored_bytes",
             "Bytes held by the cache now, fields included",
             cache.stored_bytes.clone(),
+        );
+        registry.register(
+            "cache_disk_bytes",
+            "Bytes of the cache's files on disk now",
+            cache.disk.bytes.clone(),
+        );
+        registry.register(
+            "cache_disk_corrupt",
+            "Cache files dropped because their checksums did not match or they could not be read",
+            cache.disk.corrupt.clone(),
         );
         let access_log_dropped = Counter::default();
         registry.register(

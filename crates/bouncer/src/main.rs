@@ -260,6 +260,16 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
             flood.client_served, flood.client_sent
         );
         println!();
+        println!("Caching: the backends mark /static as cacheable for a minute.");
+        let cache = demo.show_cache().await;
+        for (sent, status, told) in &cache.steps {
+            println!("    {sent:<26} {status}  {told}");
+        }
+        println!(
+            "    -> the backends were asked {} times for 4 GETs: once, then again after the purge.",
+            cache.fetched
+        );
+        println!();
         println!("Try it yourself:");
         println!("    curl -i http://{bind}/hello          # round robin over the three backends");
         println!(
@@ -268,6 +278,10 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
             https.port()
         );
         println!("    curl --http2-prior-knowledge http://{bind}/h2   # HTTP/2 without TLS");
+        println!(
+            "    curl -i http://{bind}/static/logo.txt   # see Cache-Status: a miss, then hits"
+        );
+        println!("    curl -X PURGE http://{bind}/static/logo.txt   # forget it");
         println!(
             "    curl -s http://{admin}/metrics | grep bouncer_requests   # Prometheus metrics"
         );

@@ -955,3 +955,41 @@ purge_allow = ["127.0.0.1"]
         );
     }
 }
+
+#[test]
+fn the_cache_disk_tier_names_a_directory_relative_to_the_config() {
+    let base = r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+[[routes]]
+upstream = "app"
+cache = { enabled = true }
+
+[upstreams.app]
+servers = ["127.0.0.1:1"]
+"#;
+    let config = parse(
+        Path::new("/etc/bouncer/bouncer.toml"),
+        &format!("{base}\n[cache]\ndisk = {{ path = \"cache\", size = \"2GiB\" }}\n"),
+    )
+    .expect("valid");
+    let disk = config.cache.disk.expect("a disk tier");
+    assert_eq!(disk.path, Path::new("/etc/bouncer/cache"));
+    assert_eq!(disk.size, 2 << 30);
+    let lines: Vec<String> = problems(&format!("{base}\n[cache]\ndisk = {{ size = \"1KiB\" }}\n"))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("cache.disk.path: is required")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|line| line.contains("cache.disk.size")),
+        "{lines:#?}"
+    );
+}

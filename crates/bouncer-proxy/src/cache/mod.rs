@@ -3,6 +3,7 @@
 //! purges. The policy (may it be stored, is it fresh, may it be served stale) is in
 //! `bouncer-cache-policy`; the request path is in `serve.rs`.
 
+mod disk;
 mod fill;
 mod serve;
 
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 
 use crate::metrics::CacheMetrics;
 
+pub use disk::{DiskError, DiskMetrics};
 pub use fill::FillBroken;
 pub(crate) use fill::FillReader;
 pub(crate) use serve::{
@@ -84,11 +86,21 @@ pub struct Cache {
     max_object_size: u64,
     lock_timeout: Duration,
     purge_allow: Vec<IpNet>,
+    /// The second tier, on disk, when configured: every stored variant is written there too.
+    disk: Option<Arc<disk::DiskTier>>,
     metrics: CacheMetrics,
 }
 
 impl Cache {
-    pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Arc<Cache> {
+    /// The cache, with its disk tier read back from its directory when it has one.
+    pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Result<Arc<Cache>, DiskError> {
+        let disk = config
+            .disk
+            .as_ref()
+            .map(|disk| {
+                disk::DiskTier::open(&disk.path, disk.size, metrics.disk.clone()).map(Arc::new)
+            })
+            .transpose()?;
         let evictions = metrics.evictions.clone();
         let stored_bytes = metrics.stored_bytes.clone();
         let memory = moka::sync::Cache::builder()
@@ -110,15 +122,35 @@ impl Cache {
             .max_capacity(100_000)
             .time_to_live(config.pass_ttl.max(Duration::from_millis(1)))
             .build();
-        Arc::new(Cache {
+        Ok(Arc::new(Cache {
             memory,
             passes,
             fills: Mutex::new(HashMap::new()),
             max_object_size: config.max_object_size,
             lock_timeout: config.lock_timeout,
             purge_allow: config.purge_allow.clone(),
+            disk,
             metrics,
-        })
+        }))
+    }
+
+    /// The variant of `key` that a request with `headers` selects, read from the disk tier and
+    /// put back in memory; `None` without a disk tier or such a file.
+    pub(crate) async fn load_from_disk(
+        &self,
+        key: &Arc<str>,
+        headers: &HeaderMap,
+    ) -> Option<Arc<Variant>> {
+        let disk = Arc::clone(self.disk.as_ref()?);
+        if !disk.contains(key) {
+            return None;
+        }
+        let (owned_key, owned_headers) = (Arc::clone(key), headers.clone());
+        let (variant, host, path) =
+            tokio::task::spawn_blocking(move || disk.read(&owned_key, &owned_headers))
+                .await
+                .ok()??;
+        Some(self.insert_memory(key, &host, &path, variant))
     }
 
     /// The stored variant of `key` that a request with `headers` selects.
@@ -138,8 +170,24 @@ impl Cache {
         }
     }
 
-    /// Stores `variant` under `key`, replacing the variant for the same `Vary` values.
+    /// Stores `variant` under `key`, replacing the variant for the same `Vary` values, in memory
+    /// and (in the background) on disk.
     pub(crate) fn store(&self, key: &Arc<str>, host: &Arc<str>, path: &Arc<str>, variant: Variant) {
+        let variant = self.insert_memory(key, host, path, variant);
+        if let Some(disk) = &self.disk {
+            let disk = Arc::clone(disk);
+            let (key, host, path) = (Arc::clone(key), Arc::clone(host), Arc::clone(path));
+            tokio::task::spawn_blocking(move || disk.write(&key, &host, &path, &variant));
+        }
+    }
+
+    fn insert_memory(
+        &self,
+        key: &Arc<str>,
+        host: &Arc<str>,
+        path: &Arc<str>,
+        variant: Variant,
+    ) -> Arc<Variant> {
         let variant = Arc::new(variant);
         let mut variants: Vec<Arc<Variant>> = match self.memory.get(key) {
             Some(object) => object
@@ -168,11 +216,15 @@ impl Cache {
             }),
         );
         self.passes.invalidate(key);
+        variant
     }
 
-    /// Forgets everything stored under `key`.
+    /// Forgets everything stored under `key`, in memory and on disk.
     pub(crate) fn remove(&self, key: &str) {
         self.memory.invalidate(key);
+        if let Some(disk) = &self.disk {
+            disk.remove(key);
+        }
     }
 
     /// Forgets every object of `host` whose path starts with `prefix`; `None` as the host matches
@@ -180,30 +232,56 @@ impl Cache {
     pub(crate) fn purge_prefix(&self, host: Option<&str>, prefix: &str) -> usize {
         let host = host.map(str::to_string);
         let prefix = prefix.to_string();
-        self.purge_if(move |object| {
-            host.as_deref().is_none_or(|host| &*object.host == host)
-                && object.path.starts_with(prefix.as_str())
-        })
+        let on_disk = self.disk.as_ref().map(|disk| {
+            let (host, prefix) = (host.clone(), prefix.clone());
+            disk.remove_if(move |object_host, object_path, _| {
+                host.as_deref().is_none_or(|host| object_host == host)
+                    && object_path.starts_with(prefix.as_str())
+            })
+        });
+        self.purge_if(
+            move |object| {
+                host.as_deref().is_none_or(|host| &*object.host == host)
+                    && object.path.starts_with(prefix.as_str())
+            },
+            on_disk.unwrap_or_default(),
+        )
     }
 
     /// Forgets every object with a variant tagged `tag`.
     pub(crate) fn purge_tag(&self, tag: &str) -> usize {
         let tag = tag.to_string();
-        self.purge_if(move |object| {
-            object
-                .variants
-                .iter()
-                .any(|variant| variant.tags.contains(&tag))
-        })
+        let on_disk = self.disk.as_ref().map(|disk| {
+            let tag = tag.clone();
+            disk.remove_if(move |_, _, tags| tags.contains(&tag))
+        });
+        self.purge_if(
+            move |object| {
+                object
+                    .variants
+                    .iter()
+                    .any(|variant| variant.tags.contains(&tag))
+            },
+            on_disk.unwrap_or_default(),
+        )
     }
 
-    fn purge_if(&self, matches: impl Fn(&Object) -> bool + Send + Sync + 'static) -> usize {
+    /// Forgets the objects in memory that match, and counts them with the keys already removed
+    /// from disk (each key once).
+    fn purge_if(
+        &self,
+        matches: impl Fn(&Object) -> bool + Send + Sync + 'static,
+        on_disk: Vec<Arc<str>>,
+    ) -> usize {
         let matches = Arc::new(matches);
-        let count = self
+        let mut keys: std::collections::HashSet<Arc<str>> = self
             .memory
             .iter()
             .filter(|(_, object)| matches(object))
-            .count();
+            .map(|(key, _)| Arc::clone(&*key))
+            .collect();
+        keys.extend(on_disk);
+        let count = keys.len();
         let predicate = Arc::clone(&matches);
         if self
             .memory
@@ -243,10 +321,15 @@ impl Cache {
         self.passes.insert(Arc::clone(key), ());
     }
 
-    /// Entries and bytes stored now (after pending maintenance), for tests and the admin API.
+    /// Entries and bytes stored in memory now (after pending maintenance).
     pub fn usage(&self) -> (u64, u64) {
         self.memory.run_pending_tasks();
         (self.memory.entry_count(), self.memory.weighted_size())
+    }
+
+    /// Objects and bytes on disk now, with a disk tier.
+    pub fn disk_usage(&self) -> Option<(usize, u64)> {
+        self.disk.as_ref().map(|disk| disk.usage())
     }
 }
 

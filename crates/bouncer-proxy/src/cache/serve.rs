@@ -85,7 +85,13 @@ pub(crate) async fn serve(
         )
         .await;
     }
-    let (stale, forward) = match cache.lookup(&target.key, request.headers()) {
+    let mut lookup = cache.lookup(&target.key, request.headers());
+    if !matches!(lookup, Lookup::Found(_))
+        && let Some(variant) = cache.load_from_disk(&target.key, request.headers()).await
+    {
+        lookup = Lookup::Found(variant);
+    }
+    let (stale, forward) = match lookup {
         Lookup::Found(variant) => match reuse(&variant.freshness, &request_cc, now) {
             Reuse::Fresh | Reuse::StaleAccepted => {
                 route.metrics.hit.inc();

@@ -426,3 +426,82 @@ async fn purge_is_refused_from_other_addresses() {
     get(&proxy, "/cache/kept?cc=max-age%3D60", &[]).await;
     assert_eq!(fetches(&backend, "/cache/kept"), 1);
 }
+
+/// The cache files under `dir`.
+fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for shard in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if file
+                .path()
+                .extension()
+                .is_some_and(|extension| extension == "obj")
+            {
+                files.push(file.path());
+            }
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn the_disk_tier_survives_a_restart_and_drops_a_corrupt_body() {
+    let dir = std::env::temp_dir().join(format!("bouncer-cache-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let backend = Backend::start(0).await;
+    let disk = format!(
+        "[cache]\ndisk = {{ path = \"{}\", size = \"64MiB\" }}",
+        dir.display()
+    );
+    let target = "/cache/kept?cc=max-age%3D600&size=5000";
+    let first = {
+        let proxy = caching_proxy(&backend, "", &disk).await;
+        let first = get(&proxy, target, &[]).await;
+        assert_eq!(first.status, 200);
+        eventually(
+            Duration::from_secs(5),
+            "the object is written to disk",
+            || async { cache_files(&dir).len() == 1 },
+        )
+        .await;
+        first
+    };
+    // A new proxy on the same directory answers from disk, without the backend.
+    let proxy = caching_proxy(&backend, "", &disk).await;
+    let again = get(&proxy, target, &[]).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, first.body);
+    assert!(
+        cache_status(&again).starts_with("Bouncer; hit"),
+        "{}",
+        cache_status(&again)
+    );
+    assert_eq!(fetches(&backend, "/cache/kept"), 1);
+    drop(proxy);
+
+    // One flipped byte in the stored body: detected, dropped, and fetched again.
+    let file = cache_files(&dir).remove(0);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x20;
+    std::fs::write(&file, &bytes).unwrap();
+    let proxy = caching_proxy(&backend, "", &disk).await;
+    let refetched = get(&proxy, target, &[]).await;
+    assert_eq!(refetched.status, 200);
+    assert_eq!(refetched.body, first.body);
+    assert!(
+        cache_status(&refetched).contains("fwd=uri-miss"),
+        "{}",
+        cache_status(&refetched)
+    );
+    assert_eq!(fetches(&backend, "/cache/kept"), 2);
+    assert_eq!(
+        metric(&proxy.scrape().await, "bouncer_cache_disk_corrupt_total"),
+        Some(1.0)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -71,3 +71,22 @@ async fn the_demo_shows_a_flood_refused_while_a_client_is_served() {
     );
     assert!(show.banned >= 1);
 }
+
+#[tokio::test]
+async fn the_demo_shows_a_miss_hits_and_a_purge() {
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let demo = demo::start(loopback, loopback, loopback).await.unwrap();
+    let show = demo.show_cache().await;
+    let told: Vec<&str> = show
+        .steps
+        .iter()
+        .map(|(_, _, told)| told.as_str())
+        .collect();
+    assert_eq!(show.steps.len(), 5, "{:?}", show.steps);
+    assert!(told[0].contains("fwd=uri-miss"), "{told:?}");
+    assert!(told[1].starts_with("Bouncer; hit"), "{told:?}");
+    assert!(told[2].starts_with("Bouncer; hit"), "{told:?}");
+    assert_eq!(told[3], "{\"purged\":1}");
+    assert!(told[4].contains("fwd=uri-miss"), "{told:?}");
+    assert_eq!(show.fetched, 2);
+}
