@@ -522,6 +522,7 @@ async fn answer(
 /// | `tag` | a `Surrogate-Key` value |
 /// | `location` | a `Location` value |
 /// | `age` | an `Age` value on full answers (not on `304`): stored already stale |
+/// | `cut` | with `size`: promise the whole size, send half of it, then close the connection |
 ///
 /// The text body names the object, the number of requests the backend had served, and the
 /// values of the fields the object varies on, so that a test can tell fetches and variants apart.
@@ -585,6 +586,22 @@ pub async fn cache_object(request: &Request<Incoming>, served: usize) -> Respons
         .unwrap_or(StatusCode::OK);
     let mut response = if not_modified {
         with_status(empty(), StatusCode::NOT_MODIFIED)
+    } else if let Some(size) = get("size").and_then(|size| size.parse::<u64>().ok())
+        && get("cut").is_some()
+    {
+        let (mut sender, channel) =
+            http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
+        tokio::spawn(async move {
+            let half = usize::try_from(size / 2).unwrap_or(0);
+            let _ = sender.send_data(Bytes::from(vec![b'x'; half])).await;
+            // Dropped without the rest: the connection closes short of its length.
+            sender.abort(std::io::Error::other("cut off"));
+        });
+        let mut response = Response::new(channel.boxed());
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        with_status(response, status)
     } else if let Some(size) = get("size").and_then(|size| size.parse::<u64>().ok()) {
         let mut response = Response::new(PatternBody { remaining: size }.boxed());
         if get("chunked").is_none() {

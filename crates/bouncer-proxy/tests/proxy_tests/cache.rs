@@ -505,3 +505,76 @@ async fn the_disk_tier_survives_a_restart_and_drops_a_corrupt_body() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_key_uses_the_normalised_path() {
+    let backend = Backend::start(0).await;
+    let proxy = caching_proxy(&backend, "", "").await;
+    get(&proxy, "/cache/x/../same?cc=max-age%3D60", &[]).await;
+    let again = get(&proxy, "/cache/same?cc=max-age%3D60", &[]).await;
+    assert!(
+        cache_status(&again).starts_with("Bouncer; hit"),
+        "{}",
+        cache_status(&again)
+    );
+    assert_eq!(fetches(&backend, "/cache/same"), 1);
+}
+
+#[tokio::test]
+async fn a_body_the_backend_cuts_off_is_never_stored() {
+    let backend = Backend::start(0).await;
+    let proxy = caching_proxy(&backend, "", "").await;
+    let url = proxy.url("/cache/cut?cc=max-age%3D60&size=100000&cut=1");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The client sees the cut too: the body ends in an error, not short and silent.
+    assert!(
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .is_err()
+    );
+    // Nothing was stored: the next request goes to the backend again.
+    let again = client.get(url.parse().unwrap()).await.unwrap();
+    let status = again.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(status.contains("fwd=uri-miss"), "{status}");
+    drop(again);
+    assert_eq!(fetches(&backend, "/cache/cut"), 2);
+}
+
+#[tokio::test]
+async fn memory_stays_within_its_bound_by_evicting() {
+    let backend = Backend::start(0).await;
+    let proxy = caching_proxy(
+        &backend,
+        "",
+        "[cache]\nmemory = \"1MiB\"\nmax_object_size = \"200KiB\"",
+    )
+    .await;
+    for number in 0..40 {
+        let answer = get(
+            &proxy,
+            &format!("/cache/big{number}?cc=max-age%3D600&size=100000"),
+            &[],
+        )
+        .await;
+        assert_eq!(answer.body.len(), 100_000);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the cache settles within its bound",
+        || async {
+            let text = proxy.scrape().await;
+            let stored = metric(&text, "bouncer_cache_stored_bytes").unwrap_or(f64::MAX);
+            let evicted = metric(&text, "bouncer_cache_evictions_total").unwrap_or(0.0);
+            // Each request is a chance for the cache's maintenance to catch up.
+            get(&proxy, "/cache/big0?cc=max-age%3D600&size=100000", &[]).await;
+            stored <= f64::from(1u32 << 20) && evicted > 0.0
+        },
+    )
+    .await;
+}
