@@ -85,6 +85,8 @@ pub struct Metrics {
     cluster: ClusterMetrics,
     cache_requests: Family<CacheResultLabels, Counter>,
     cache_coalesced: Family<CacheRouteLabels, Counter>,
+    cache_evictions: Family<CacheRouteLabels, Counter>,
+    cache_stored_bytes: Family<CacheRouteLabels, Gauge>,
     cache: CacheMetrics,
 }
 
@@ -102,11 +104,16 @@ struct CacheRouteLabels {
 /// What the cache counts for the whole process.
 #[derive(Clone, Default)]
 pub struct CacheMetrics {
-    /// Objects pushed out to make room.
-    pub evictions: Counter,
-    /// Bytes stored now, fields included.
-    pub stored_bytes: Gauge,
     pub disk: crate::cache::DiskMetrics,
+}
+
+/// What a route's stored objects count.
+#[derive(Clone, Default)]
+pub struct StoreMetrics {
+    /// Objects pushed out of memory to make room.
+    pub evictions: Counter,
+    /// Bytes stored in memory now, fields included.
+    pub stored_bytes: Gauge,
 }
 
 /// What the cache counts for one route.
@@ -118,6 +125,7 @@ pub struct RouteCacheMetrics {
     pub revalidated: Counter,
     pub pass: Counter,
     pub coalesced: Counter,
+    pub store: StoreMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -372,15 +380,17 @@ impl Metrics {
             cache_coalesced.clone(),
         );
         let cache = CacheMetrics::default();
+        let cache_evictions = Family::<CacheRouteLabels, Counter>::default();
         registry.register(
             "cache_evictions",
-            "Cached objects pushed out to make room",
-            cache.evictions.clone(),
+            "Cached objects pushed out of memory to make room, by the route that stored them",
+            cache_evictions.clone(),
         );
+        let cache_stored_bytes = Family::<CacheRouteLabels, Gauge>::default();
         registry.register(
             "cache_stored_bytes",
-            "Bytes held by the cache now, fields included",
-            cache.stored_bytes.clone(),
+            "Bytes held in the cache's memory now, fields included, by the route that stored them",
+            cache_stored_bytes.clone(),
         );
         registry.register(
             "cache_disk_bytes",
@@ -425,6 +435,8 @@ impl Metrics {
             cluster,
             cache_requests,
             cache_coalesced,
+            cache_evictions,
+            cache_stored_bytes,
             cache,
         })
     }
@@ -449,6 +461,16 @@ impl Metrics {
             coalesced: self.cache_coalesced.get_or_create_owned(&CacheRouteLabels {
                 route: route.to_string(),
             }),
+            store: StoreMetrics {
+                evictions: self.cache_evictions.get_or_create_owned(&CacheRouteLabels {
+                    route: route.to_string(),
+                }),
+                stored_bytes: self
+                    .cache_stored_bytes
+                    .get_or_create_owned(&CacheRouteLabels {
+                        route: route.to_string(),
+                    }),
+            },
         }
     }
 

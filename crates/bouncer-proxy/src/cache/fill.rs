@@ -225,6 +225,7 @@ pub(crate) struct StoreJob {
     pub head: Arc<FillHead>,
     pub freshness: bouncer_cache_policy::Freshness,
     pub tags: Vec<String>,
+    pub metrics: crate::metrics::StoreMetrics,
 }
 
 /// Reads a backend body into `fill`, then stores it. Holds the request's slot at its backend
@@ -292,6 +293,7 @@ pub(crate) async fn pump(fill: Arc<Fill>, body: ResponseBody, job: StoreJob, att
                 secondary: head.secondary.clone(),
                 tags: job.tags,
             },
+            &job.metrics,
         );
     }
     fill.done();

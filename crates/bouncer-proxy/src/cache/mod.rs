@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 use ipnet::IpNet;
 
-use crate::metrics::CacheMetrics;
+use crate::metrics::{CacheMetrics, StoreMetrics};
 
 pub use disk::{DiskError, DiskMetrics};
 pub use fill::FillBroken;
@@ -64,6 +64,8 @@ pub(crate) struct Object {
     host: Arc<str>,
     path: Arc<str>,
     variants: Vec<Arc<Variant>>,
+    /// The counters of the route that stored it.
+    metrics: StoreMetrics,
 }
 
 /// What a key holds for a request.
@@ -88,7 +90,6 @@ pub struct Cache {
     purge_allow: Vec<IpNet>,
     /// The second tier, on disk, when configured: every stored variant is written there too.
     disk: Option<Arc<disk::DiskTier>>,
-    metrics: CacheMetrics,
 }
 
 impl Cache {
@@ -101,8 +102,6 @@ impl Cache {
                 disk::DiskTier::open(&disk.path, disk.size, metrics.disk.clone()).map(Arc::new)
             })
             .transpose()?;
-        let evictions = metrics.evictions.clone();
-        let stored_bytes = metrics.stored_bytes.clone();
         let memory = moka::sync::Cache::builder()
             .max_capacity(config.memory)
             .weigher(|_key: &Arc<str>, object: &Arc<Object>| {
@@ -111,9 +110,12 @@ impl Cache {
             })
             .eviction_listener(move |_key, object: Arc<Object>, cause| {
                 let weight: u64 = object.variants.iter().map(|variant| variant.weight()).sum();
-                stored_bytes.dec_by(i64::try_from(weight).unwrap_or(i64::MAX));
+                object
+                    .metrics
+                    .stored_bytes
+                    .dec_by(i64::try_from(weight).unwrap_or(i64::MAX));
                 if cause == moka::notification::RemovalCause::Size {
-                    evictions.inc();
+                    object.metrics.evictions.inc();
                 }
             })
             .support_invalidation_closures()
@@ -130,7 +132,6 @@ impl Cache {
             lock_timeout: config.lock_timeout,
             purge_allow: config.purge_allow.clone(),
             disk,
-            metrics,
         }))
     }
 
@@ -140,6 +141,7 @@ impl Cache {
         &self,
         key: &Arc<str>,
         headers: &HeaderMap,
+        metrics: &StoreMetrics,
     ) -> Option<Arc<Variant>> {
         let disk = Arc::clone(self.disk.as_ref()?);
         if !disk.contains(key) {
@@ -150,7 +152,7 @@ impl Cache {
             tokio::task::spawn_blocking(move || disk.read(&owned_key, &owned_headers))
                 .await
                 .ok()??;
-        Some(self.insert_memory(key, &host, &path, variant))
+        Some(self.insert_memory(key, &host, &path, variant, metrics))
     }
 
     /// The stored variant of `key` that a request with `headers` selects.
@@ -172,8 +174,15 @@ impl Cache {
 
     /// Stores `variant` under `key`, replacing the variant for the same `Vary` values, in memory
     /// and (in the background) on disk.
-    pub(crate) fn store(&self, key: &Arc<str>, host: &Arc<str>, path: &Arc<str>, variant: Variant) {
-        let variant = self.insert_memory(key, host, path, variant);
+    pub(crate) fn store(
+        &self,
+        key: &Arc<str>,
+        host: &Arc<str>,
+        path: &Arc<str>,
+        variant: Variant,
+        metrics: &StoreMetrics,
+    ) {
+        let variant = self.insert_memory(key, host, path, variant, metrics);
         if let Some(disk) = &self.disk {
             let disk = Arc::clone(disk);
             let (key, host, path) = (Arc::clone(key), Arc::clone(host), Arc::clone(path));
@@ -187,6 +196,7 @@ impl Cache {
         host: &Arc<str>,
         path: &Arc<str>,
         variant: Variant,
+        metrics: &StoreMetrics,
     ) -> Arc<Variant> {
         let variant = Arc::new(variant);
         let mut variants: Vec<Arc<Variant>> = match self.memory.get(key) {
@@ -204,7 +214,7 @@ impl Cache {
         variants.push(Arc::clone(&variant));
         // The replaced object's bytes leave through the eviction listener (cause: replaced).
         let weight: u64 = variants.iter().map(|variant| variant.weight()).sum();
-        self.metrics
+        metrics
             .stored_bytes
             .inc_by(i64::try_from(weight).unwrap_or(i64::MAX));
         self.memory.insert(
@@ -213,6 +223,7 @@ impl Cache {
                 host: Arc::clone(host),
                 path: Arc::clone(path),
                 variants,
+                metrics: metrics.clone(),
             }),
         );
         self.passes.invalidate(key);

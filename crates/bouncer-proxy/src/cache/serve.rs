@@ -87,7 +87,9 @@ pub(crate) async fn serve(
     }
     let mut lookup = cache.lookup(&target.key, request.headers());
     if !matches!(lookup, Lookup::Found(_))
-        && let Some(variant) = cache.load_from_disk(&target.key, request.headers()).await
+        && let Some(variant) = cache
+            .load_from_disk(&target.key, request.headers(), &route.metrics.store)
+            .await
     {
         lookup = Lookup::Found(variant);
     }
@@ -382,7 +384,13 @@ async fn fetch(
                 tags: stale.tags.clone(),
             };
             lease.release();
-            cache.store(&target.key, &target.host, &target.path, variant);
+            cache.store(
+                &target.key,
+                &target.host,
+                &target.path,
+                variant,
+                &route.metrics.store,
+            );
             fill.done();
             cache.remove_fill(&target.key, fill);
             return match cache.lookup(&target.key, &client_headers) {
@@ -460,6 +468,7 @@ async fn fetch(
                 head: Arc::clone(&head),
                 freshness,
                 tags,
+                metrics: route.metrics.store.clone(),
             };
             let body =
                 ResponseBody::detached(incoming, Some(lease), dispatch.route.upstream.read_timeout);

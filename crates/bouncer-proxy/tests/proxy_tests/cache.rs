@@ -83,7 +83,7 @@ async fn a_fresh_response_is_served_from_the_cache_without_the_backend() {
         ),
         Some(1.0)
     );
-    assert!(metric(&text, "bouncer_cache_stored_bytes").unwrap_or(0.0) > 0.0);
+    assert!(metric(&text, "bouncer_cache_stored_bytes{route=\"app\"}").unwrap_or(0.0) > 0.0);
 }
 
 #[tokio::test]
@@ -569,8 +569,10 @@ async fn memory_stays_within_its_bound_by_evicting() {
         "the cache settles within its bound",
         || async {
             let text = proxy.scrape().await;
-            let stored = metric(&text, "bouncer_cache_stored_bytes").unwrap_or(f64::MAX);
-            let evicted = metric(&text, "bouncer_cache_evictions_total").unwrap_or(0.0);
+            let stored =
+                metric(&text, "bouncer_cache_stored_bytes{route=\"app\"}").unwrap_or(f64::MAX);
+            let evicted =
+                metric(&text, "bouncer_cache_evictions_total{route=\"app\"}").unwrap_or(0.0);
             // Each request is a chance for the cache's maintenance to catch up.
             get(&proxy, "/cache/big0?cc=max-age%3D600&size=100000", &[]).await;
             stored <= f64::from(1u32 << 20) && evicted > 0.0
