@@ -239,19 +239,29 @@ async fn forward(
             && request.body().is_end_stream()
             && !is_websocket_upgrade(&request))
         .then(|| {
-            let key = route_cache.spec.key(&bouncer_cache_policy::KeyInput {
+            route_cache.spec.key(&bouncer_cache_policy::KeyInput {
                 method,
                 host: &host,
                 normalised_path: &path,
                 query: request.uri().query(),
-            });
-            crate::cache::CacheRequest {
-                key: key.into(),
-                host: host.as_ref().into(),
-                path: path.as_ref().into(),
-                method: method.clone(),
-            }
+            })
         })
+    });
+    // A fresh hit is answered before anything is prepared for a backend.
+    if let (Some(route_cache), Some(key)) = (&route.cache, &cache_target)
+        && let Some(answer) =
+            crate::cache::fresh_hit(route_cache, key, request.headers(), request.method())
+    {
+        if path_changed {
+            exchange.normalised_path = Some(path.into_owned());
+        }
+        return Ok(Outcome::Cached(answer));
+    }
+    let cache_target = cache_target.map(|key| crate::cache::CacheRequest {
+        key: key.into(),
+        host: host.as_ref().into(),
+        path: path.as_ref().into(),
+        method: request.method().clone(),
     });
     // An unsafe method on a caching route invalidates what it changed, once it succeeds.
     let invalidates = (route.cache.is_some() && !request.method().is_safe()).then(|| {

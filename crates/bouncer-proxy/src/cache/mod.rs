@@ -26,7 +26,7 @@ pub use disk::{DiskError, DiskMetrics};
 pub use fill::FillBroken;
 pub(crate) use fill::FillReader;
 pub(crate) use serve::{
-    CacheAnswer, CacheBody, CacheRequest, Served, invalidate_after, purge, serve,
+    CacheAnswer, CacheBody, CacheRequest, Served, fresh_hit, invalidate_after, purge, serve,
 };
 
 /// At most this many variants (by `Vary`) are kept per key; the oldest goes first.
@@ -156,7 +156,7 @@ impl Cache {
     }
 
     /// The stored variant of `key` that a request with `headers` selects.
-    pub(crate) fn lookup(&self, key: &Arc<str>, headers: &HeaderMap) -> Lookup {
+    pub(crate) fn lookup(&self, key: &str, headers: &HeaderMap) -> Lookup {
         let Some(object) = self.memory.get(key) else {
             return Lookup::UriMiss;
         };
@@ -324,7 +324,7 @@ impl Cache {
         self.purge_allow.iter().any(|network| network.contains(&ip))
     }
 
-    fn is_pass(&self, key: &Arc<str>) -> bool {
+    fn is_pass(&self, key: &str) -> bool {
         self.passes.contains_key(key)
     }
 

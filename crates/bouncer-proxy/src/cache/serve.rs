@@ -60,6 +60,36 @@ pub(crate) enum Served {
     },
 }
 
+/// The answer from memory to a GET or HEAD whose stored response may be used as it is, if there
+/// is one; everything else (misses, stale copies, disk) goes through [`serve`].
+pub(crate) fn fresh_hit(
+    route: &RouteCache,
+    key: &str,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Option<CacheAnswer> {
+    let cache = &route.cache;
+    if cache.is_pass(key) {
+        return None;
+    }
+    let Lookup::Found(variant) = cache.lookup(key, headers) else {
+        return None;
+    };
+    let now = SystemTime::now();
+    match reuse(&variant.freshness, &RequestDirectives::parse(headers), now) {
+        Reuse::Fresh | Reuse::StaleAccepted => {
+            route.metrics.hit.inc();
+            let status = CacheStatus {
+                hit: true,
+                ttl: Some(variant.freshness.ttl_seconds(now)),
+                ..CacheStatus::default()
+            };
+            Some(answer_from(&variant, headers, method, status, now))
+        }
+        Reuse::StaleWhileRevalidate | Reuse::Revalidate => None,
+    }
+}
+
 /// Answers a GET or HEAD on a caching route.
 pub(crate) async fn serve(
     route: &RouteCache,
