@@ -221,28 +221,25 @@ impl Cluster {
     /// Announces a ban to the other instances (and stores it for those not connected now). A
     /// ban made while Redis is unreachable is shared when it is back.
     pub(crate) fn share_ban(self: &Arc<Self>, ip: IpAddr, ban_for: Duration) {
-        let Some(connection) = self.connection.load_full() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let cluster = Arc::clone(self);
-        runtime.spawn(async move {
-            let mut connection = MultiplexedConnection::clone(&connection);
-            let mut pipe = redis::pipe();
-            cluster.add_ban(&mut pipe, ip, ban_for, false);
-            match pipe.query_async::<()>(&mut connection).await {
-                Ok(()) => {
-                    cluster.metrics.bans_sent.inc();
-                }
-                Err(error) => cluster.command_failed(&error),
-            }
-        });
+        let mut pipe = redis::pipe();
+        self.add_ban(&mut pipe, ip, ban_for, false);
+        self.send_in_background(pipe, true);
     }
 
     /// Announces that `ip` is no longer banned.
     pub(crate) fn share_unban(self: &Arc<Self>, ip: IpAddr) {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.ban_key(ip))
+            .ignore()
+            .publish(self.bans_channel(), format!("{} unban {ip}", self.instance))
+            .ignore();
+        self.send_in_background(pipe, false);
+    }
+
+    /// Sends `pipe` from a task of its own while Redis is reachable; a failure takes the
+    /// instance off Redis until the supervisor sees it answer again.
+    fn send_in_background(self: &Arc<Self>, pipe: redis::Pipeline, counts_as_ban: bool) {
         let Some(connection) = self.connection.load_full() else {
             return;
         };
@@ -252,17 +249,12 @@ impl Cluster {
         let cluster = Arc::clone(self);
         runtime.spawn(async move {
             let mut connection = MultiplexedConnection::clone(&connection);
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .del(cluster.ban_key(ip))
-                .ignore()
-                .publish(
-                    cluster.bans_channel(),
-                    format!("{} unban {ip}", cluster.instance),
-                )
-                .ignore();
-            if let Err(error) = pipe.query_async::<()>(&mut connection).await {
-                cluster.command_failed(&error);
+            match pipe.query_async::<()>(&mut connection).await {
+                Ok(()) if counts_as_ban => {
+                    cluster.metrics.bans_sent.inc();
+                }
+                Ok(()) => {}
+                Err(error) => cluster.command_failed(&error),
             }
         });
     }

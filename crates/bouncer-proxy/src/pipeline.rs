@@ -716,20 +716,7 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
     remove_hop_by_hop(&mut parts.headers, switching);
     // An HTTP/2 backend's answer goes to the client in the client's own version.
     parts.version = Version::HTTP_11;
-    parts
-        .headers
-        .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
-    if let Some(hsts) = exchange
-        .runtime
-        .tls
-        .as_ref()
-        .and_then(|tls| tls.hsts.as_ref())
-    {
-        parts
-            .headers
-            .entry(header::STRICT_TRANSPORT_SECURITY)
-            .or_insert_with(|| hsts.clone());
-    }
+    add_proxy_headers(&mut parts.headers, &exchange);
     if let Some(cache_status) = cache_status {
         parts.headers.insert(CACHE_STATUS.clone(), cache_status);
     }
@@ -742,26 +729,29 @@ fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBod
 
 static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
 
-/// Passes an answer made by the cache on to the client.
-fn respond_cached(
-    mut exchange: Exchange,
-    answer: crate::cache::CacheAnswer,
-) -> Response<ResponseBody> {
-    let crate::cache::CacheAnswer { mut parts, body } = answer;
-    parts
-        .headers
-        .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+/// What this proxy adds to every answer it passes on: the request id, and HSTS on a TLS listener
+/// that sets it (unless the answer has its own).
+fn add_proxy_headers(headers: &mut http::HeaderMap, exchange: &Exchange) {
+    headers.insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
     if let Some(hsts) = exchange
         .runtime
         .tls
         .as_ref()
         .and_then(|tls| tls.hsts.as_ref())
     {
-        parts
-            .headers
+        headers
             .entry(header::STRICT_TRANSPORT_SECURITY)
             .or_insert_with(|| hsts.clone());
     }
+}
+
+/// Passes an answer made by the cache on to the client.
+fn respond_cached(
+    mut exchange: Exchange,
+    answer: crate::cache::CacheAnswer,
+) -> Response<ResponseBody> {
+    let crate::cache::CacheAnswer { mut parts, body } = answer;
+    add_proxy_headers(&mut parts.headers, &exchange);
     exchange.status = parts.status.as_u16();
     let body = match body {
         crate::cache::CacheBody::Bytes(bytes) => ResponseBody::fixed(bytes, Some(exchange)),

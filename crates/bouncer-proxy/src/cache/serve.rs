@@ -79,12 +79,7 @@ pub(crate) fn fresh_hit(
     match reuse(&variant.freshness, &RequestDirectives::parse(headers), now) {
         Reuse::Fresh | Reuse::StaleAccepted => {
             route.metrics.hit.inc();
-            let status = CacheStatus {
-                hit: true,
-                ttl: Some(variant.freshness.ttl_seconds(now)),
-                ..CacheStatus::default()
-            };
-            Some(answer_from(&variant, headers, method, status, now))
+            Some(hit(&variant, headers, method, None, false))
         }
         Reuse::StaleWhileRevalidate | Reuse::Revalidate => None,
     }
@@ -127,34 +122,23 @@ pub(crate) async fn serve(
         Lookup::Found(variant) => match reuse(&variant.freshness, &request_cc, now) {
             Reuse::Fresh | Reuse::StaleAccepted => {
                 route.metrics.hit.inc();
-                let status = CacheStatus {
-                    hit: true,
-                    ttl: Some(variant.freshness.ttl_seconds(now)),
-                    ..CacheStatus::default()
-                };
-                return Ok(Served::Answer(answer_from(
+                return Ok(Served::Answer(hit(
                     &variant,
                     request.headers(),
                     &target.method,
-                    status,
-                    now,
+                    None,
+                    false,
                 )));
             }
             Reuse::StaleWhileRevalidate => {
                 route.metrics.stale.inc();
                 refresh_in_background(route, dispatch, &request, &target, &variant);
-                let status = CacheStatus {
-                    hit: true,
-                    ttl: Some(variant.freshness.ttl_seconds(now)),
-                    detail: Some("stale-while-revalidate".into()),
-                    ..CacheStatus::default()
-                };
-                return Ok(Served::Answer(answer_from(
+                return Ok(Served::Answer(hit(
                     &variant,
                     request.headers(),
                     &target.method,
-                    status,
-                    now,
+                    Some("stale-while-revalidate"),
+                    false,
                 )));
             }
             Reuse::Revalidate => {
@@ -195,20 +179,13 @@ pub(crate) async fn serve(
             }
             Wait::Done => {
                 if let Lookup::Found(variant) = cache.lookup(&target.key, request.headers()) {
-                    let now = SystemTime::now();
                     route.metrics.hit.inc();
-                    let status = CacheStatus {
-                        hit: true,
-                        ttl: Some(variant.freshness.ttl_seconds(now)),
-                        collapsed: true,
-                        ..CacheStatus::default()
-                    };
-                    return Ok(Served::Answer(answer_from(
+                    return Ok(Served::Answer(hit(
                         &variant,
                         request.headers(),
                         &target.method,
-                        status,
-                        now,
+                        None,
+                        true,
                     )));
                 }
             }
@@ -623,6 +600,25 @@ fn refresh_in_background(
         )
         .await;
     });
+}
+
+/// A hit: the stored variant answers, with `Cache-Status` saying so (and why, for a stale one).
+fn hit(
+    variant: &Variant,
+    request: &HeaderMap,
+    method: &Method,
+    detail: Option<&str>,
+    collapsed: bool,
+) -> CacheAnswer {
+    let now = SystemTime::now();
+    let status = CacheStatus {
+        hit: true,
+        ttl: Some(variant.freshness.ttl_seconds(now)),
+        collapsed,
+        detail: detail.map(str::to_string),
+        ..CacheStatus::default()
+    };
+    answer_from(variant, request, method, status, now)
 }
 
 /// The answer to a request from a stored variant: `304` when the client's validators match,
