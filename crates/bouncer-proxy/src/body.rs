@@ -335,7 +335,7 @@ pin_project! {
         send_watch: Option<crate::conn::SendWatch>,
         // A response read from a cache fill in progress.
         shared: Option<crate::cache::FillReader>,
-        exchange: Option<Exchange>,
+        exchange: Option<Box<Exchange>>,
     }
 }
 
@@ -344,7 +344,7 @@ impl ResponseBody {
         body: Incoming,
         lease: Option<Lease>,
         read_timeout: Duration,
-        exchange: Exchange,
+        exchange: Box<Exchange>,
     ) -> Self {
         Self {
             upstream: Some(body),
@@ -375,7 +375,7 @@ impl ResponseBody {
     }
 
     /// A response read from a cache fill as it arrives.
-    pub fn shared(reader: crate::cache::FillReader, exchange: Exchange) -> Self {
+    pub fn shared(reader: crate::cache::FillReader, exchange: Box<Exchange>) -> Self {
         Self {
             upstream: None,
             lease: None,
@@ -389,7 +389,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn fixed(text: impl Into<Bytes>, exchange: Option<Exchange>) -> Self {
+    pub fn fixed(text: impl Into<Bytes>, exchange: Option<Box<Exchange>>) -> Self {
         let text = text.into();
         Self {
             upstream: None,

@@ -50,7 +50,8 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
         ctx.activity.mark_http2();
     }
     let client = ClientAddress::resolve(ctx.peer, &ctx.runtime.config, request.headers());
-    let mut exchange = Exchange {
+    // Boxed: it travels with the response body, which stays small to move.
+    let mut exchange = Box::new(Exchange {
         runtime: Arc::clone(&ctx.runtime),
         _in_flight: in_flight,
         started: Instant::now(),
@@ -71,7 +72,7 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
             .get(header::CONTENT_TYPE)
             .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
         _pressure: ctx.runtime.protection.track_in_flight(),
-    };
+    });
     if let Some(challenges) = &ctx.runtime.acme_challenges
         && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)
         && let Some(answer) = challenges.http_answer(token)
@@ -95,7 +96,7 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 /// The key authorization for an http-01 challenge of this proxy's own ACME order.
-fn answer_acme_challenge(answer: String, mut exchange: Exchange) -> Response<ResponseBody> {
+fn answer_acme_challenge(answer: String, mut exchange: Box<Exchange>) -> Response<ResponseBody> {
     exchange.status = StatusCode::OK.as_u16();
     let mut response = Response::new(ResponseBody::fixed(answer, Some(exchange)));
     response.headers_mut().insert(
@@ -110,7 +111,7 @@ fn answer_acme_challenge(answer: String, mut exchange: Exchange) -> Response<Res
 fn redirect_to_https(
     request: &Request<Incoming>,
     port: u16,
-    mut exchange: Exchange,
+    mut exchange: Box<Exchange>,
 ) -> Response<ResponseBody> {
     let location = request_host(request)
         .ok()
@@ -678,7 +679,7 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// Passes a backend's response on to the client, its body streaming.
-fn respond(mut exchange: Exchange, forwarded: Forwarded) -> Response<ResponseBody> {
+fn respond(mut exchange: Box<Exchange>, forwarded: Forwarded) -> Response<ResponseBody> {
     let Forwarded {
         mut response,
         lease,
@@ -747,7 +748,7 @@ fn add_proxy_headers(headers: &mut http::HeaderMap, exchange: &Exchange) {
 
 /// Passes an answer made by the cache on to the client.
 fn respond_cached(
-    mut exchange: Exchange,
+    mut exchange: Box<Exchange>,
     answer: crate::cache::CacheAnswer,
 ) -> Response<ResponseBody> {
     let crate::cache::CacheAnswer { mut parts, body } = answer;
@@ -776,7 +777,7 @@ async fn tunnel(client: OnUpgrade, backend: OnUpgrade, backend_label: Arc<str>) 
     }
 }
 
-fn answer_error(error: &ProxyError, mut exchange: Exchange) -> Response<ResponseBody> {
+fn answer_error(error: &ProxyError, mut exchange: Box<Exchange>) -> Response<ResponseBody> {
     let (status, text, refusal) = error.answer();
     exchange.runtime.metrics.refused(refusal);
     match error.side() {
@@ -857,7 +858,7 @@ fn answer_grpc_error(
     status: StatusCode,
     text: &str,
     request_id: HeaderValue,
-    exchange: Exchange,
+    exchange: Box<Exchange>,
 ) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::fixed("", Some(exchange)));
     let headers = response.headers_mut();
