@@ -340,6 +340,21 @@ pin_project! {
 }
 
 impl ResponseBody {
+    /// A body with nothing to send, the base of the others.
+    fn nothing(exchange: Option<Box<Exchange>>) -> Self {
+        Self {
+            upstream: None,
+            lease: None,
+            fixed: None,
+            read_timeout: Duration::ZERO,
+            last_progress: Instant::now(),
+            silence: None,
+            send_watch: None,
+            shared: None,
+            exchange,
+        }
+    }
+
     pub fn upstream(
         body: Incoming,
         lease: Option<Lease>,
@@ -349,13 +364,9 @@ impl ResponseBody {
         Self {
             upstream: Some(body),
             lease,
-            fixed: None,
             read_timeout,
-            last_progress: Instant::now(),
-            silence: None,
             send_watch: exchange.send_watch(),
-            shared: None,
-            exchange: Some(exchange),
+            ..Self::nothing(Some(exchange))
         }
     }
 
@@ -364,43 +375,24 @@ impl ResponseBody {
         Self {
             upstream: Some(body),
             lease,
-            fixed: None,
             read_timeout,
-            last_progress: Instant::now(),
-            silence: None,
-            send_watch: None,
-            shared: None,
-            exchange: None,
+            ..Self::nothing(None)
         }
     }
 
     /// A response read from a cache fill as it arrives.
     pub fn shared(reader: crate::cache::FillReader, exchange: Box<Exchange>) -> Self {
         Self {
-            upstream: None,
-            lease: None,
-            fixed: None,
-            read_timeout: Duration::ZERO,
-            last_progress: Instant::now(),
-            silence: None,
-            send_watch: None,
             shared: Some(reader),
-            exchange: Some(exchange),
+            ..Self::nothing(Some(exchange))
         }
     }
 
     pub fn fixed(text: impl Into<Bytes>, exchange: Option<Box<Exchange>>) -> Self {
         let text = text.into();
         Self {
-            upstream: None,
-            lease: None,
             fixed: (!text.is_empty()).then_some(text),
-            read_timeout: Duration::ZERO,
-            last_progress: Instant::now(),
-            silence: None,
-            send_watch: None,
-            shared: None,
-            exchange,
+            ..Self::nothing(exchange)
         }
     }
 }

@@ -251,8 +251,9 @@ impl DiskTier {
         }
     }
 
-    /// Deletes every variant of `key`. Blocking.
-    pub(crate) fn remove(&self, key: &str) {
+    /// Forgets every variant of `key` at once, so that no read finds them any more, and gives
+    /// the files to delete (which [`DiskTier::delete_files`] does, blocking).
+    pub(crate) fn forget(&self, key: &str) -> Vec<PathBuf> {
         let removed = {
             let mut index = lock(&self.index);
             let removed = index.entries.remove(key).unwrap_or_default();
@@ -261,7 +262,17 @@ impl DiskTier {
             }
             removed
         };
-        self.delete(removed);
+        self.metrics
+            .bytes
+            .set(i64::try_from(lock(&self.index).total).unwrap_or(i64::MAX));
+        removed.into_iter().map(|entry| entry.file).collect()
+    }
+
+    /// Deletes files the index has forgotten. Blocking.
+    pub(crate) fn delete_files(files: Vec<PathBuf>) {
+        for file in files {
+            let _ = fs::remove_file(&file);
+        }
     }
 
     /// Deletes every object one of whose variants' host, path and tags match; gives their keys.

@@ -233,8 +233,13 @@ impl Cache {
     /// Forgets everything stored under `key`, in memory and on disk.
     pub(crate) fn remove(&self, key: &str) {
         self.memory.invalidate(key);
+        // Forgotten by the index at once, so that no request reads them from disk again; the
+        // files are deleted off the request path.
         if let Some(disk) = &self.disk {
-            disk.remove(key);
+            let files = disk.forget(key);
+            if !files.is_empty() {
+                tokio::task::spawn_blocking(move || disk::DiskTier::delete_files(files));
+            }
         }
     }
 

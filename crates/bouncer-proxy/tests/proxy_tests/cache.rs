@@ -454,7 +454,7 @@ async fn the_disk_tier_survives_a_restart_and_drops_a_corrupt_body() {
     let _ = std::fs::remove_dir_all(&dir);
     let backend = Backend::start(0).await;
     let disk = format!(
-        "[cache]\ndisk = {{ path = \"{}\", size = \"64MiB\" }}",
+        "[cache]\npurge_allow = [\"127.0.0.1\"]\ndisk = {{ path = \"{}\", size = \"64MiB\" }}",
         dir.display()
     );
     let target = "/cache/kept?cc=max-age%3D600&size=5000";
@@ -503,6 +503,47 @@ async fn the_disk_tier_survives_a_restart_and_drops_a_corrupt_body() {
         metric(&proxy.scrape().await, "bouncer_cache_disk_corrupt_total"),
         Some(1.0)
     );
+
+    // A purge forgets the object on disk too: the next request goes to the backend.
+    eventually(
+        Duration::from_secs(5),
+        "the refetched object is on disk",
+        || async { cache_files(&dir).len() == 1 },
+    )
+    .await;
+    let purged_files = cache_files(&dir);
+    let purge = Request::builder()
+        .method(Method::from_bytes(b"PURGE").unwrap())
+        .uri(proxy.url(target))
+        .body(empty())
+        .unwrap();
+    assert_eq!(Clients::new().send(purge).await.text(), "{\"purged\":1}\n");
+    // Its file is gone at once from the index; from the directory soon after.
+    let after_purge = get(&proxy, target, &[]).await;
+    assert!(
+        cache_status(&after_purge).contains("fwd=uri-miss"),
+        "{}",
+        cache_status(&after_purge)
+    );
+    // The purged file is deleted; the one fetched since is written.
+    eventually(
+        Duration::from_secs(5),
+        "the purged file is replaced",
+        || async {
+            let files = cache_files(&dir);
+            files.len() == 1 && !purged_files.contains(&files[0])
+        },
+    )
+    .await;
+    drop(proxy);
+    let proxy = caching_proxy(&backend, "", &disk).await;
+    let restarted = get(&proxy, target, &[]).await;
+    assert!(
+        cache_status(&restarted).starts_with("Bouncer; hit"),
+        "{}",
+        cache_status(&restarted)
+    );
+    assert_eq!(fetches(&backend, "/cache/kept"), 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
