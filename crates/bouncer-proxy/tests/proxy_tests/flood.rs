@@ -44,8 +44,10 @@ burst = {BURST}
         attackers: attackers.clone(),
         connections_per_attacker: 2,
         legitimate,
-        legitimate_requests: 2_000,
-        legitimate_interval: Duration::from_millis(3),
+        // 83 requests a second, within the per-address limit however fast the machine is: at a
+        // faster pace this client would be limited too, and rightly so.
+        legitimate_requests: 1_000,
+        legitimate_interval: Duration::from_millis(12),
         legitimate_deadline: Duration::from_secs(2),
         limit: Duration::from_secs(60),
     };
@@ -53,9 +55,9 @@ burst = {BURST}
     let memory_after = resident_memory();
     eprintln!("{report:?}");
 
-    assert_eq!(report.legitimate_sent, 2_000, "{report:?}");
+    assert_eq!(report.legitimate_sent, 1_000, "{report:?}");
     // At least 99.9% of the legitimate requests got a 200 from the backend within 2 s.
-    assert!(report.legitimate_ok >= 1_998, "{report:?}");
+    assert!(report.legitimate_ok >= 999, "{report:?}");
 
     // What reached the backend from the attackers is within what their limits allow: a burst
     // and the rate for as long as the flood ran (in fact far less: each was banned).
