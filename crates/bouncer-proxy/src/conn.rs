@@ -282,7 +282,7 @@ pub struct ClientIo {
     write_blocked: bool,
     /// Whether part of the next request's head has arrived (then a timeout earns a 408).
     head_bytes_seen: bool,
-    metrics: ListenerMetrics,
+    metrics: Arc<ListenerMetrics>,
 }
 
 impl ClientIo {
@@ -290,7 +290,7 @@ impl ClientIo {
         stream: TcpStream,
         replay: bytes::Bytes,
         timeouts: ClientTimeouts,
-        metrics: ListenerMetrics,
+        metrics: Arc<ListenerMetrics>,
     ) -> (Self, Arc<ConnectionActivity>) {
         let activity = ConnectionActivity::new();
         // A new connection is waiting for its first request's headers straight away.

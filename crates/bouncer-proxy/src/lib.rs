@@ -347,7 +347,7 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                     listener_metrics.handshakes =
                         Some(metrics.tls_handshakes(&listener_config.name));
                 }
-                listener_metrics
+                Arc::new(listener_metrics)
             },
             access_log: access_log.clone(),
         });

@@ -21,7 +21,6 @@ use bouncer_rules::proxy_protocol::{MAX_HEADER_BYTES, ProxyHeaderError, parse_pr
 use crate::access_log::AccessLog;
 use crate::conn::ClientIo;
 use crate::error::{Refusal, find_cause};
-use crate::headers::{forwarded_for, peer_header};
 use crate::metrics::ListenerMetrics;
 use crate::pipeline::{ConnectionContext, handle};
 use crate::routing::RouteTable;
@@ -41,7 +40,8 @@ pub struct ListenerRuntime {
     pub config: ListenerConfig,
     pub routes: RouteTable,
     pub server: ServerConfig,
-    pub metrics: ListenerMetrics,
+    /// Shared by every connection of the listener, which holds it for its whole life.
+    pub metrics: Arc<ListenerMetrics>,
     pub access_log: AccessLog,
     /// TLS termination, when the listener has `[listeners.tls]`.
     pub tls: Option<ListenerTls>,
@@ -156,12 +156,12 @@ async fn serve_connection(
     peer: SocketAddr,
     runtime: Arc<ListenerRuntime>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut lifecycle: watch::Receiver<Lifecycle>,
+    lifecycle: watch::Receiver<Lifecycle>,
 ) {
     let _ = stream.set_nodelay(true);
-    let metrics = runtime.metrics.clone();
+    let metrics = &runtime.metrics;
     metrics.connections_open.inc();
-    let _open = OpenConnection(metrics.clone());
+    let _open = OpenConnection(Arc::clone(metrics));
     let (peer, replay) = if runtime.config.proxy_protocol {
         match read_proxy_header(&mut stream, peer, &runtime).await {
             Ok(found) => found,
@@ -206,23 +206,32 @@ async fn serve_connection(
             header: runtime.server.header_timeout,
             write: runtime.server.write_timeout,
         },
-        metrics.clone(),
+        Arc::clone(metrics),
     );
     runtime.protection.register_connection(&activity);
-    let context = |runtime, scheme, sni_certificate, client_subject| ConnectionContext {
-        runtime,
-        peer,
-        peer_header: peer_header(peer),
-        forwarded_for: forwarded_for(peer),
-        activity,
-        scheme,
-        sni_certificate,
-        client_subject,
-    };
+    if runtime.tls.is_none() {
+        let context = ConnectionContext::new(Arc::clone(&runtime), peer, activity, "http");
+        serve_http(io, context, &builder, lifecycle).await;
+    } else {
+        // Boxed: the handshake and the TLS stream would otherwise make every plain connection's
+        // task, which lives as long as the connection, as large as a TLS one's.
+        Box::pin(serve_tls(io, peer, activity, runtime, &builder, lifecycle)).await;
+    }
+}
+
+/// Terminates TLS on an accepted connection, then serves HTTP on it.
+async fn serve_tls(
+    io: ClientIo,
+    peer: SocketAddr,
+    activity: Arc<crate::conn::ConnectionActivity>,
+    runtime: Arc<ListenerRuntime>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut lifecycle: watch::Receiver<Lifecycle>,
+) {
     let Some(tls) = &runtime.tls else {
-        let context = context(Arc::clone(&runtime), "http", None, None);
-        return serve_http(io, context, &builder, lifecycle).await;
+        return;
     };
+    let metrics = &runtime.metrics;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io)) => handshake,
@@ -257,23 +266,18 @@ async fn serve_connection(
         // A CA's tls-alpn-01 check ends with the handshake (RFC 8737 section 3).
         return;
     }
+    let mut context = ConnectionContext::new(Arc::clone(&runtime), peer, activity, "https");
     // The certificate the client asked for by name, whose names every request must then stay
     // within (421 otherwise).
-    let sni_certificate = session
+    context.sni_certificate = session
         .server_name()
         .and_then(|name| tls.resolver.matching(name));
     // Verified by the handshake when the listener asks for client certificates.
-    let client_subject = session
+    context.client_subject = session
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(crate::tls::client_subject);
-    let context = context(
-        Arc::clone(&runtime),
-        "https",
-        sni_certificate,
-        client_subject,
-    );
-    serve_http(stream, context, &builder, lifecycle).await;
+    serve_http(stream, context, builder, lifecycle).await;
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on an established connection until it ends or the proxy closes.
@@ -285,13 +289,16 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let metrics = context.runtime.metrics.clone();
+    let runtime = Arc::clone(&context.runtime);
+    let metrics = &runtime.metrics;
     let peer = context.peer;
     let activity = Arc::clone(&context.activity);
     let context = Arc::new(context);
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);
-        async move { Ok::<_, Infallible>(handle(&context, request).await) }
+        // Boxed: HTTP/1 keeps a slot the size of the request's future for the whole life of a
+        // connection, busy or idle, and moving a large future costs a copy of all of it.
+        Box::pin(async move { Ok::<_, Infallible>(handle(&context, request).await) })
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -322,7 +329,7 @@ async fn serve_http<I>(
         }
     };
     if let Err(error) = result {
-        record_connection_error(&metrics, peer, error.as_ref());
+        record_connection_error(metrics, peer, error.as_ref());
     }
 }
 
@@ -410,7 +417,7 @@ fn record_connection_error(
 }
 
 /// Keeps the open-connections gauge right however the connection task ends.
-struct OpenConnection(ListenerMetrics);
+struct OpenConnection(Arc<ListenerMetrics>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {

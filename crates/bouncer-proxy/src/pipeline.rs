@@ -43,6 +43,27 @@ pub struct ConnectionContext {
     pub client_subject: Option<HeaderValue>,
 }
 
+impl ConnectionContext {
+    /// A connection's context before TLS has said anything about it.
+    pub(crate) fn new(
+        runtime: Arc<ListenerRuntime>,
+        peer: SocketAddr,
+        activity: Arc<ConnectionActivity>,
+        scheme: &'static str,
+    ) -> Self {
+        Self {
+            runtime,
+            peer,
+            peer_header: crate::headers::peer_header(peer),
+            forwarded_for: crate::headers::forwarded_for(peer),
+            activity,
+            scheme,
+            sni_certificate: None,
+            client_subject: None,
+        }
+    }
+}
+
 /// Handles one request from a client and produces the response to send back.
 pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Response<ResponseBody> {
     let in_flight = request_started(&ctx.activity);
@@ -412,13 +433,15 @@ async fn forward(
         host_missing,
     };
     if let (Some(route_cache), Some(target)) = (&route.cache, cache_target) {
-        let served = crate::cache::serve(
+        // Boxed: the cache's state machine is larger than the plain path's, which would
+        // otherwise carry its size on every request.
+        let served = Box::pin(crate::cache::serve(
             route_cache,
             &dispatch,
             &mut exchange.attempt,
             request,
             target,
-        )
+        ))
         .await?;
         return Ok(match served {
             crate::cache::Served::Answer(answer) => Outcome::Cached(answer),
