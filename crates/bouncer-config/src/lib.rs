@@ -5,6 +5,7 @@
 
 mod diagnostics;
 mod model;
+mod redact;
 mod section;
 mod units;
 mod validate;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub use diagnostics::{ConfigProblem, ConfigProblems};
 pub use model::*;
+pub use redact::redacted_json;
 pub use units::{parse_duration, parse_size};
 
 /// Why a config could not be loaded.

@@ -12,6 +12,8 @@ use ipnet::IpNet;
 pub struct Config {
     /// The file this config was read from, for messages and reloads.
     pub source: PathBuf,
+    /// The text it was read from, for showing the live config (see [`crate::redacted_json`]).
+    pub text: String,
     pub admin: Option<AdminConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
@@ -42,6 +44,10 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// A file holding the bearer token that API calls must carry; required off loopback.
+    pub token_file: Option<std::path::PathBuf>,
+    /// Host names the admin listener answers to besides its own address (DNS rebinding defence).
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

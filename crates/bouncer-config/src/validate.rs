@@ -32,7 +32,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
 
     let admin = root
         .table(&mut d, "admin")
-        .map(|section| read_admin(&mut d, section));
+        .map(|section| read_admin(&mut d, section, file));
     let listeners = read_listeners(&mut d, &mut root, file);
     let upstreams = read_upstreams(&mut d, &mut root, file);
     let routes = read_routes(&mut d, &mut root, &listeners, &upstreams);
@@ -72,6 +72,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
     }
     Ok(Config {
         source: file.to_path_buf(),
+        text: text.to_string(),
         admin,
         listeners: listeners
             .into_iter()
@@ -344,11 +345,53 @@ fn read_resolver(d: &mut Diagnostics, mut section: Section) -> ResolverConfig {
     }
 }
 
-fn read_admin(d: &mut Diagnostics, mut section: Section) -> AdminConfig {
+fn read_admin(d: &mut Diagnostics, mut section: Section, config_file: &Path) -> AdminConfig {
     let bind =
         socket_address(d, &mut section, "bind").unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9900)));
+    let token_file = match section.string(d, "token_file") {
+        Some((name, span)) if name.is_empty() => {
+            d.report(
+                span,
+                section.key_path("token_file"),
+                "the token file's name cannot be empty",
+            );
+            None
+        }
+        Some((name, _)) => Some(relative_to(config_file, &name)),
+        None => None,
+    };
+    if token_file.is_none() && !bind.ip().is_loopback() {
+        d.report(
+            section.span(),
+            section.key_path("bind"),
+            format!(
+                "the admin API on {bind}, off loopback, needs token_file = \"FILE\" so that only holders of the token can use it"
+            ),
+        );
+    }
+    let mut hosts = Vec::new();
+    for (host, span) in section.strings(d, "hosts").unwrap_or_default() {
+        let lower = host.to_ascii_lowercase();
+        if lower.is_empty()
+            || !lower
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']'))
+        {
+            d.report(
+                span,
+                section.key_path("hosts"),
+                format!("\"{host}\" is not a host name"),
+            );
+        } else {
+            hosts.push(lower);
+        }
+    }
     section.finish(d);
-    AdminConfig { bind }
+    AdminConfig {
+        bind,
+        token_file,
+        hosts,
+    }
 }
 
 fn read_listeners(

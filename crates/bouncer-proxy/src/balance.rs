@@ -22,6 +22,8 @@ pub struct BackendLoad {
     /// When the backend's slow start began, in milliseconds since `epoch`; [`NOT_RAMPING`] once
     /// it has its full share.
     ramp_started_ms: AtomicU64,
+    /// A moving average of response times in microseconds, for operators (0 before any).
+    recent_latency_us: AtomicU64,
 }
 
 const NOT_RAMPING: u64 = u64::MAX;
@@ -42,6 +44,28 @@ impl BackendLoad {
             latency: Mutex::new(PeakEwma::new()),
             epoch: Instant::now(),
             ramp_started_ms: AtomicU64::new(NOT_RAMPING),
+            recent_latency_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Folds one response time into the operators' average: each new one weighs an eighth. A
+    /// race between two threads loses one sample, which an average for display can afford.
+    pub fn record_response_time(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.recent_latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.recent_latency_us.store(new, Ordering::Relaxed);
+    }
+
+    /// The recent average response time; `None` before the first response.
+    pub fn recent_latency(&self) -> Option<Duration> {
+        match self.recent_latency_us.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
         }
     }
 

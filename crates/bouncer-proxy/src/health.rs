@@ -27,6 +27,8 @@ pub struct BackendHealth {
     consecutive_failures: AtomicU32,
     /// How many ejections in a row, each soon after the previous one ended.
     ejection_streak: AtomicU32,
+    /// Set by an operator: the backend takes no new requests and finishes those it has.
+    drained: AtomicBool,
 }
 
 /// What passive detection concluded from one outcome.
@@ -54,6 +56,7 @@ impl BackendHealth {
             ejected_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejection_streak: AtomicU32::new(0),
+            drained: AtomicBool::new(false),
         }
     }
 
@@ -63,7 +66,26 @@ impl BackendHealth {
 
     /// Whether the backend may take a request at `now`.
     pub fn is_available(&self, now: Instant) -> bool {
+        self.is_healthy(now) && !self.is_drained()
+    }
+
+    /// Whether checks and passive detection find the backend fit, drained or not.
+    pub fn is_healthy(&self, now: Instant) -> bool {
         self.up.load(Ordering::Relaxed) && !self.is_ejected(now)
+    }
+
+    /// The active checks' last verdict (true when there are none).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    /// Drains the backend, or takes it back; returns whether that changed anything.
+    pub fn set_drained(&self, drained: bool) -> bool {
+        self.drained.swap(drained, Ordering::Relaxed) != drained
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {

@@ -80,6 +80,12 @@ pub enum StartError {
     Protection(#[source] protection::ProtectionError),
     #[error("cache")]
     Cache(#[source] cache::DiskError),
+    #[error("cannot read the admin token from {}", path.display())]
+    AdminToken {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "protection.max_connections = {max} needs about {needed} open files (a client's and a backend's per connection), but this process may open at most {limit}: lower it, or raise the limit (ulimit -n, LimitNOFILE=)"
     )]
@@ -104,6 +110,14 @@ pub fn check_connection_budget(config: &Config) -> Result<(), StartError> {
         });
     }
     Ok(())
+}
+
+/// What one config built, as the admin API sees it.
+pub(crate) struct Snapshot {
+    pub config: Arc<Config>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub runtimes: Vec<Arc<ListenerRuntime>>,
 }
 
 /// A proxy serving its listeners. Dropping it without [`RunningProxy::shutdown`] closes everything.
@@ -353,8 +367,26 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         });
         runtimes.push((socket, runtime));
     }
+    let live = Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot {
+        config: Arc::new(config.clone()),
+        upstreams: config
+            .upstreams
+            .iter()
+            .filter_map(|upstream| upstreams.get(upstream.name.as_str()).cloned())
+            .collect(),
+        listeners: bound.clone(),
+        runtimes: runtimes
+            .iter()
+            .map(|(_, runtime)| Arc::clone(runtime))
+            .collect(),
+    }));
     let admin = match &config.admin {
         Some(admin) => {
+            let token = admin
+                .token_file
+                .as_ref()
+                .map(|path| read_token(path))
+                .transpose()?;
             let socket = listener::bind(admin.bind).map_err(|source| StartError::Bind {
                 listener: "admin".into(),
                 address: admin.bind,
@@ -365,9 +397,19 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 address: admin.bind,
                 source,
             })?;
+            let state = admin::AdminState {
+                metrics: Arc::clone(&metrics),
+                protection: Arc::clone(&protection),
+                cache: cache.clone(),
+                live: Arc::clone(&live),
+                token,
+                hosts: admin.hosts.clone(),
+                address,
+                started: std::time::Instant::now(),
+            };
             tokio::spawn(admin::serve(
                 socket,
-                Arc::clone(&metrics),
+                Arc::new(state),
                 lifecycle_receiver.clone(),
             ));
             Some(address)
@@ -398,6 +440,23 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         metrics,
         protection,
     })
+}
+
+/// Reads the admin API's bearer token: the file's first line, without surrounding space.
+fn read_token(path: &std::path::Path) -> Result<String, StartError> {
+    let error = |source| StartError::AdminToken {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(error)?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file is empty: put the token on its first line",
+        )));
+    }
+    Ok(token.to_string())
 }
 
 /// Raises the soft limit on open files to the hard limit and returns the new soft limit.

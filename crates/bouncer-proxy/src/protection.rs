@@ -284,7 +284,14 @@ impl Protection {
 
     /// Bans `ip` for the configured time from now.
     pub fn ban(&self, ip: IpAddr, reason: &str) {
-        let until = self.now_nanos() + u64::try_from(self.ban_for.as_nanos()).unwrap_or(u64::MAX);
+        self.ban_for(ip, self.ban_for, reason);
+    }
+
+    /// Bans `ip` for `ban_for` from now (on every instance of a cluster), replacing any ban it has.
+    pub fn ban_for(&self, ip: IpAddr, ban_for: Duration, reason: &str) {
+        let until = self
+            .now_nanos()
+            .saturating_add(u64::try_from(ban_for.as_nanos()).unwrap_or(u64::MAX));
         let was_banned = self.bans.update(self.ban_key(ip), |ban| {
             let was = ban.until > self.now_nanos();
             *ban = Ban {
@@ -298,9 +305,9 @@ impl Protection {
             if let Some(counter) = &self.bans_made {
                 counter.inc();
             }
-            tracing::warn!(%ip, reason, ban_for = ?self.ban_for, "address banned");
+            tracing::warn!(%ip, reason, ?ban_for, "address banned");
             if let Some(cluster) = &self.cluster {
-                cluster.share_ban(ip, self.ban_for);
+                cluster.share_ban(ip, ban_for);
             }
         }
     }

@@ -51,8 +51,8 @@ impl HasLoad for Arc<Backend> {
 impl Backend {
     /// Sets the health gauge from the backend's state now.
     pub fn refresh_health_gauge(&self) {
-        let available = self.health.is_available(tokio::time::Instant::now());
-        self.metrics.healthy.set(i64::from(available));
+        let healthy = self.health.is_healthy(tokio::time::Instant::now());
+        self.metrics.healthy.set(i64::from(healthy));
     }
 }
 
@@ -543,6 +543,7 @@ impl Upstream {
                     .metrics
                     .response_duration
                     .observe(elapsed.as_secs_f64());
+                backend.load.record_response_time(elapsed);
                 if response.status().is_server_error() {
                     self.record_failure(set, backend);
                 } else {

@@ -4,6 +4,7 @@
 
 mod proxy_tests {
     pub mod acme;
+    pub mod admin;
     pub mod balancing;
     pub mod bodies;
     pub mod cache;

@@ -993,3 +993,38 @@ servers = ["127.0.0.1:1"]
         "{lines:#?}"
     );
 }
+
+#[test]
+fn an_admin_api_off_loopback_needs_a_token_and_hosts_must_be_names() {
+    let open = FULL.replace(
+        "[admin]\nbind = \"127.0.0.1:9900\"",
+        "[admin]\nbind = \"0.0.0.0:9900\"\nhosts = [\"admin.internal\", \"bad name\"]",
+    );
+    let found = problems(&open);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].key_path, "admin.bind");
+    assert!(
+        found[0].reason.contains("token_file"),
+        "{}",
+        found[0].reason
+    );
+    assert_eq!(found[1].key_path, "admin.hosts");
+    assert!(
+        found[1].reason.contains("\"bad name\""),
+        "{}",
+        found[1].reason
+    );
+
+    let guarded = FULL.replace(
+        "[admin]\nbind = \"127.0.0.1:9900\"",
+        "[admin]\nbind = \"0.0.0.0:9900\"\ntoken_file = \"admin.token\"\nhosts = [\"Admin.Internal\"]",
+    );
+    let config = parse(Path::new("/etc/bouncer/bouncer.toml"), &guarded).expect("valid config");
+    let admin = config.admin.expect("[admin]");
+    assert_eq!(
+        admin.token_file.as_deref(),
+        Some(Path::new("/etc/bouncer/admin.token")),
+        "relative to the config file"
+    );
+    assert_eq!(admin.hosts, vec!["admin.internal".to_string()]);
+}

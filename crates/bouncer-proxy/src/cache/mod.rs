@@ -358,6 +358,25 @@ pub struct RouteCache {
 }
 
 impl RouteCache {
+    /// Forgets the object at one URL (every variant, in memory and on disk) as this route keys
+    /// it; returns how many objects were in memory (0 or 1).
+    pub(crate) fn purge_url(
+        &self,
+        host: &str,
+        normalised_path: &str,
+        query: Option<&str>,
+    ) -> usize {
+        let key = self.spec.key(&bouncer_cache_policy::KeyInput {
+            method: &http::Method::GET,
+            host,
+            normalised_path,
+            query,
+        });
+        let present = self.cache.memory.contains_key(key.as_str());
+        self.cache.remove(&key);
+        usize::from(present)
+    }
+
     pub fn new(
         cache: Arc<Cache>,
         config: &RouteCacheConfig,

@@ -825,15 +825,7 @@ pub(crate) fn purge(
     } else if let Some(prefix) = path.strip_suffix('*') {
         cache.purge_prefix(Some(host), prefix)
     } else {
-        let key = route.spec.key(&KeyInput {
-            method: &Method::GET,
-            host,
-            normalised_path: path,
-            query,
-        });
-        let present = cache.memory.contains_key(key.as_str());
-        cache.remove(&key);
-        usize::from(present)
+        route.purge_url(host, path, query)
     };
     answer(
         StatusCode::OK,
