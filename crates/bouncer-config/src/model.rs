@@ -585,6 +585,8 @@ pub enum AccessLogFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AccessLogConfig {
     pub format: AccessLogFormat,
+    /// A file to append to, reopened on SIGUSR1 (for logrotate); standard output when `None`.
+    pub path: Option<PathBuf>,
 }
 
 /// `[cluster]`: the state that several Bouncer instances share through one Redis server.

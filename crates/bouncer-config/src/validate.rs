@@ -41,7 +41,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
         None => ServerConfig::default(),
     };
     let access_log = match root.table(&mut d, "access_log") {
-        Some(section) => read_access_log(&mut d, section),
+        Some(section) => read_access_log(&mut d, section, file),
         None => AccessLogConfig::default(),
     };
     let resolver = match root.table(&mut d, "resolver") {
@@ -1540,7 +1540,7 @@ fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
     }
 }
 
-fn read_access_log(d: &mut Diagnostics, mut section: Section) -> AccessLogConfig {
+fn read_access_log(d: &mut Diagnostics, mut section: Section, file: &Path) -> AccessLogConfig {
     let format = match section.string(d, "format") {
         Some((format, span)) => match format.as_str() {
             "json" => AccessLogFormat::Json,
@@ -1557,8 +1557,20 @@ fn read_access_log(d: &mut Diagnostics, mut section: Section) -> AccessLogConfig
         },
         None => AccessLogFormat::default(),
     };
+    let path = match section.string(d, "path") {
+        Some((name, span)) if name.is_empty() => {
+            d.report(
+                span,
+                section.key_path("path"),
+                "the access log's file name cannot be empty (leave path out for standard output)",
+            );
+            None
+        }
+        Some((name, _)) => Some(relative_to(file, &name)),
+        None => None,
+    };
     section.finish(d);
-    AccessLogConfig { format }
+    AccessLogConfig { format, path }
 }
 
 fn socket_address(

@@ -1,9 +1,14 @@
-//! The access log: one line per request, written by its own thread so that a slow stdout never
-//! stalls the request path. When the writer falls behind, lines are dropped and counted.
+//! The access log: one line per request, written by its own thread so that a slow stdout or disk
+//! never stalls the request path. When the writer falls behind, lines are dropped and counted. A
+//! log file is reopened when asked (SIGUSR1), so that logrotate can move it away.
 
 use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
 
@@ -33,18 +38,39 @@ pub struct AccessLog {
     format: AccessLogFormat,
     lines: Option<SyncSender<String>>,
     dropped: Counter,
+    /// Set to ask the writer to reopen its file before the next batch.
+    reopen: Arc<AtomicBool>,
+}
+
+/// Where the lines go.
+enum Sink {
+    Stdout,
+    File { path: PathBuf, file: File },
 }
 
 impl AccessLog {
-    /// Starts the writer thread (none when the log is off).
-    pub fn start(format: AccessLogFormat, dropped: Counter) -> std::io::Result<Self> {
+    /// Starts the writer thread (none when the log is off), appending to `path` when given.
+    pub fn start(
+        format: AccessLogFormat,
+        path: Option<&Path>,
+        dropped: Counter,
+    ) -> std::io::Result<Self> {
+        let reopen = Arc::new(AtomicBool::new(false));
         let lines = match format {
             AccessLogFormat::Off => None,
             AccessLogFormat::Json | AccessLogFormat::Common => {
+                let sink = match path {
+                    Some(path) => Sink::File {
+                        path: path.to_path_buf(),
+                        file: open_log(path)?,
+                    },
+                    None => Sink::Stdout,
+                };
                 let (sender, receiver) = sync_channel(16 * 1024);
+                let flag = Arc::clone(&reopen);
                 std::thread::Builder::new()
                     .name("bouncer-access-log".into())
-                    .spawn(move || write_lines(receiver))?;
+                    .spawn(move || write_lines(receiver, sink, &flag))?;
                 Some(sender)
             }
         };
@@ -52,11 +78,17 @@ impl AccessLog {
             format,
             lines,
             dropped,
+            reopen,
         })
     }
 
     pub fn enabled(&self) -> bool {
         self.lines.is_some()
+    }
+
+    /// Asks the writer to reopen its file, which takes effect before the next line is written.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
     }
 
     pub fn write(&self, record: &AccessRecord<'_>) {
@@ -77,7 +109,11 @@ impl AccessLog {
     }
 }
 
-fn write_lines(receiver: Receiver<String>) {
+fn open_log(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+fn write_lines(receiver: Receiver<String>, mut sink: Sink, reopen: &AtomicBool) {
     let mut batch = Vec::with_capacity(64 * 1024);
     while let Ok(line) = receiver.recv() {
         batch.extend_from_slice(line.as_bytes());
@@ -87,10 +123,31 @@ fn write_lines(receiver: Receiver<String>) {
         {
             batch.extend_from_slice(line.as_bytes());
         }
-        // stdout is locked per batch only, so that other writers (the demo's messages) get a turn.
-        let mut stdout = std::io::stdout().lock();
-        let _ = stdout.write_all(&batch);
-        let _ = stdout.flush();
+        match &mut sink {
+            Sink::Stdout => {
+                // Locked per batch only, so that other writers (the demo's messages) get a turn.
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(&batch);
+                let _ = stdout.flush();
+            }
+            Sink::File { path, file } => {
+                if reopen.swap(false, Ordering::AcqRel) {
+                    match open_log(path) {
+                        Ok(reopened) => {
+                            *file = reopened;
+                            tracing::info!(path = %path.display(), "access log reopened");
+                        }
+                        // The old file stays in use: lines are kept rather than lost.
+                        Err(error) => {
+                            tracing::error!(path = %path.display(), %error, "cannot reopen the access log; still writing to the old file");
+                        }
+                    }
+                }
+                if let Err(error) = file.write_all(&batch) {
+                    tracing::error!(path = %path.display(), %error, "cannot write the access log");
+                }
+            }
+        }
         batch.clear();
     }
 }

@@ -41,6 +41,8 @@ pub(crate) struct AdminState {
     pub protection: Arc<Protection>,
     pub cache: Option<Arc<Cache>>,
     pub live: Arc<ArcSwap<Snapshot>>,
+    /// Set by the binary: how to change the log filter.
+    pub log_control: Arc<arc_swap::ArcSwapOption<crate::LogControl>>,
     /// The bearer token every call must carry, when one is configured.
     pub token: Option<String>,
     /// Names besides IP literals that `Host` may give (lower case, without port).
@@ -278,6 +280,15 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Result<AdminRe
             };
             drain(state, upstream, backend, drained).map(ok)
         }
+        (Method::GET, ["api", "v1", "log-level"]) => log_level(state).map(ok),
+        (Method::PUT, ["api", "v1", "log-level"]) => {
+            let body = read_json(request).await?;
+            set_log_level(state, &body).map(ok)
+        }
+        (_, ["api", "v1", "log-level"]) => Err(Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET to read the log filter or PUT to change it",
+        )),
         (Method::GET, ["api", "v1", "bans"]) => Ok(ok(bans(state))),
         (Method::POST, ["api", "v1", "bans"]) => {
             let body = read_json(request).await?;
@@ -493,6 +504,47 @@ fn drain(
     }))
 }
 
+fn log_control(state: &AdminState) -> Result<Arc<crate::LogControl>, Problem> {
+    state.log_control.load_full().ok_or_else(|| {
+        Problem::new(
+            StatusCode::CONFLICT,
+            "this process's logger is not adjustable (only the bouncer binary's is)",
+        )
+    })
+}
+
+fn log_level(state: &AdminState) -> Result<Value, Problem> {
+    let control = log_control(state)?;
+    let current = control
+        .current
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    Ok(json!({ "filter": current }))
+}
+
+fn set_log_level(state: &AdminState, body: &Value) -> Result<Value, Problem> {
+    let control = log_control(state)?;
+    let filter = body
+        .get("filter")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|filter| !filter.is_empty())
+        .ok_or_else(|| {
+            Problem::bad_request(
+                "\"filter\" is required: a level such as \"debug\", or directives such as \"info,bouncer_proxy=debug\"",
+            )
+        })?;
+    (control.set)(filter)
+        .map_err(|reason| Problem::bad_request(format!("\"filter\": {reason}")))?;
+    *control
+        .current
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = filter.to_string();
+    tracing::info!(filter, "log filter changed through the admin API");
+    Ok(json!({ "filter": filter }))
+}
+
 fn bans(state: &AdminState) -> Value {
     let mut bans = state.protection.bans();
     bans.sort_unstable_by_key(|(ip, _)| *ip);
@@ -648,14 +700,23 @@ mod tests {
     fn a_page_of_another_origin_may_not_change_state() {
         let mut headers = HeaderMap::new();
         assert!(same_origin(&headers, Some("127.0.0.1:9900")));
-        headers.insert(header::ORIGIN, http::HeaderValue::from_static("http://127.0.0.1:9900"));
+        headers.insert(
+            header::ORIGIN,
+            http::HeaderValue::from_static("http://127.0.0.1:9900"),
+        );
         assert!(same_origin(&headers, Some("127.0.0.1:9900")));
-        headers.insert(header::ORIGIN, http::HeaderValue::from_static("http://evil.example"));
+        headers.insert(
+            header::ORIGIN,
+            http::HeaderValue::from_static("http://evil.example"),
+        );
         assert!(!same_origin(&headers, Some("127.0.0.1:9900")));
         headers.insert(header::ORIGIN, http::HeaderValue::from_static("null"));
         assert!(!same_origin(&headers, Some("127.0.0.1:9900")));
         let mut fetch = HeaderMap::new();
-        fetch.insert("sec-fetch-site", http::HeaderValue::from_static("cross-site"));
+        fetch.insert(
+            "sec-fetch-site",
+            http::HeaderValue::from_static("cross-site"),
+        );
         assert!(!same_origin(&fetch, Some("127.0.0.1:9900")));
     }
 }

@@ -74,8 +74,12 @@ pub enum StartError {
     },
     #[error("cannot set up the DNS resolver of [resolver]")]
     Resolver(#[source] std::io::Error),
-    #[error("cannot start the access log writer")]
-    AccessLog(#[source] std::io::Error),
+    #[error("cannot start the access log ({target})")]
+    AccessLog {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up [protection] or [[rules]]")]
     Protection(#[source] protection::ProtectionError),
     #[error("cache")]
@@ -112,6 +116,16 @@ pub fn check_connection_budget(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Sets the process's log filter (`info`, `debug,hyper=info`, ...); given by the binary, which
+/// owns the logger. Returns why a filter was refused.
+pub type LogFilterSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The log filter control the admin API uses, with the filter in force.
+pub(crate) struct LogControl {
+    pub set: LogFilterSetter,
+    pub current: std::sync::Mutex<String>,
+}
+
 /// What one config built, as the admin API sees it.
 pub(crate) struct Snapshot {
     pub config: Arc<Config>,
@@ -128,6 +142,8 @@ pub struct RunningProxy {
     grace: Duration,
     metrics: Arc<Metrics>,
     protection: Arc<protection::Protection>,
+    access_log: AccessLog,
+    log_control: Arc<arc_swap::ArcSwapOption<LogControl>>,
 }
 
 /// How a shutdown went.
@@ -146,6 +162,19 @@ impl RunningProxy {
     /// Lifts the ban on `ip`, on every instance of a cluster; tells whether it was banned here.
     pub fn unban(&self, ip: std::net::IpAddr) -> bool {
         self.protection.unban(ip)
+    }
+
+    /// Lets the admin API read and change the log filter, which is `current` now.
+    pub fn set_log_filter_control(&self, current: &str, set: LogFilterSetter) {
+        self.log_control.store(Some(Arc::new(LogControl {
+            set,
+            current: std::sync::Mutex::new(current.to_string()),
+        })));
+    }
+
+    /// Reopens the access log file (after logrotate moved it away); nothing for standard output.
+    pub fn reopen_logs(&self) {
+        self.access_log.reopen();
     }
 
     /// Whether the cluster's Redis answers now (`None` without `[cluster]`).
@@ -210,9 +239,16 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
     }
     let access_log = AccessLog::start(
         config.access_log.format,
+        config.access_log.path.as_deref(),
         metrics.access_log_dropped().clone(),
     )
-    .map_err(StartError::AccessLog)?;
+    .map_err(|source| StartError::AccessLog {
+        target: config.access_log.path.as_ref().map_or_else(
+            || "standard output".to_string(),
+            |path| path.display().to_string(),
+        ),
+        source,
+    })?;
     let resolver = Arc::new(Resolver::new(&config.resolver).map_err(StartError::Resolver)?);
     let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
     for upstream in &config.upstreams {
@@ -380,6 +416,7 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             .map(|(_, runtime)| Arc::clone(runtime))
             .collect(),
     }));
+    let log_control = Arc::new(arc_swap::ArcSwapOption::empty());
     let admin = match &config.admin {
         Some(admin) => {
             let token = admin
@@ -402,6 +439,7 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 protection: Arc::clone(&protection),
                 cache: cache.clone(),
                 live: Arc::clone(&live),
+                log_control: Arc::clone(&log_control),
                 token,
                 hosts: admin.hosts.clone(),
                 address,
@@ -439,6 +477,8 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         grace: config.server.shutdown_grace,
         metrics,
         protection,
+        access_log,
+        log_control,
     })
 }
 

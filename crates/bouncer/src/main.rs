@@ -88,17 +88,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// Changes the running process's log filter; kept so that the admin API can use it.
+static LOG_FILTER: std::sync::OnceLock<(
+    String,
+    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+)> = std::sync::OnceLock::new();
+
 fn init_logging(filter: Option<&str>) {
-    let filter = filter
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let text = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var(EnvFilter::DEFAULT_ENV).ok())
+        .filter(|text| EnvFilter::try_new(text).is_ok())
+        .unwrap_or_else(|| "info".to_string());
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(&text));
     // Diagnostics go to stderr; stdout belongs to the access log.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
+    let _ = LOG_FILTER.set((text, handle));
+}
+
+/// Hands the admin API the means to change the log filter at run time.
+fn connect_log_control(proxy: &bouncer_proxy::RunningProxy) {
+    let Some((current, handle)) = LOG_FILTER.get() else {
+        return;
+    };
+    let handle = handle.clone();
+    proxy.set_log_filter_control(
+        current,
+        Box::new(move |text| {
+            let filter = EnvFilter::try_new(text).map_err(|error| error.to_string())?;
+            handle.reload(filter).map_err(|error| error.to_string())
+        }),
+    );
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -194,7 +223,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
     report_open_file_limit();
     runtime(config.server.workers)?.block_on(async {
         let proxy = bouncer_proxy::start(&config).await?;
-        wait_for_shutdown_signal().await?;
+        connect_log_control(&proxy);
+        wait_for_shutdown_signal(Some(&proxy)).await?;
         tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: finishing in-flight requests");
         let report = proxy.shutdown().await;
         if report.drained {
@@ -287,21 +317,33 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
         );
         println!();
         println!("Press Ctrl-C to stop.");
-        wait_for_shutdown_signal().await?;
+        connect_log_control(&demo.proxy);
+        wait_for_shutdown_signal(Some(&demo.proxy)).await?;
         demo.proxy.shutdown().await;
         Ok(())
     })
 }
 
-async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; meanwhile SIGUSR1 reopens the access log (after logrotate moved it).
+async fn wait_for_shutdown_signal(
+    proxy: Option<&bouncer_proxy::RunningProxy>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    let mut reopen = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = reopen.recv() => {
+                if let Some(proxy) = proxy {
+                    tracing::info!("SIGUSR1: reopening the access log");
+                    proxy.reopen_logs();
+                }
+            }
+        }
     }
-    Ok(())
 }
 
 fn report_open_file_limit() {

@@ -47,6 +47,8 @@ struct RunningBinary {
     child: Child,
     public: SocketAddr,
     admin: SocketAddr,
+    /// Every line the proxy wrote to stderr after its addresses.
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _config: ConfigFile,
 }
 
@@ -90,11 +92,18 @@ impl RunningBinary {
             }
         }
         // Keep draining stderr so that the proxy never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
         RunningBinary {
             child,
             public: public.unwrap(),
             admin: admin.unwrap(),
+            stderr,
             _config: config,
         }
     }
@@ -105,6 +114,16 @@ impl RunningBinary {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// How many stderr lines contain `needle`.
+    fn stderr_lines(&self, needle: &str) -> usize {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
     }
 
     fn wait_for_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
@@ -272,6 +291,143 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     assert_eq!(answer.status, StatusCode::OK);
     let status = tokio::task::block_in_place(|| proxy.wait_for_exit(Duration::from_secs(10)));
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_goes_to_its_file_and_sigusr1_reopens_it_after_a_rotation() {
+    let backends = Backend::start_many(1).await;
+    let config = ConfigFile::new(&config_for(&backends, "").replace(
+        "[access_log]\nformat = \"off\"",
+        "[access_log]\nformat = \"json\"\npath = \"access.log\"",
+    ));
+    let log = config.dir.join("access.log");
+    let rotated = config.dir.join("access.log.1");
+    let proxy = RunningBinary::start(config, &[]);
+    let lines_in = |path: &std::path::Path, needle: &str| {
+        std::fs::read_to_string(path)
+            .map(|text| text.lines().filter(|line| line.contains(needle)).count())
+            .unwrap_or(0)
+    };
+    let clients = Clients::new();
+    let answer = clients
+        .get(&format!("http://{}/before-rotation", proxy.public))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    eventually(
+        Duration::from_secs(5),
+        "the first line is written",
+        || async { lines_in(&log, "/before-rotation") == 1 },
+    )
+    .await;
+
+    // What logrotate does: move the file away, then signal.
+    std::fs::rename(&log, &rotated).unwrap();
+    proxy.signal("USR1");
+    // Until the writer reopens, a line may still go to the moved file; once the new file has a
+    // line, every later one goes there.
+    eventually(Duration::from_secs(5), "a new file is written", || async {
+        let path = format!("http://{}/after-rotation", proxy.public);
+        clients.get(&path).await;
+        lines_in(&log, "/after-rotation") >= 1
+    })
+    .await;
+    clients.get(&format!("http://{}/last", proxy.public)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the last line is in the new file",
+        || async { lines_in(&log, "/last") == 1 },
+    )
+    .await;
+    assert_eq!(
+        lines_in(&rotated, "/before-rotation"),
+        1,
+        "the old file keeps its lines"
+    );
+    assert_eq!(lines_in(&rotated, "/last"), 0);
+    let first = std::fs::read_to_string(&log).unwrap();
+    let line = first.lines().next().unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(parsed["status"], 200);
+}
+
+/// Sends the start of a request head and waits for the proxy's 408 once `header_timeout` passes.
+async fn stall_a_request_head(proxy: SocketAddr) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes a stalled head")
+        .ok();
+    assert!(answer.starts_with(b"HTTP/1.1 408"), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_filter_changes_at_run_time_through_the_admin_api() {
+    let backends = Backend::start_many(1).await;
+    let proxy = RunningBinary::start(
+        ConfigFile::new(&config_for(
+            &backends,
+            "[server]\nheader_timeout = \"200ms\"",
+        )),
+        &[],
+    );
+    let admin = format!("http://{}/api/v1/log-level", proxy.admin);
+    let clients = Clients::new();
+    let answer = clients.get(&admin).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(
+        answer.text().contains("\"filter\": \"info\""),
+        "{}",
+        answer.text()
+    );
+
+    // At info, a stalled head is closed without a word.
+    const CLOSED: &str = "closing a connection whose request headers were too slow";
+    stall_a_request_head(proxy.public).await;
+    let put = |filter: &str| {
+        Request::put(&admin)
+            .header("content-type", "application/json")
+            .body(bouncer_testkit::full(format!(
+                "{{\"filter\": \"{filter}\"}}"
+            )))
+            .unwrap()
+    };
+    let answer = clients.send(put("info,bouncer_proxy=debug")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(proxy.stderr_lines(CLOSED), 0, "not logged at info");
+
+    stall_a_request_head(proxy.public).await;
+    eventually(
+        Duration::from_secs(5),
+        "the debug line is logged",
+        || async { proxy.stderr_lines(CLOSED) == 1 },
+    )
+    .await;
+    assert!(
+        clients
+            .get(&admin)
+            .await
+            .text()
+            .contains("bouncer_proxy=debug")
+    );
+
+    let answer = clients.send(put("info,[unclosed")).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text());
+    assert!(
+        answer.text().contains("invalid filter directive"),
+        "{}",
+        answer.text()
+    );
+    assert!(
+        clients
+            .get(&admin)
+            .await
+            .text()
+            .contains("bouncer_proxy=debug"),
+        "a refused filter changes nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
