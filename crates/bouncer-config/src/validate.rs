@@ -121,12 +121,8 @@ fn read_cache(d: &mut Diagnostics, mut section: Section, file: &Path) -> CacheCo
     let pass_ttl = section.duration(d, "pass_ttl", defaults.pass_ttl, Duration::ZERO);
     let purge_allow = networks(d, &mut section, "purge_allow");
     let disk = section.table(d, "disk").and_then(|mut disk| {
-        let path = match disk.string(d, "path") {
-            Some((path, span)) if path.is_empty() => {
-                d.report(span, disk.key_path("path"), "must name a directory");
-                None
-            }
-            Some((path, _)) => Some(relative_to(file, &path)),
+        let path = match disk.item("path") {
+            Some(_) => optional_path(d, &mut disk, "path", file, "must name a directory"),
             None => {
                 d.report(
                     disk.span(),
@@ -348,18 +344,13 @@ fn read_resolver(d: &mut Diagnostics, mut section: Section) -> ResolverConfig {
 fn read_admin(d: &mut Diagnostics, mut section: Section, config_file: &Path) -> AdminConfig {
     let bind =
         socket_address(d, &mut section, "bind").unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9900)));
-    let token_file = match section.string(d, "token_file") {
-        Some((name, span)) if name.is_empty() => {
-            d.report(
-                span,
-                section.key_path("token_file"),
-                "the token file's name cannot be empty",
-            );
-            None
-        }
-        Some((name, _)) => Some(relative_to(config_file, &name)),
-        None => None,
-    };
+    let token_file = optional_path(
+        d,
+        &mut section,
+        "token_file",
+        config_file,
+        "the token file's name cannot be empty",
+    );
     if token_file.is_none() && !bind.ip().is_loopback() {
         d.report(
             section.span(),
@@ -1045,6 +1036,23 @@ fn is_cookie_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// An optional path under `key`, relative to the config file; an empty one is reported with
+/// `empty_reason`.
+fn optional_path(
+    d: &mut Diagnostics,
+    section: &mut Section,
+    key: &'static str,
+    config_file: &Path,
+    empty_reason: &str,
+) -> Option<std::path::PathBuf> {
+    let (name, span) = section.string(d, key)?;
+    if name.is_empty() {
+        d.report(span, section.key_path(key), empty_reason);
+        return None;
+    }
+    Some(relative_to(config_file, &name))
+}
+
 /// A path from the config, taken relative to the config file's directory unless it is absolute.
 fn relative_to(config_file: &Path, name: &str) -> std::path::PathBuf {
     let path = Path::new(name);
@@ -1557,18 +1565,13 @@ fn read_access_log(d: &mut Diagnostics, mut section: Section, file: &Path) -> Ac
         },
         None => AccessLogFormat::default(),
     };
-    let path = match section.string(d, "path") {
-        Some((name, span)) if name.is_empty() => {
-            d.report(
-                span,
-                section.key_path("path"),
-                "the access log's file name cannot be empty (leave path out for standard output)",
-            );
-            None
-        }
-        Some((name, _)) => Some(relative_to(file, &name)),
-        None => None,
-    };
+    let path = optional_path(
+        d,
+        &mut section,
+        "path",
+        file,
+        "the access log's file name cannot be empty (leave path out for standard output)",
+    );
     section.finish(d);
     AccessLogConfig { format, path }
 }
