@@ -23,10 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::Snapshot;
-use crate::cache::Cache;
 use crate::listener::Lifecycle;
 use crate::metrics::Metrics;
-use crate::protection::Protection;
 
 /// The largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -38,9 +36,9 @@ const OPENAPI: &str = include_str!("admin/openapi.json");
 /// What the admin API reads and acts on.
 pub(crate) struct AdminState {
     pub metrics: Arc<Metrics>,
-    pub protection: Arc<Protection>,
-    pub cache: Option<Arc<Cache>>,
+    /// What the running config built: upstreams, routes, the protection layer, the cache.
     pub live: Arc<ArcSwap<Snapshot>>,
+    pub reloader: Arc<crate::reload::Reloader>,
     /// Set by the binary: how to change the log filter.
     pub log_control: Arc<arc_swap::ArcSwapOption<crate::LogControl>>,
     /// The bearer token every call must carry, when one is configured.
@@ -280,6 +278,10 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Result<AdminRe
             };
             drain(state, upstream, backend, drained).map(ok)
         }
+        (Method::POST, ["api", "v1", "reload"]) => reload(state).await.map(ok),
+        (_, ["api", "v1", "reload"]) => {
+            Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "use POST"))
+        }
         (Method::GET, ["api", "v1", "log-level"]) => log_level(state).map(ok),
         (Method::PUT, ["api", "v1", "log-level"]) => {
             let body = read_json(request).await?;
@@ -402,8 +404,8 @@ fn status(state: &AdminState) -> Value {
             "address": address.to_string(),
         })).collect::<Vec<_>>(),
         "admin": state.address.to_string(),
-        "cache": state.cache.is_some(),
-        "cluster": state.protection.cluster().map(|cluster| json!({ "redis_up": cluster.is_up() })),
+        "cache": snapshot.cache.is_some(),
+        "cluster": snapshot.protection.cluster().map(|cluster| json!({ "redis_up": cluster.is_up() })),
     })
 }
 
@@ -504,6 +506,33 @@ fn drain(
     }))
 }
 
+/// Reads the config file again and applies it; a config with problems is refused with them all.
+async fn reload(state: &AdminState) -> Result<Value, Problem> {
+    match state.reloader.reload_from_file().await {
+        Ok(report) => Ok(json!({
+            "reloaded": true,
+            "upstreams_changed": report.upstreams_changed,
+            "protection_rebuilt": report.protection_rebuilt,
+        })),
+        Err(crate::ReloadError::Invalid(problems)) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the config file has problems; the running config stays:\n{problems}"),
+        )),
+        Err(error @ crate::ReloadError::NeedsRestart { .. }) => {
+            Err(Problem::new(StatusCode::CONFLICT, error.to_string()))
+        }
+        Err(error @ crate::ReloadError::Build(_)) => {
+            let cause = std::error::Error::source(&error)
+                .map(|cause| format!(": {cause}"))
+                .unwrap_or_default();
+            Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{error}{cause}"),
+            ))
+        }
+    }
+}
+
 fn log_control(state: &AdminState) -> Result<Arc<crate::LogControl>, Problem> {
     state.log_control.load_full().ok_or_else(|| {
         Problem::new(
@@ -546,7 +575,7 @@ fn set_log_level(state: &AdminState, body: &Value) -> Result<Value, Problem> {
 }
 
 fn bans(state: &AdminState) -> Value {
-    let mut bans = state.protection.bans();
+    let mut bans = state.live.load().protection.bans();
     bans.sort_unstable_by_key(|(ip, _)| *ip);
     json!({
         "bans": bans.iter().map(|(ip, left)| json!({
@@ -581,13 +610,13 @@ fn add_ban(state: &AdminState, body: &Value) -> Result<Value, Problem> {
         Some(Value::String(text)) => text.as_str(),
         Some(_) => return Err(Problem::bad_request("\"reason\" must be a string")),
     };
-    state.protection.ban_for(ip, duration, reason);
+    state.live.load().protection.ban_for(ip, duration, reason);
     Ok(json!({ "ip": ip.to_string(), "duration_seconds": duration.as_secs() }))
 }
 
 fn remove_ban(state: &AdminState, ip: &str) -> Result<Value, Problem> {
     let ip = parse_ip(ip)?;
-    let was_banned = state.protection.unban(ip);
+    let was_banned = state.live.load().protection.unban(ip);
     Ok(json!({ "ip": ip.to_string(), "was_banned": was_banned }))
 }
 
@@ -600,7 +629,8 @@ fn parse_ip(text: &str) -> Result<IpAddr, Problem> {
 /// Purges by `url` (every route that caches it), by `prefix` (optionally of one `host`), or by
 /// `tag`.
 fn purge(state: &AdminState, body: &Value) -> Result<Value, Problem> {
-    let Some(cache) = &state.cache else {
+    let snapshot = state.live.load();
+    let Some(cache) = &snapshot.cache else {
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "no route caches: there is nothing to purge",

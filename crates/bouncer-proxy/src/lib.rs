@@ -19,29 +19,29 @@ mod metrics;
 mod pipeline;
 mod pool;
 pub mod protection;
+mod reload;
 mod resolve;
 mod routing;
 mod sticky;
 pub mod tls;
 mod upstream;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use bouncer_config::Config;
 
 pub use error::{ProxyError, Refusal, Side};
 pub use metrics::Metrics;
+pub use reload::{ReloadError, ReloadReport};
 
 use crate::access_log::AccessLog;
 use crate::listener::{Lifecycle, ListenerRuntime};
 use crate::resolve::Resolver;
-use crate::routing::{Route, RouteTable};
-use crate::tls::ListenerTls;
 use crate::upstream::Upstream;
 
 /// Why the proxy could not start.
@@ -132,6 +132,9 @@ pub(crate) struct Snapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     pub listeners: Vec<(String, SocketAddr)>,
     pub runtimes: Vec<Arc<ListenerRuntime>>,
+    pub protection: Arc<protection::Protection>,
+    pub cache: Option<Arc<cache::Cache>>,
+    pub access_log: AccessLog,
 }
 
 /// A proxy serving its listeners. Dropping it without [`RunningProxy::shutdown`] closes everything.
@@ -139,9 +142,11 @@ pub struct RunningProxy {
     listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
     lifecycle: watch::Sender<Lifecycle>,
-    grace: Duration,
     metrics: Arc<Metrics>,
-    protection: Arc<protection::Protection>,
+    live: Arc<ArcSwap<Snapshot>>,
+    reloader: Arc<reload::Reloader>,
+    /// The access log at start, which SIGUSR1 reopens (a reload that changes the log starts
+    /// another writer, reopened through the live snapshot).
     access_log: AccessLog,
     log_control: Arc<arc_swap::ArcSwapOption<LogControl>>,
 }
@@ -156,12 +161,23 @@ pub struct ShutdownReport {
 impl RunningProxy {
     /// The addresses banned now, with the time left on each.
     pub fn bans(&self) -> Vec<(std::net::IpAddr, Duration)> {
-        self.protection.bans()
+        self.live.load().protection.bans()
+    }
+
+    /// Reads and validates the config file again and applies it; on any error the running config
+    /// stays and the error says why.
+    pub async fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
+        self.reloader.reload_from_file().await
+    }
+
+    /// Applies `config` (already validated); on any error the running config stays.
+    pub async fn reload(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
+        self.reloader.reload(config).await
     }
 
     /// Lifts the ban on `ip`, on every instance of a cluster; tells whether it was banned here.
     pub fn unban(&self, ip: std::net::IpAddr) -> bool {
-        self.protection.unban(ip)
+        self.live.load().protection.unban(ip)
     }
 
     /// Lets the admin API read and change the log filter, which is `current` now.
@@ -175,11 +191,16 @@ impl RunningProxy {
     /// Reopens the access log file (after logrotate moved it away); nothing for standard output.
     pub fn reopen_logs(&self) {
         self.access_log.reopen();
+        self.live.load().access_log.reopen();
     }
 
     /// Whether the cluster's Redis answers now (`None` without `[cluster]`).
     pub fn cluster_up(&self) -> Option<bool> {
-        self.protection.cluster().map(|cluster| cluster.is_up())
+        self.live
+            .load()
+            .protection
+            .cluster()
+            .map(|cluster| cluster.is_up())
     }
 
     /// The bound address of the named listener (useful with port 0).
@@ -206,7 +227,8 @@ impl RunningProxy {
     /// is left.
     pub async fn shutdown(self) -> ShutdownReport {
         self.lifecycle.send_replace(Lifecycle::Draining);
-        let drained = tokio::time::timeout(self.grace, self.lifecycle.closed())
+        let grace = self.live.load().config.server.shutdown_grace;
+        let drained = tokio::time::timeout(grace, self.lifecycle.closed())
             .await
             .is_ok();
         self.lifecycle.send_replace(Lifecycle::Closing);
@@ -224,63 +246,10 @@ impl Drop for RunningProxy {
 pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
     check_connection_budget(config)?;
     let metrics = Metrics::new();
-    let protection = protection::Protection::new(
-        &config.protection,
-        &config.rate_limits,
-        &config.rules,
-        config.cluster.as_ref(),
-        Some(metrics.protection()),
-    )
-    .map_err(StartError::Protection)?;
-    // A Redis that answers is used from the first request; one that does not is tried again in
-    // the background while each instance enforces its limits alone.
-    if let (Some(cluster), Some(cluster_config)) = (protection.cluster(), &config.cluster) {
-        cluster.wait_until_up(cluster_config.timeout).await;
-    }
-    let access_log = AccessLog::start(
-        config.access_log.format,
-        config.access_log.path.as_deref(),
-        metrics.access_log_dropped().clone(),
-    )
-    .map_err(|source| StartError::AccessLog {
-        target: config.access_log.path.as_ref().map_or_else(
-            || "standard output".to_string(),
-            |path| path.display().to_string(),
-        ),
-        source,
-    })?;
     let resolver = Arc::new(Resolver::new(&config.resolver).map_err(StartError::Resolver)?);
-    let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
-    for upstream in &config.upstreams {
-        let placements = resolve::resolve_servers(upstream, &resolver, &[]).await;
-        let tls = upstream
-            .tls
-            .as_ref()
-            .map(|tls| tls::UpstreamTls::new(tls).map(Arc::new))
-            .transpose()
-            .map_err(|source| StartError::UpstreamTls {
-                upstream: upstream.name.clone(),
-                source,
-            })?;
-        let pool = Upstream::new(upstream, &metrics, None, &placements, tls).map_err(|source| {
-            StartError::BadServerAddress {
-                upstream: upstream.name.clone(),
-                source,
-            }
-        })?;
-        let pool = Arc::new(pool);
-        pool.start_tasks();
-        if upstream.has_host_names() {
-            tokio::spawn(resolve::refresh_loop(
-                Arc::downgrade(&pool),
-                Arc::clone(&resolver),
-            ));
-        }
-        upstreams.insert(upstream.name.as_str(), pool);
-    }
-
     let (lifecycle, lifecycle_receiver) = watch::channel(Lifecycle::Running);
-    // Every socket is bound first, so that a redirect can name the port its HTTPS listener got.
+    // Every socket is bound first, so that a redirect can name the port its HTTPS listener got,
+    // and a bad address fails the start before anything is served.
     let mut bound = Vec::with_capacity(config.listeners.len());
     let mut sockets = Vec::with_capacity(config.listeners.len());
     for listener_config in &config.listeners {
@@ -301,63 +270,17 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         .iter()
         .any(|listener| listener.tls.as_ref().is_some_and(|tls| tls.acme.is_some()))
         .then(|| Arc::new(acme::AcmeChallenges::default()));
-    // One cache for the whole process, when some route caches.
-    let cache = config
-        .routes
-        .iter()
-        .any(|route| route.cache.is_some())
-        .then(|| cache::Cache::new(&config.cache, metrics.cache()))
-        .transpose()
-        .map_err(StartError::Cache)?;
-    let mut runtimes = Vec::with_capacity(config.listeners.len());
-    for (listener_config, socket) in config.listeners.iter().zip(sockets) {
-        let routes = config
-            .routes
-            .iter()
-            .filter(|route| {
-                route.listeners.is_empty() || route.listeners.contains(&listener_config.name)
-            })
-            .filter_map(|route| {
-                let upstream = upstreams.get(route.upstream.as_str())?;
-                let route_cache =
-                    route
-                        .cache
-                        .as_ref()
-                        .zip(cache.as_ref())
-                        .map(|(route_cache, cache)| {
-                            cache::RouteCache::new(
-                                Arc::clone(cache),
-                                route_cache,
-                                metrics.route_cache(&route.name),
-                            )
-                        });
-                Some(Arc::new(Route::new(
-                    route,
-                    Arc::clone(upstream),
-                    metrics.route(&listener_config.name, &route.name),
-                    route_cache,
-                )))
-            })
-            .collect();
-        let tls = listener_config
-            .tls
-            .as_ref()
-            .map(|tls| {
-                let reloads = metrics.certificate_reloads(&listener_config.name);
-                ListenerTls::new(
-                    &listener_config.name,
-                    tls,
-                    Some(reloads),
-                    acme_challenges.clone(),
-                )
-            })
-            .transpose()
-            .map_err(|source| StartError::Tls {
-                listener: listener_config.name.clone(),
-                source,
-            })?;
+    let shared = reload::Shared {
+        metrics: Arc::clone(&metrics),
+        resolver,
+        acme_challenges: acme_challenges.clone(),
+        bound: bound.clone(),
+    };
+    let snapshot = reload::build(config, None, &shared).await?;
+    // Certificates from ACME are renewed for as long as the listener runs.
+    for (listener_config, runtime) in config.listeners.iter().zip(&snapshot.runtimes) {
         if let (Some(listener_tls), Some(acme_config), Some(challenges)) = (
-            &tls,
+            &runtime.tls,
             listener_config
                 .tls
                 .as_ref()
@@ -373,49 +296,20 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 lifecycle_receiver.clone(),
             );
         }
-        let redirect_https_port = listener_config
-            .redirect_to_https
-            .as_ref()
-            .and_then(|target| {
-                bound
-                    .iter()
-                    .find(|(name, _)| name == target)
-                    .map(|(_, address)| address.port())
-            });
-        let runtime = Arc::new(ListenerRuntime {
-            tls,
-            redirect_https_port,
-            acme_challenges: acme_challenges.clone(),
-            protection: Arc::clone(&protection),
-            name: listener_config.name.as_str().into(),
-            config: listener_config.clone(),
-            routes: RouteTable::new(routes),
-            server: config.server.clone(),
-            metrics: {
-                let mut listener_metrics = metrics.listener(&listener_config.name);
-                if listener_config.tls.is_some() {
-                    listener_metrics.handshakes =
-                        Some(metrics.tls_handshakes(&listener_config.name));
-                }
-                Arc::new(listener_metrics)
-            },
-            access_log: access_log.clone(),
-        });
-        runtimes.push((socket, runtime));
     }
-    let live = Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot {
-        config: Arc::new(config.clone()),
-        upstreams: config
-            .upstreams
-            .iter()
-            .filter_map(|upstream| upstreams.get(upstream.name.as_str()).cloned())
-            .collect(),
-        listeners: bound.clone(),
-        runtimes: runtimes
-            .iter()
-            .map(|(_, runtime)| Arc::clone(runtime))
-            .collect(),
-    }));
+    let slots: Vec<Arc<ArcSwap<ListenerRuntime>>> = snapshot
+        .runtimes
+        .iter()
+        .map(|runtime| Arc::new(ArcSwap::new(Arc::clone(runtime))))
+        .collect();
+    let access_log = snapshot.access_log.clone();
+    let live = Arc::new(ArcSwap::from_pointee(snapshot));
+    let reloader = Arc::new(reload::Reloader {
+        shared,
+        live: Arc::clone(&live),
+        slots: slots.clone(),
+        busy: tokio::sync::Mutex::new(()),
+    });
     let log_control = Arc::new(arc_swap::ArcSwapOption::empty());
     let admin = match &config.admin {
         Some(admin) => {
@@ -424,21 +318,17 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 .as_ref()
                 .map(|path| read_token(path))
                 .transpose()?;
-            let socket = listener::bind(admin.bind).map_err(|source| StartError::Bind {
+            let bind_error = |source| StartError::Bind {
                 listener: "admin".into(),
                 address: admin.bind,
                 source,
-            })?;
-            let address = socket.local_addr().map_err(|source| StartError::Bind {
-                listener: "admin".into(),
-                address: admin.bind,
-                source,
-            })?;
+            };
+            let socket = listener::bind(admin.bind).map_err(bind_error)?;
+            let address = socket.local_addr().map_err(bind_error)?;
             let state = admin::AdminState {
                 metrics: Arc::clone(&metrics),
-                protection: Arc::clone(&protection),
-                cache: cache.clone(),
                 live: Arc::clone(&live),
+                reloader: Arc::clone(&reloader),
                 log_control: Arc::clone(&log_control),
                 token,
                 hosts: admin.hosts.clone(),
@@ -454,11 +344,10 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         }
         None => None,
     };
-    // Sockets are all bound before any is served, so that a bad address fails the start cleanly.
-    for (socket, runtime) in runtimes {
+    for (socket, slot) in sockets.into_iter().zip(slots) {
         tokio::spawn(listener::accept_loop(
             socket,
-            runtime,
+            slot,
             lifecycle_receiver.clone(),
         ));
     }
@@ -474,9 +363,9 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         listeners: bound,
         admin,
         lifecycle,
-        grace: config.server.shutdown_grace,
         metrics,
-        protection,
+        live,
+        reloader,
         access_log,
         log_control,
     })

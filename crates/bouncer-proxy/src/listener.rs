@@ -5,6 +5,8 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -100,12 +102,13 @@ pub(crate) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor
 /// counted and waited out with a growing pause; they never end the loop.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    runtime: Arc<ListenerRuntime>,
+    slot: Arc<ArcSwap<ListenerRuntime>>,
     mut lifecycle: watch::Receiver<Lifecycle>,
 ) {
     const MIN_PAUSE: Duration = Duration::from_millis(5);
     const MAX_PAUSE: Duration = Duration::from_secs(1);
-    let builder = Arc::new(http_builder(&runtime.server));
+    let mut runtime = slot.load_full();
+    let mut builder = Arc::new(http_builder(&runtime.server));
     let mut pause = MIN_PAUSE;
     loop {
         let accepted = tokio::select! {
@@ -116,11 +119,20 @@ pub(crate) async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 pause = MIN_PAUSE;
+                // A reload swaps the runtime: new connections take the new one (and the HTTP
+                // settings made from its [server] section).
+                let current = slot.load();
+                if !Arc::ptr_eq(&current, &runtime) {
+                    runtime = Arc::clone(&current);
+                    builder = Arc::new(http_builder(&runtime.server));
+                }
+                drop(current);
                 runtime.metrics.connections_accepted.inc();
                 tokio::spawn(serve_connection(
                     stream,
                     peer,
                     Arc::clone(&runtime),
+                    Arc::clone(&slot),
                     Arc::clone(&builder),
                     lifecycle.clone(),
                 ));
@@ -155,6 +167,7 @@ async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     runtime: Arc<ListenerRuntime>,
+    slot: Arc<ArcSwap<ListenerRuntime>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     lifecycle: watch::Receiver<Lifecycle>,
 ) {
@@ -210,12 +223,15 @@ async fn serve_connection(
     );
     runtime.protection.register_connection(&activity);
     if runtime.tls.is_none() {
-        let context = ConnectionContext::new(Arc::clone(&runtime), peer, activity, "http");
-        serve_http(io, context, &builder, lifecycle).await;
+        let context = ConnectionContext::new(slot, peer, activity, "http");
+        serve_http(io, context, &runtime.metrics, &builder, lifecycle).await;
     } else {
         // Boxed: the handshake and the TLS stream would otherwise make every plain connection's
         // task, which lives as long as the connection, as large as a TLS one's.
-        Box::pin(serve_tls(io, peer, activity, runtime, &builder, lifecycle)).await;
+        Box::pin(serve_tls(
+            io, peer, activity, runtime, slot, &builder, lifecycle,
+        ))
+        .await;
     }
 }
 
@@ -225,6 +241,7 @@ async fn serve_tls(
     peer: SocketAddr,
     activity: Arc<crate::conn::ConnectionActivity>,
     runtime: Arc<ListenerRuntime>,
+    slot: Arc<ArcSwap<ListenerRuntime>>,
     builder: &auto::Builder<TokioExecutor>,
     mut lifecycle: watch::Receiver<Lifecycle>,
 ) {
@@ -266,7 +283,7 @@ async fn serve_tls(
         // A CA's tls-alpn-01 check ends with the handshake (RFC 8737 section 3).
         return;
     }
-    let mut context = ConnectionContext::new(Arc::clone(&runtime), peer, activity, "https");
+    let mut context = ConnectionContext::new(slot, peer, activity, "https");
     // The certificate the client asked for by name, whose names every request must then stay
     // within (421 otherwise).
     context.sni_certificate = session
@@ -277,20 +294,19 @@ async fn serve_tls(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(crate::tls::client_subject);
-    serve_http(stream, context, builder, lifecycle).await;
+    serve_http(stream, context, metrics, builder, lifecycle).await;
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on an established connection until it ends or the proxy closes.
 async fn serve_http<I>(
     io: I,
     context: ConnectionContext,
+    metrics: &ListenerMetrics,
     builder: &auto::Builder<TokioExecutor>,
     mut lifecycle: watch::Receiver<Lifecycle>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let runtime = Arc::clone(&context.runtime);
-    let metrics = &runtime.metrics;
     let peer = context.peer;
     let activity = Arc::clone(&context.activity);
     let context = Arc::new(context);

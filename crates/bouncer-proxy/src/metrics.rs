@@ -78,6 +78,7 @@ pub struct Metrics {
     acme_certificates: Family<ReloadLabels, Counter>,
     tls_handshakes: Family<HandshakeLabels, Counter>,
     access_log_dropped: Counter,
+    config_reloads: Family<ResultLabels, Counter>,
     bans: Counter,
     rule_matches: Family<RuleLabels, Counter>,
     adaptive_changes: Family<ChangeLabels, Counter>,
@@ -182,6 +183,11 @@ impl ProtectionMetrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
     listener: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
     result: &'static str,
 }
 
@@ -408,6 +414,12 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads, by result (ok, failed: the running config stayed)",
+            config_reloads.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -428,6 +440,7 @@ impl Metrics {
             acme_certificates,
             tls_handshakes,
             access_log_dropped,
+            config_reloads,
             bans,
             rule_matches,
             adaptive_changes,
@@ -601,6 +614,13 @@ impl Metrics {
 
     pub fn access_log_dropped(&self) -> &Counter {
         &self.access_log_dropped
+    }
+
+    /// Counts one config reload under `result` (`ok` or `failed`).
+    pub fn config_reloaded(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 }
 

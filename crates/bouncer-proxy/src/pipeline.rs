@@ -29,7 +29,9 @@ use crate::upstream::{InFlight, Picked, bit};
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
-    pub runtime: Arc<ListenerRuntime>,
+    /// The listener's runtime now: each request reads it once as it starts, so that after a
+    /// reload even a kept-alive connection's next request follows the new config.
+    pub slot: Arc<arc_swap::ArcSwap<ListenerRuntime>>,
     pub peer: SocketAddr,
     pub activity: Arc<ConnectionActivity>,
     pub scheme: &'static str,
@@ -46,13 +48,13 @@ pub struct ConnectionContext {
 impl ConnectionContext {
     /// A connection's context before TLS has said anything about it.
     pub(crate) fn new(
-        runtime: Arc<ListenerRuntime>,
+        slot: Arc<arc_swap::ArcSwap<ListenerRuntime>>,
         peer: SocketAddr,
         activity: Arc<ConnectionActivity>,
         scheme: &'static str,
     ) -> Self {
         Self {
-            runtime,
+            slot,
             peer,
             peer_header: crate::headers::peer_header(peer),
             forwarded_for: crate::headers::forwarded_for(peer),
@@ -70,10 +72,10 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
     if request.version() == Version::HTTP_2 {
         ctx.activity.mark_http2();
     }
-    let client = ClientAddress::resolve(ctx.peer, &ctx.runtime.config, request.headers());
+    let runtime = ctx.slot.load_full();
+    let client = ClientAddress::resolve(ctx.peer, &runtime.config, request.headers());
     // Boxed: it travels with the response body, which stays small to move.
     let mut exchange = Box::new(Exchange {
-        runtime: Arc::clone(&ctx.runtime),
         _in_flight: in_flight,
         started: Instant::now(),
         request_id: request_id(request.headers(), client.peer_trusted),
@@ -92,15 +94,16 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
-        _pressure: ctx.runtime.protection.track_in_flight(),
+        _pressure: runtime.protection.track_in_flight(),
+        runtime,
     });
-    if let Some(challenges) = &ctx.runtime.acme_challenges
+    if let Some(challenges) = &exchange.runtime.acme_challenges
         && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)
         && let Some(answer) = challenges.http_answer(token)
     {
         return answer_acme_challenge(answer, exchange);
     }
-    if let Some(port) = ctx.runtime.redirect_https_port
+    if let Some(port) = exchange.runtime.redirect_https_port
         && !request.uri().path().starts_with(ACME_CHALLENGE_PREFIX)
     {
         return redirect_to_https(&request, port, exchange);
@@ -189,7 +192,9 @@ async fn forward(
     exchange: &mut Exchange,
     mut request: Request<Incoming>,
 ) -> Result<Outcome, ProxyError> {
-    let protection = &ctx.runtime.protection;
+    // The request's own reference: `exchange` is changed as the request goes on.
+    let runtime = Arc::clone(&exchange.runtime);
+    let protection = &runtime.protection;
     if client.peer_trusted {
         // Behind a trusted proxy the client is known only now: the lists act per request, so
         // that the proxy in front is never refused as a whole.
@@ -222,7 +227,7 @@ async fn forward(
         apply_rule(protection, client.ip, rule, action).await?;
     }
     let route = Arc::clone(
-        ctx.runtime
+        runtime
             .routes
             .find(&host, &path)
             .ok_or(ProxyError::NoRoute)?,
@@ -306,7 +311,7 @@ async fn forward(
         )
     });
 
-    let max_body = ctx.runtime.server.max_body_bytes;
+    let max_body = runtime.server.max_body_bytes;
     if declared_length(&request).is_some_and(|length| length > max_body) {
         return Err(ProxyError::BodyTooLarge { limit: max_body });
     }
@@ -362,8 +367,7 @@ async fn forward(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
-    if let Some(name) = ctx
-        .runtime
+    if let Some(name) = runtime
         .tls
         .as_ref()
         .and_then(|tls| tls.subject_header.as_ref())
@@ -402,10 +406,7 @@ async fn forward(
                 incoming,
                 max_body,
                 Arc::clone(&progress),
-                BodyPace::new(
-                    ctx.runtime.server.min_body_rate,
-                    ctx.runtime.server.body_timeout,
-                ),
+                BodyPace::new(runtime.server.min_body_rate, runtime.server.body_timeout),
             ),
             Some(progress),
             keep,
@@ -423,7 +424,7 @@ async fn forward(
 
     let request = Request::from_parts(parts, body);
     let dispatch = Dispatch {
-        runtime: &ctx.runtime,
+        runtime: &runtime,
         route: &route,
         secure: ctx.scheme == "https",
         key_hash,

@@ -312,6 +312,20 @@ impl Protection {
         }
     }
 
+    /// Takes over the bans of the protection layer this one replaces on a reload, quietly: they
+    /// were counted, logged and shared when they were made.
+    pub(crate) fn take_bans_from(&self, previous: &Protection) {
+        let now = self.now_nanos();
+        for (ip, left) in previous.bans() {
+            let until = now.saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX));
+            self.bans.update(self.ban_key(ip), |ban| {
+                ban.ip = Some(ip);
+                ban.until = ban.until.max(until);
+            });
+            self.any_ban.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Lifts the ban on `ip` (here and, in a cluster, everywhere); tells whether there was one.
     pub fn unban(&self, ip: IpAddr) -> bool {
         let was_banned = self.apply_unban(ip);

@@ -383,6 +383,7 @@ fn fingerprint(files: &[CertificateFiles]) -> Vec<Option<(u64, SystemTime)>> {
 
 /// A listener's TLS: its rustls configuration and the resolver, kept to tell after a handshake
 /// which certificate the client's SNI matched.
+#[derive(Clone)]
 pub struct ListenerTls {
     pub config: Arc<rustls::ServerConfig>,
     pub resolver: Arc<SniResolver>,

@@ -24,6 +24,7 @@ mod proxy_tests {
     pub mod protection;
     pub mod protocols;
     pub mod proxy_protocol;
+    pub mod reload;
     pub mod routing;
     pub mod shutdown;
     pub mod slow_clients;

@@ -324,7 +324,8 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
     })
 }
 
-/// Waits for SIGTERM or SIGINT; meanwhile SIGUSR1 reopens the access log (after logrotate moved it).
+/// Waits for SIGTERM or SIGINT; meanwhile SIGHUP reloads the config file and SIGUSR1 reopens the
+/// access log (after logrotate moved it).
 async fn wait_for_shutdown_signal(
     proxy: Option<&bouncer_proxy::RunningProxy>,
 ) -> anyhow::Result<()> {
@@ -332,10 +333,18 @@ async fn wait_for_shutdown_signal(
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let mut reopen = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     loop {
         tokio::select! {
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                if let Some(proxy) = proxy {
+                    tracing::info!("SIGHUP: reloading the config file");
+                    // The outcome is logged and counted by the reload itself.
+                    let _ = proxy.reload_from_file().await;
+                }
+            }
             _ = reopen.recv() => {
                 if let Some(proxy) = proxy {
                     tracing::info!("SIGUSR1: reopening the access log");

@@ -350,6 +350,50 @@ async fn the_access_log_goes_to_its_file_and_sigusr1_reopens_it_after_a_rotation
     assert_eq!(parsed["status"], 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_and_a_broken_file_changes_nothing() {
+    let backends = Backend::start_many(2).await;
+    let config = ConfigFile::new(&config_for(&backends[..1], ""));
+    let path = config.path.clone();
+    let proxy = RunningBinary::start(config, &[]);
+    let clients = Clients::new();
+    let url = format!("http://{}/", proxy.public);
+    assert_eq!(clients.get(&url).await.text(), "backend 0\n");
+
+    std::fs::write(&path, config_for(&backends[1..], "")).unwrap();
+    proxy.signal("HUP");
+    eventually(
+        Duration::from_secs(5),
+        "the new backend answers",
+        || async { clients.get(&url).await.text() == "backend 1\n" },
+    )
+    .await;
+
+    std::fs::write(&path, "[[listeners]]\nname = 1\n").unwrap();
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(5), "the failure is logged", || async {
+        proxy.stderr_lines("config reload failed") == 1
+    })
+    .await;
+    assert_eq!(
+        clients.get(&url).await.text(),
+        "backend 1\n",
+        "the running config stays"
+    );
+    let metrics = clients
+        .get(&format!("http://{}/metrics", proxy.admin))
+        .await
+        .text();
+    assert_eq!(
+        metric(&metrics, "bouncer_config_reloads_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&metrics, "bouncer_config_reloads_total{result=\"failed\"}"),
+        Some(1.0)
+    );
+}
+
 /// Sends the start of a request head and waits for the proxy's 408 once `header_timeout` passes.
 async fn stall_a_request_head(proxy: SocketAddr) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -1,0 +1,310 @@
+//! Reloading the config of a running proxy: under a sustained load no request fails, kept-alive
+//! connections follow the new config, state carries over, and a bad config changes nothing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bouncer_testkit::{Backend, Clients, empty, eventually, full, metric};
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+
+/// A config file in a directory of its own, and the proxy started from it.
+struct FileProxy {
+    path: PathBuf,
+    proxy: bouncer_proxy::RunningProxy,
+    address: SocketAddr,
+}
+
+impl FileProxy {
+    async fn start(name: &str, toml: &str) -> FileProxy {
+        let dir =
+            std::env::temp_dir().join(format!("bouncer-reload-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bouncer.toml");
+        std::fs::write(&path, toml).unwrap();
+        let config = bouncer_config::load(&path).unwrap();
+        let proxy = bouncer_proxy::start(&config).await.unwrap();
+        let address = proxy.listener_address("public").unwrap();
+        FileProxy {
+            path,
+            proxy,
+            address,
+        }
+    }
+
+    /// Writes `toml` as the config file and asks the admin API to reload it.
+    async fn reload_through_api(&self, toml: &str) -> (StatusCode, serde_json::Value) {
+        std::fs::write(&self.path, toml).unwrap();
+        let admin = self.proxy.admin_address().unwrap();
+        let answer = Clients::new()
+            .send(
+                Request::post(format!("http://{admin}/api/v1/reload"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await;
+        let body = serde_json::from_slice(&answer.body).unwrap();
+        (answer.status, body)
+    }
+
+    async fn scrape(&self) -> String {
+        let admin = self.proxy.admin_address().unwrap();
+        Clients::new()
+            .get(&format!("http://{admin}/metrics"))
+            .await
+            .text()
+    }
+}
+
+impl Drop for FileProxy {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The test config with `servers` in the upstream and `extra` appended.
+fn config(servers: &[&Backend], extra: &str) -> String {
+    let list: Vec<String> = servers
+        .iter()
+        .map(|backend| format!("\"{}\"", backend.address))
+        .collect();
+    format!(
+        r#"
+[admin]
+bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[routes]]
+name = "app"
+upstream = "app"
+
+[upstreams.app]
+servers = [{}]
+
+[access_log]
+format = "off"
+
+{extra}
+"#,
+        list.join(", ")
+    )
+}
+
+/// What the keep-alive clients saw.
+#[derive(Default)]
+struct Load {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    /// Answers from backend 1, which only the reloaded config names.
+    from_second: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// One client on one keep-alive connection, sending GETs one after another until told to stop
+/// (or for 30 s at most).
+async fn keep_alive_client(proxy: SocketAddr, load: Arc<Load>) {
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !load.stop.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+        let request = Request::get("/")
+            .header("host", "app")
+            .body(empty())
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+            sender.ready().await.ok()?;
+            let response = sender.send_request(request).await.ok()?;
+            let status = response.status();
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            Some((status, body))
+        })
+        .await;
+        match outcome {
+            Ok(Some((StatusCode::OK, body))) => {
+                load.ok.fetch_add(1, Ordering::Relaxed);
+                if body.as_ref() == b"backend 1\n" {
+                    load.from_second.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                load.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_a_sustained_load_lose_no_request_and_kept_alive_connections_follow_them() {
+    let backends = Backend::start_many(2).await;
+    let one = config(&[&backends[0]], "");
+    let two = config(&[&backends[0], &backends[1]], "");
+    let proxy = FileProxy::start("load", &one).await;
+    let load = Arc::new(Load::default());
+    let clients: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(keep_alive_client(proxy.address, Arc::clone(&load))))
+        .collect();
+    eventually(Duration::from_secs(5), "the load is running", || async {
+        load.ok.load(Ordering::Relaxed) >= 100
+    })
+    .await;
+    let connections_to_first = backends[0].connections();
+
+    for round in 0..6 {
+        let next = if round % 2 == 0 { &two } else { &one };
+        let (status, body) = proxy.reload_through_api(next).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["upstreams_changed"], serde_json::json!(["app"]));
+        let ok_before = load.ok.load(Ordering::Relaxed);
+        eventually(
+            Duration::from_secs(5),
+            "requests go on after the reload",
+            || async { load.ok.load(Ordering::Relaxed) >= ok_before + 100 },
+        )
+        .await;
+        if round == 0 {
+            // The same connections, opened before the reload, now reach the new backend too.
+            eventually(
+                Duration::from_secs(5),
+                "the new backend is used",
+                || async { load.from_second.load(Ordering::Relaxed) > 0 },
+            )
+            .await;
+        }
+    }
+    load.stop.store(true, Ordering::Release);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(load.failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(load.ok.load(Ordering::Relaxed) >= 700);
+    // The first backend's pool was carried through every reload: its connections were reused.
+    assert!(
+        backends[0].connections() <= connections_to_first + 4,
+        "{} connections before the reloads, {} after",
+        connections_to_first,
+        backends[0].connections()
+    );
+    let text = proxy.scrape().await;
+    assert_eq!(
+        metric(&text, "bouncer_config_reloads_total{result=\"ok\"}"),
+        Some(6.0)
+    );
+}
+
+#[tokio::test]
+async fn a_bad_config_or_a_listener_change_is_refused_and_the_running_config_stays() {
+    let backends = Backend::start_many(2).await;
+    let good = config(&[&backends[0]], "");
+    let proxy = FileProxy::start("bad", &good).await;
+    let clients = Clients::new();
+    let url = format!("http://{}/", proxy.address);
+
+    let broken = config(&[&backends[1]], "[server]\nidle_timout = \"5s\"");
+    let (status, body) = proxy.reload_through_api(&broken).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("bouncer.toml"), "names the file: {error}");
+    assert!(
+        error.contains("server.idle_timout"),
+        "names the key: {error}"
+    );
+    assert!(
+        error.contains("idle_timeout"),
+        "suggests the right key: {error}"
+    );
+    assert_eq!(
+        clients.get(&url).await.text(),
+        "backend 0\n",
+        "old config kept"
+    );
+
+    let moved = good.replacen(
+        "bind = \"127.0.0.1:0\"\n\n[[routes]]",
+        "bind = \"127.0.0.2:0\"\n\n[[routes]]",
+        1,
+    );
+    assert_ne!(moved, good);
+    let (status, body) = proxy.reload_through_api(&moved).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("[[listeners]]"));
+    assert_eq!(clients.get(&url).await.text(), "backend 0\n");
+
+    let text = proxy.scrape().await;
+    assert_eq!(
+        metric(&text, "bouncer_config_reloads_total{result=\"failed\"}"),
+        Some(2.0)
+    );
+    // The good file applies.
+    let (status, _) = proxy.reload_through_api(&config(&[&backends[1]], "")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(clients.get(&url).await.text(), "backend 1\n");
+}
+
+#[tokio::test]
+async fn bans_and_a_drained_backend_survive_a_reload_that_rebuilds_them() {
+    let backends = Backend::start_many(2).await;
+    let limited = "[[rate_limits]]\nname = \"per-ip\"\nrate = \"1000/s\"";
+    let before = config(&[&backends[0], &backends[1]], limited);
+    let proxy = FileProxy::start("state", &before).await;
+    let admin = proxy.proxy.admin_address().unwrap();
+    let clients = Clients::new();
+    let ban = Request::post(format!("http://{admin}/api/v1/bans"))
+        .header("content-type", "application/json")
+        .body(full(r#"{"ip": "10.9.8.7", "duration": "1h"}"#))
+        .unwrap();
+    assert_eq!(clients.send(ban).await.status, StatusCode::CREATED);
+    let drain = format!(
+        "http://{admin}/api/v1/upstreams/app/backends/{}/drain",
+        backends[0].address
+    );
+    let answer = clients
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri(drain)
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+
+    // Another limit and another upstream setting: both the protection layer and the upstream
+    // are rebuilt.
+    let after = config(
+        &[&backends[0], &backends[1]],
+        "[[rate_limits]]\nname = \"per-ip\"\nrate = \"2000/s\"",
+    )
+    .replace("servers = [", "connect_timeout = \"3s\"\nservers = [");
+    let (status, body) = proxy.reload_through_api(&after).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["protection_rebuilt"], true);
+    assert_eq!(body["upstreams_changed"], serde_json::json!(["app"]));
+
+    let bans = proxy.proxy.bans();
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    assert_eq!(bans[0].0, "10.9.8.7".parse::<std::net::IpAddr>().unwrap());
+    assert!(bans[0].1 > Duration::from_secs(3500));
+    let requests_to_drained = backends[0].count();
+    for _ in 0..6 {
+        let answer = clients.get(&format!("http://{}/", proxy.address)).await;
+        assert_eq!(
+            answer.text(),
+            "backend 1\n",
+            "the drained backend stays drained"
+        );
+    }
+    assert_eq!(backends[0].count(), requests_to_drained);
+}
