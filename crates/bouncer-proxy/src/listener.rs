@@ -172,9 +172,12 @@ async fn serve_connection(
     lifecycle: watch::Receiver<Lifecycle>,
 ) {
     let _ = stream.set_nodelay(true);
-    let metrics = &runtime.metrics;
+    // Owned, so that the runtime itself can be let go once the connection is set up: after a
+    // reload, a long-lived connection must not keep the old config's upstreams (and their health
+    // checks) alive.
+    let metrics = Arc::clone(&runtime.metrics);
     metrics.connections_open.inc();
-    let _open = OpenConnection(Arc::clone(metrics));
+    let _open = OpenConnection(Arc::clone(&metrics));
     let (peer, replay) = if runtime.config.proxy_protocol {
         match read_proxy_header(&mut stream, peer, &runtime).await {
             Ok(found) => found,
@@ -219,12 +222,13 @@ async fn serve_connection(
             header: runtime.server.header_timeout,
             write: runtime.server.write_timeout,
         },
-        Arc::clone(metrics),
+        Arc::clone(&metrics),
     );
     runtime.protection.register_connection(&activity);
     if runtime.tls.is_none() {
+        drop(runtime);
         let context = ConnectionContext::new(slot, peer, activity, "http");
-        serve_http(io, context, &runtime.metrics, &builder, lifecycle).await;
+        serve_http(io, context, &metrics, &builder, lifecycle).await;
     } else {
         // Boxed: the handshake and the TLS stream would otherwise make every plain connection's
         // task, which lives as long as the connection, as large as a TLS one's.
@@ -294,7 +298,10 @@ async fn serve_tls(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(crate::tls::client_subject);
-    serve_http(stream, context, metrics, builder, lifecycle).await;
+    // The runtime is let go for the rest of the connection (see serve_connection).
+    let metrics = Arc::clone(metrics);
+    drop(runtime);
+    serve_http(stream, context, &metrics, builder, lifecycle).await;
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on an established connection until it ends or the proxy closes.
