@@ -458,6 +458,17 @@ impl Balance {
     pub const NAMES: &'static str =
         "round_robin, least_connections, peak_ewma, random, consistent_hash";
 
+    /// The name the config uses for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConnections => "least_connections",
+            Balance::PeakEwma => "peak_ewma",
+            Balance::Random => "random",
+            Balance::ConsistentHash => "consistent_hash",
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "round_robin" => Some(Balance::RoundRobin),

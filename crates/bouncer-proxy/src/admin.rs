@@ -47,6 +47,7 @@ pub(crate) struct AdminState {
     pub hosts: Vec<String>,
     pub address: SocketAddr,
     pub started: Instant,
+    pub dashboard: crate::dashboard::Dashboard,
 }
 
 pub(crate) async fn serve(
@@ -86,7 +87,10 @@ pub(crate) async fn serve(
     }
 }
 
-type AdminResponse = Response<Full<Bytes>>;
+type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type AdminResponse = Response<AdminBody>;
+
+const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
 /// An API failure: its status and what to tell the caller.
 struct Problem {
@@ -141,7 +145,9 @@ fn check_access(state: &AdminState, request: &Request<Incoming>) -> Result<(), P
             "the Host header names neither this admin listener's address nor one of admin.hosts",
         ));
     }
-    if let Some(token) = &state.token {
+    // The dashboard page holds no data (it asks for the token itself), so it is served to all.
+    let page = request.method() == Method::GET && request.uri().path() == "/";
+    if let Some(token) = state.token.as_ref().filter(|_| !page) {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -247,6 +253,13 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Result<AdminRe
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             Bytes::from(state.metrics.encode()),
         )),
+        (Method::GET, []) => Ok(dashboard_page()),
+        (Method::GET, ["api", "v1", "dashboard"]) => Ok(text_response(
+            StatusCode::OK,
+            "application/json",
+            dashboard_now(state),
+        )),
+        (Method::GET, ["api", "v1", "events"]) => Ok(events(state)),
         (Method::GET, ["api", "v1"] | ["api", "v1", "status"]) => Ok(ok(status(state))),
         (Method::GET, ["api", "v1", "openapi.json"]) => Ok(text_response(
             StatusCode::OK,
@@ -327,6 +340,60 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Result<AdminRe
     }
 }
 
+/// The dashboard page: one self-contained file, embedded in the binary.
+fn dashboard_page() -> AdminResponse {
+    let mut response = text_response(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        Bytes::from_static(DASHBOARD.as_bytes()),
+    );
+    // Its script and style are inline; nothing else may load, and no other site may frame it.
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'",
+        ),
+    );
+    response
+}
+
+/// The dashboard's picture now, taking a first sample if none was taken yet.
+fn dashboard_now(state: &AdminState) -> Bytes {
+    let current = state.dashboard.current();
+    if !current.is_empty() {
+        return current;
+    }
+    crate::dashboard::sample(state);
+    state.dashboard.current()
+}
+
+/// Server-sent events: the dashboard's picture now, then each new one (every second).
+fn events(state: &AdminState) -> AdminResponse {
+    let first = dashboard_now(state);
+    let updates = state.dashboard.subscribe();
+    let frame = |json: Bytes| {
+        let mut event = Vec::with_capacity(json.len() + 8);
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&json);
+        event.extend_from_slice(b"\n\n");
+        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(event)))
+    };
+    let later = futures_util::stream::unfold(updates, move |mut updates| async move {
+        updates.changed().await.ok()?;
+        let json = updates.borrow_and_update().clone();
+        Some((frame(json), updates))
+    });
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { frame(first) }),
+        later,
+    );
+    with_headers(
+        Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream))),
+        StatusCode::OK,
+        "text/event-stream",
+    )
+}
+
 fn ok(value: Value) -> AdminResponse {
     json_response(StatusCode::OK, &value)
 }
@@ -338,7 +405,14 @@ fn json_response(status: StatusCode, value: &Value) -> AdminResponse {
 }
 
 fn text_response(status: StatusCode, content_type: &'static str, body: Bytes) -> AdminResponse {
-    let mut response = Response::new(Full::new(body));
+    with_headers(Response::new(Full::new(body).boxed()), status, content_type)
+}
+
+fn with_headers(
+    mut response: AdminResponse,
+    status: StatusCode,
+    content_type: &'static str,
+) -> AdminResponse {
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -418,7 +492,11 @@ fn config(state: &AdminState) -> Value {
 }
 
 fn upstreams(state: &AdminState) -> Value {
-    let snapshot = state.live.load();
+    upstreams_json(&state.live.load())
+}
+
+/// Every upstream with each backend's state, load and counters.
+pub(crate) fn upstreams_json(snapshot: &Snapshot) -> Value {
     let now = tokio::time::Instant::now();
     let list: Vec<Value> = snapshot
         .upstreams
@@ -450,7 +528,7 @@ fn upstreams(state: &AdminState) -> Value {
                 .collect();
             json!({
                 "name": upstream.name.as_ref(),
-                "balance": format!("{:?}", upstream.config.balance),
+                "balance": upstream.config.balance.name(),
                 "backends": backends,
             })
         })

@@ -10,10 +10,12 @@ mod body;
 pub mod cache;
 pub mod cluster;
 mod conn;
+mod dashboard;
 pub mod demo;
 mod error;
 mod headers;
 mod health;
+mod latency;
 mod listener;
 mod metrics;
 mod pipeline;
@@ -334,12 +336,14 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 hosts: admin.hosts.clone(),
                 address,
                 started: std::time::Instant::now(),
+                dashboard: dashboard::Dashboard::default(),
             };
-            tokio::spawn(admin::serve(
-                socket,
-                Arc::new(state),
+            let state = Arc::new(state);
+            tokio::spawn(dashboard::run(
+                Arc::clone(&state),
                 lifecycle_receiver.clone(),
             ));
+            tokio::spawn(admin::serve(socket, state, lifecycle_receiver.clone()));
             Some(address)
         }
         None => None,

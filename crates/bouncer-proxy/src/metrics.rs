@@ -62,6 +62,8 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily<RouteLabels>,
+    /// Every request's total time, for the dashboard's percentiles.
+    request_latency: Arc<crate::latency::LatencyHistogram>,
     upstream_duration: HistogramFamily<UpstreamLabels>,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_failures: Family<UpstreamLabels, Counter>,
@@ -424,6 +426,7 @@ impl Metrics {
             registry,
             requests,
             request_duration,
+            request_latency: Arc::default(),
             upstream_duration,
             upstream_requests,
             upstream_failures,
@@ -509,6 +512,7 @@ impl Metrics {
                 listener: listener.to_string(),
                 route: route.to_string(),
             }),
+            latency: Arc::clone(&self.request_latency),
         }
     }
 
@@ -616,6 +620,11 @@ impl Metrics {
         &self.access_log_dropped
     }
 
+    /// Every request's total time since the last take (the dashboard takes them each second).
+    pub fn take_request_latencies(&self) -> crate::latency::LatencySample {
+        self.request_latency.take()
+    }
+
     /// Counts one config reload under `result` (`ok` or `failed`).
     pub fn config_reloaded(&self, result: &'static str) {
         self.config_reloads
@@ -624,17 +633,32 @@ impl Metrics {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RouteMetrics {
     requests_by_class: [Counter; 5],
     duration: Histogram,
+    latency: Arc<crate::latency::LatencyHistogram>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("requests_by_class", &self.requests_by_class())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RouteMetrics {
-    pub fn record(&self, status: u16, seconds: f64) {
+    pub fn record(&self, status: u16, took: std::time::Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.requests_by_class[class].inc();
-        self.duration.observe(seconds);
+        self.duration.observe(took.as_secs_f64());
+        self.latency.record(took);
+    }
+
+    /// Requests answered so far, by status class (1xx to 5xx).
+    pub fn requests_by_class(&self) -> [u64; 5] {
+        self.requests_by_class.each_ref().map(Counter::get)
     }
 }
 
@@ -684,6 +708,13 @@ impl HandshakeMetrics {
 impl ListenerMetrics {
     pub fn refused(&self, reason: Refusal) {
         self.refusals[reason.index()].inc();
+    }
+
+    /// Refusals so far, by reason.
+    pub fn refusal_counts(&self) -> impl Iterator<Item = (Refusal, u64)> + '_ {
+        Refusal::ALL
+            .iter()
+            .map(|reason| (*reason, self.refusals[reason.index()].get()))
     }
 }
 

@@ -1077,11 +1077,8 @@ impl Drop for Exchange {
         let total = self.started.elapsed();
         let runtime = &self.runtime;
         match &self.route {
-            Some(route) => route.metrics.record(self.status, total.as_secs_f64()),
-            None => runtime
-                .metrics
-                .no_route
-                .record(self.status, total.as_secs_f64()),
+            Some(route) => route.metrics.record(self.status, total),
+            None => runtime.metrics.no_route.record(self.status, total),
         }
         if self.upstream_body_failed {
             runtime.metrics.refused(Refusal::UpstreamReset);

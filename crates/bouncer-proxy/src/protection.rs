@@ -778,14 +778,11 @@ struct Adaptive {
     trigger: AdaptiveTrigger,
     tighten_to: f64,
     active: std::sync::atomic::AtomicBool,
-    /// Backend response times in the current second, in log-linear buckets of microseconds:
-    /// four per power of two, so a percentile is within a quarter of the truth.
-    latencies: Box<[AtomicU64]>,
+    /// Backend response times in the current second.
+    latencies: crate::latency::LatencyHistogram,
     in_flight: AtomicU64,
     metrics: Option<ProtectionMetrics>,
 }
-
-const LATENCY_BUCKETS: usize = 64 * 4;
 
 /// Seconds in a row of a bad signal that turn adaptive mode on, and of a calm one that turn it off.
 const BAD_SECONDS_TO_TIGHTEN: u32 = 2;
@@ -797,52 +794,15 @@ impl Adaptive {
             trigger: config.trigger,
             tighten_to: config.tighten_to,
             active: std::sync::atomic::AtomicBool::new(false),
-            latencies: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            latencies: crate::latency::LatencyHistogram::default(),
             in_flight: AtomicU64::new(0),
             metrics,
         }
     }
 
-    fn bucket(micros: u64) -> usize {
-        if micros < 4 {
-            return micros as usize;
-        }
-        let power = 63 - micros.leading_zeros() as usize;
-        let quarter = ((micros >> (power - 2)) & 0b11) as usize;
-        (power * 4 + quarter).min(LATENCY_BUCKETS - 1)
-    }
-
-    /// The lower bound of a bucket, in microseconds.
-    fn bucket_floor(bucket: usize) -> u64 {
-        if bucket < 4 {
-            return bucket as u64;
-        }
-        let power = bucket / 4;
-        let quarter = (bucket % 4) as u64;
-        (1u64 << power) + quarter * (1u64 << (power - 2))
-    }
-
     /// The 99th percentile of this second's samples (none: zero), and a fresh second.
     fn take_p99(&self) -> Duration {
-        let counts: Vec<u64> = self
-            .latencies
-            .iter()
-            .map(|bucket| bucket.swap(0, Ordering::AcqRel))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return Duration::ZERO;
-        }
-        // The smallest bucket with at least 99% of the samples at or below it.
-        let wanted = total - total / 100;
-        let mut seen = 0;
-        for (bucket, count) in counts.iter().enumerate() {
-            seen += count;
-            if seen >= wanted {
-                return Duration::from_micros(Self::bucket_floor(bucket));
-            }
-        }
-        Duration::ZERO
+        self.latencies.take().percentile(0.99)
     }
 
     /// How bad this second was, as a share of the trigger (1.0 is the trigger itself).
@@ -927,8 +887,7 @@ impl Protection {
         if let Some(adaptive) = &self.adaptive
             && matches!(adaptive.trigger, AdaptiveTrigger::BackendP99(_))
         {
-            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-            adaptive.latencies[Adaptive::bucket(micros)].fetch_add(1, Ordering::Relaxed);
+            adaptive.latencies.record(took);
         }
     }
 
@@ -1265,20 +1224,6 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn latency_buckets_are_within_a_quarter() {
-        for micros in [
-            0u64, 3, 4, 5, 7, 100, 1_000, 262_144, 300_000, 499_999, 500_000, 10_000_000,
-        ] {
-            let floor = Adaptive::bucket_floor(Adaptive::bucket(micros));
-            assert!(floor <= micros, "{micros}: {floor}");
-            assert!(
-                micros as f64 <= floor as f64 * 1.25 + 1.0,
-                "{micros}: {floor}"
-            );
-        }
-    }
 
     #[test]
     fn cookies_are_found_by_name() {

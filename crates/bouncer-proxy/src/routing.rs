@@ -64,6 +64,10 @@ impl RouteTable {
         Self { routes }
     }
 
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
     /// `host` is lower-case without a port; `path` is normalised.
     pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         let mut best: Option<(&Arc<Route>, (usize, usize))> = None;

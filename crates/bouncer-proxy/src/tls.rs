@@ -286,6 +286,11 @@ impl SniResolver {
         self.certificates.store(Arc::new(Certificates::new(list)));
     }
 
+    /// Every certificate handshakes may use now.
+    pub fn certificates(&self) -> Vec<Arc<LoadedCertificate>> {
+        self.certificates.load().list.clone()
+    }
+
     /// The certificate whose names cover `server_name`, if any.
     pub fn matching(&self, server_name: &str) -> Option<Arc<LoadedCertificate>> {
         self.certificates.load().matching(server_name).cloned()

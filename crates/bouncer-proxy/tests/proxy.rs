@@ -9,6 +9,7 @@ mod proxy_tests {
     pub mod bodies;
     pub mod cache;
     pub mod cluster;
+    pub mod dashboard;
     pub mod demo;
     pub mod discovery;
     pub mod errors;

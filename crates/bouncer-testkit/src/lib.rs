@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod backend;
+pub mod browser;
 pub mod certificates;
 pub mod dns;
 pub mod flood;

@@ -315,6 +315,9 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
         println!(
             "    curl -s http://{admin}/metrics | grep bouncer_requests   # Prometheus metrics"
         );
+        println!("    curl -s http://{admin}/api/v1/upstreams   # the admin API");
+        println!();
+        println!("The live dashboard: open http://{admin}/ in a browser.");
         println!();
         println!("Press Ctrl-C to stop.");
         connect_log_control(&demo.proxy);

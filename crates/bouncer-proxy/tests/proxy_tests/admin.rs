@@ -419,6 +419,12 @@ async fn with_a_token_every_call_needs_it() {
         "nothing changed without the token"
     );
 
+    // The dashboard page holds no data and asks for the token itself.
+    let page = Clients::new().get(&format!("http://{admin}/")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let (status, _) = get(admin, "/api/v1/dashboard").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "its data needs the token");
+
     let bearer = [("authorization", "Bearer s3cret-token")];
     let (status, _) = call(admin, Method::GET, "/api/v1/status", &bearer, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -494,4 +500,60 @@ async fn a_foreign_host_or_a_cross_site_page_is_refused() {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn the_dashboard_data_comes_as_json_and_as_a_stream_of_events() {
+    let backend = Backend::start(0).await;
+    let proxy = TestProxy::for_backends(std::slice::from_ref(&backend), "").await;
+    let admin = proxy.admin();
+    for _ in 0..3 {
+        Clients::new().get(&proxy.url("/")).await;
+    }
+    // The picture is taken once a second: the next one counts all three.
+    bouncer_testkit::eventually(
+        std::time::Duration::from_secs(5),
+        "the dashboard counts the requests",
+        || async { get(admin, "/api/v1/dashboard").await.1["requests_total"] == 3 },
+    )
+    .await;
+    let (status, body) = get(admin, "/api/v1/dashboard").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["requests_total"], 3, "{body}");
+    assert_eq!(body["requests_by_class"][1], 3);
+    assert_eq!(body["upstreams"][0]["backends"][0]["requests"], 3);
+    assert_eq!(body["cache"], Value::Null, "no route caches");
+
+    // The event stream never ends: read its first event only.
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/api/v1/events")
+        .header("host", admin.to_string())
+        .body(empty())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut body = response.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    let event = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+    let json = event
+        .strip_prefix("data: ")
+        .and_then(|rest| rest.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("an event: {event:?}"));
+    let picture: Value = serde_json::from_str(json).unwrap();
+    assert_eq!(picture["requests_total"], 3);
+    // The next picture follows within the next second or so.
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+        .await
+        .expect("a second event");
+    assert!(next.is_some());
 }
