@@ -566,6 +566,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Worker threads; 0 means one per CPU core.
     pub workers: usize,
+    /// The unix socket a new Bouncer process takes the listening sockets over through.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -580,6 +582,7 @@ impl Default for ServerConfig {
             max_body_bytes: 100 << 20,
             shutdown_grace: Duration::from_secs(30),
             workers: 0,
+            upgrade_socket: None,
         }
     }
 }

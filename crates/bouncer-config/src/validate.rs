@@ -37,7 +37,7 @@ pub(crate) fn validate(file: &Path, text: &str) -> Result<Config, ConfigProblems
     let upstreams = read_upstreams(&mut d, &mut root, file);
     let routes = read_routes(&mut d, &mut root, &listeners, &upstreams);
     let server = match root.table(&mut d, "server") {
-        Some(section) => read_server(&mut d, section),
+        Some(section) => read_server(&mut d, section, file),
         None => ServerConfig::default(),
     };
     let access_log = match root.table(&mut d, "access_log") {
@@ -1496,7 +1496,7 @@ fn normalise_prefix(prefix: &str) -> Result<String, String> {
     })
 }
 
-fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
+fn read_server(d: &mut Diagnostics, mut section: Section, file: &Path) -> ServerConfig {
     let defaults = ServerConfig::default();
     let header_timeout = section.duration(
         d,
@@ -1534,6 +1534,13 @@ fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
     let shutdown_grace =
         section.duration(d, "shutdown_grace", defaults.shutdown_grace, Duration::ZERO);
     let workers = section.integer(d, "workers", 0, 1024).unwrap_or(0);
+    let upgrade_socket = optional_path(
+        d,
+        &mut section,
+        "upgrade_socket",
+        file,
+        "the upgrade socket's path cannot be empty",
+    );
     section.finish(d);
     ServerConfig {
         header_timeout,
@@ -1545,6 +1552,7 @@ fn read_server(d: &mut Diagnostics, mut section: Section) -> ServerConfig {
         max_body_bytes,
         shutdown_grace,
         workers: usize::try_from(workers).unwrap_or(0),
+        upgrade_socket,
     }
 }
 

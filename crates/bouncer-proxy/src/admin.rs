@@ -51,7 +51,7 @@ pub(crate) struct AdminState {
 }
 
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     state: Arc<AdminState>,
     mut lifecycle: watch::Receiver<Lifecycle>,
 ) {
@@ -471,6 +471,7 @@ fn status(state: &AdminState) -> Value {
     let snapshot = state.live.load();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "config_file": snapshot.config.source.display().to_string(),
         "listeners": snapshot.listeners.iter().map(|(name, address)| json!({

@@ -59,6 +59,9 @@ pub struct ConnectionActivity {
     reap: tokio::sync::Notify,
     /// Whether it was told, so that it is not picked twice.
     reaping: AtomicBool,
+    /// Set when another process took the listening sockets over: the next answer closes the
+    /// connection.
+    closing: AtomicBool,
 }
 
 impl ConnectionActivity {
@@ -75,6 +78,7 @@ impl ConnectionActivity {
             reader: futures_util::task::AtomicWaker::new(),
             reap: tokio::sync::Notify::new(),
             reaping: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -85,6 +89,15 @@ impl ConnectionActivity {
     fn enter(&self, phase: u8) {
         self.phase_since_ms.store(self.now_ms(), Ordering::Relaxed);
         self.phase.store(phase, Ordering::Release);
+    }
+
+    /// Asks that the connection be closed after its next answer.
+    pub fn close_after_answer(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Told by the pipeline once it sees an HTTP/2 request: HTTP/2 never gets a raw 408.

@@ -26,6 +26,7 @@ mod resolve;
 mod routing;
 mod sticky;
 pub mod tls;
+mod upgrade;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use bouncer_config::Config;
 pub use error::{ProxyError, Refusal, Side};
 pub use metrics::Metrics;
 pub use reload::{ReloadError, ReloadReport};
+pub use upgrade::{Inherited, UpgradeError, take_over};
 
 use crate::access_log::AccessLog;
 use crate::listener::{Lifecycle, ListenerRuntime};
@@ -86,6 +88,12 @@ pub enum StartError {
     Protection(#[source] protection::ProtectionError),
     #[error("cache")]
     Cache(#[source] cache::DiskError),
+    #[error("cannot set up the upgrade socket {}", path.display())]
+    UpgradeSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read the admin token from {}", path.display())]
     AdminToken {
         path: std::path::PathBuf,
@@ -143,7 +151,9 @@ pub(crate) struct Snapshot {
 pub struct RunningProxy {
     listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
-    lifecycle: watch::Sender<Lifecycle>,
+    lifecycle: Arc<watch::Sender<Lifecycle>>,
+    /// Told when another process took the listening sockets over.
+    handed_over: Arc<HandOver>,
     metrics: Arc<Metrics>,
     live: Arc<ArcSwap<Snapshot>>,
     reloader: Arc<reload::Reloader>,
@@ -151,6 +161,13 @@ pub struct RunningProxy {
     /// another writer, reopened through the live snapshot).
     access_log: AccessLog,
     log_control: Arc<arc_swap::ArcSwapOption<LogControl>>,
+}
+
+/// Whether, and to which process, the listening sockets were handed over.
+#[derive(Default)]
+struct HandOver {
+    done: tokio::sync::Notify,
+    to_pid: std::sync::atomic::AtomicU32,
 }
 
 /// How a shutdown went.
@@ -164,6 +181,11 @@ impl RunningProxy {
     /// The addresses banned now, with the time left on each.
     pub fn bans(&self) -> Vec<(std::net::IpAddr, Duration)> {
         self.live.load().protection.bans()
+    }
+
+    /// The config file the proxy runs from now.
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self.live.load().config.source.clone()
     }
 
     /// Reads and validates the config file again and applies it; on any error the running config
@@ -225,6 +247,31 @@ impl RunningProxy {
         &self.metrics
     }
 
+    /// Resolves when a new process has taken the listening sockets over (see [`upgrade`]), with
+    /// its process id; this process has stopped accepting by then and should
+    /// [`finish_handover`](Self::finish_handover).
+    pub async fn handed_over(&self) -> u32 {
+        self.handed_over.done.notified().await;
+        // Kept for a second caller, who would otherwise wait forever.
+        self.handed_over.done.notify_one();
+        self.handed_over
+            .to_pid
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// After a handover: waits for the connections left to end (each closes after its next
+    /// answer, or at the idle timeout), for at most the idle timeout plus the shutdown grace,
+    /// then closes what is left.
+    pub async fn finish_handover(self) -> ShutdownReport {
+        let server = &self.live.load().config.server;
+        let wait = server.idle_timeout + server.shutdown_grace;
+        let drained = tokio::time::timeout(wait, self.lifecycle.closed())
+            .await
+            .is_ok();
+        self.lifecycle.send_replace(Lifecycle::Closing);
+        ShutdownReport { drained }
+    }
+
     /// Stops accepting, lets in-flight requests finish within the grace period, then closes what
     /// is left.
     pub async fn shutdown(self) -> ShutdownReport {
@@ -244,9 +291,31 @@ impl Drop for RunningProxy {
     }
 }
 
+/// What a start may be given besides the config.
+#[derive(Default)]
+pub struct StartOptions {
+    /// The log filter in force and how to change it, for the admin API.
+    pub log_filter: Option<(String, LogFilterSetter)>,
+    /// Listening sockets taken over from the process this one replaces ([`upgrade::take_over`]).
+    pub inherited: Option<upgrade::Inherited>,
+}
+
 /// Binds every listener of `config` and starts serving. Must run inside a Tokio runtime.
 pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// Like [`start`], with a log filter control and, for an upgrade, the sockets of the process
+/// this one replaces: it serves on those instead of binding, then tells that process to drain.
+pub async fn start_with(
+    config: &Config,
+    options: StartOptions,
+) -> Result<RunningProxy, StartError> {
     check_connection_budget(config)?;
+    let StartOptions {
+        log_filter,
+        mut inherited,
+    } = options;
     let metrics = Metrics::new();
     let resolver = Arc::new(Resolver::new(&config.resolver).map_err(StartError::Resolver)?);
     let (lifecycle, lifecycle_receiver) = watch::channel(Lifecycle::Running);
@@ -260,7 +329,14 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             address: listener_config.bind,
             source,
         };
-        let socket = listener::bind(listener_config.bind).map_err(bind_error)?;
+        let socket = match inherited
+            .as_mut()
+            .and_then(|inherited| inherited.take(&listener_config.name))
+        {
+            Some(socket) => listener::adopt(socket, listener_config.bind),
+            None => listener::bind(listener_config.bind),
+        }
+        .map_err(bind_error)?;
         let address = socket.local_addr().map_err(bind_error)?;
         bound.push((listener_config.name.clone(), address));
         sockets.push(socket);
@@ -312,7 +388,22 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
         slots: slots.clone(),
         busy: tokio::sync::Mutex::new(()),
     });
-    let log_control = Arc::new(arc_swap::ArcSwapOption::empty());
+    let log_control = Arc::new(arc_swap::ArcSwapOption::from(log_filter.map(
+        |(current, set)| {
+            Arc::new(LogControl {
+                set,
+                current: std::sync::Mutex::new(current),
+            })
+        },
+    )));
+    let sockets: Vec<Arc<tokio::net::TcpListener>> = sockets.into_iter().map(Arc::new).collect();
+    // What a takeover hands to the next process: every listener, by name.
+    let mut handed: Vec<(String, Arc<tokio::net::TcpListener>)> = config
+        .listeners
+        .iter()
+        .map(|listener| listener.name.clone())
+        .zip(sockets.iter().cloned())
+        .collect();
     let admin = match &config.admin {
         Some(admin) => {
             let token = admin
@@ -325,7 +416,16 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
                 address: admin.bind,
                 source,
             };
-            let socket = listener::bind(admin.bind).map_err(bind_error)?;
+            let socket = match inherited
+                .as_mut()
+                .and_then(|inherited| inherited.take(upgrade::ADMIN))
+            {
+                Some(socket) => listener::adopt(socket, admin.bind),
+                None => listener::bind(admin.bind),
+            }
+            .map_err(bind_error)?;
+            let socket = Arc::new(socket);
+            handed.push((upgrade::ADMIN.to_string(), Arc::clone(&socket)));
             let address = socket.local_addr().map_err(bind_error)?;
             let state = admin::AdminState {
                 metrics: Arc::clone(&metrics),
@@ -355,6 +455,46 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
             lifecycle_receiver.clone(),
         ));
     }
+    // Serving now: the process this one replaces may stop accepting.
+    let upgrade_socket = config.server.upgrade_socket.clone();
+    let takeover_from = inherited.as_ref().map(|inherited| inherited.previous_pid);
+    if let Some(inherited) = inherited {
+        match tokio::task::spawn_blocking(move || inherited.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the previous process did not acknowledge the takeover; both serve until it exits")
+            }
+            Err(error) => tracing::warn!(%error, "the takeover acknowledgement failed"),
+        }
+    }
+    let handed_over = Arc::new(HandOver::default());
+    if let Some(path) = upgrade_socket {
+        let unix = if takeover_from.is_some() {
+            upgrade::bind_replacing(&path)
+        } else {
+            upgrade::bind(&path)
+        }
+        .map_err(|source| StartError::UpgradeSocket {
+            path: path.clone(),
+            source,
+        })?;
+        let lifecycle_sender = lifecycle.clone();
+        let handover = Arc::clone(&handed_over);
+        let watching = lifecycle_receiver.clone();
+        tokio::spawn(async move {
+            if let Some(pid) = upgrade::serve(unix, handed, watching).await {
+                lifecycle_sender.send_replace(Lifecycle::HandingOver);
+                tracing::info!(
+                    new_pid = pid,
+                    "a new process took over the listening sockets; draining"
+                );
+                handover
+                    .to_pid
+                    .store(pid, std::sync::atomic::Ordering::Release);
+                handover.done.notify_one();
+            }
+        });
+    }
     drop(lifecycle_receiver);
 
     for (name, address) in &bound {
@@ -363,10 +503,17 @@ pub async fn start(config: &Config) -> Result<RunningProxy, StartError> {
     if let Some(address) = admin {
         tracing::info!(listener = "admin", %address, "admin API listening");
     }
+    if let Some(pid) = takeover_from {
+        tracing::info!(
+            previous_pid = pid,
+            "took the listening sockets over; the previous process drains"
+        );
+    }
     Ok(RunningProxy {
         listeners: bound,
         admin,
-        lifecycle,
+        lifecycle: Arc::new(lifecycle),
+        handed_over,
         metrics,
         live,
         reloader,

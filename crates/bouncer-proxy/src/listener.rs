@@ -32,6 +32,9 @@ use crate::tls::ListenerTls;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Lifecycle {
     Running,
+    /// Another process took the listening sockets over: accept nothing, and close each
+    /// connection after its next answer (or at its idle timeout).
+    HandingOver,
     Draining,
     Closing,
 }
@@ -65,6 +68,26 @@ pub(crate) fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
     socket.listen(4096)
+}
+
+/// A listening socket taken over from the process this one replaces, checked against the address
+/// the config gives it (a takeover cannot move a listener).
+pub(crate) fn adopt(
+    socket: std::net::TcpListener,
+    configured: SocketAddr,
+) -> io::Result<TcpListener> {
+    let address = socket.local_addr()?;
+    let same = address == configured || (configured.port() == 0 && address.ip() == configured.ip());
+    if !same {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!(
+                "the running process listens on {address}, not on the configured {configured}: a takeover cannot move a listener"
+            ),
+        ));
+    }
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket)
 }
 
 /// HTTP/2 streams one client connection may have open at once; more are refused one by one.
@@ -101,7 +124,7 @@ pub(crate) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor
 /// Accepts connections until told to stop. Errors such as running out of file descriptors are
 /// counted and waited out with a growing pause; they never end the loop.
 pub(crate) async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     slot: Arc<ArcSwap<ListenerRuntime>>,
     mut lifecycle: watch::Receiver<Lifecycle>,
 ) {
@@ -321,7 +344,18 @@ async fn serve_http<I>(
         let context = Arc::clone(&context);
         // Boxed: HTTP/1 keeps a slot the size of the request's future for the whole life of a
         // connection, busy or idle, and moving a large future costs a copy of all of it.
-        Box::pin(async move { Ok::<_, Infallible>(handle(&context, request).await) })
+        Box::pin(async move {
+            let mut response = handle(&context, request).await;
+            // Handing over to another process: this answer is the connection's last, and says
+            // so, so that the client opens its next connection (to the new process) at once.
+            if context.activity.closing() && !context.activity.is_http2() {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(response)
+        })
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -341,6 +375,15 @@ async fn serve_http<I>(
                 let state = if changed.is_ok() { *lifecycle.borrow_and_update() } else { Lifecycle::Closing };
                 match state {
                     Lifecycle::Running => {}
+                    // HTTP/2 says GOAWAY, which lets streams in flight finish and sends new ones
+                    // elsewhere; HTTP/1 answers its next request with `Connection: close`.
+                    Lifecycle::HandingOver if activity.is_http2() => {
+                        if !draining {
+                            draining = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                    Lifecycle::HandingOver => activity.close_after_answer(),
                     Lifecycle::Draining if !draining => {
                         draining = true;
                         connection.as_mut().graceful_shutdown();

@@ -272,6 +272,8 @@ fn needs_restart(before: &Config, after: &Config) -> Option<&'static str> {
         Some("[resolver]")
     } else if before.server.workers != after.server.workers {
         Some("server.workers")
+    } else if before.server.upgrade_socket != after.server.upgrade_socket {
+        Some("server.upgrade_socket")
     } else if before.cache != after.cache && before.routes.iter().any(|route| route.cache.is_some())
     {
         Some("[cache]")

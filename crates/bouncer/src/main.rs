@@ -40,6 +40,11 @@ enum Command {
         /// The config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Take the listening sockets over from the Bouncer running with this config (through
+        /// its `server.upgrade_socket`), which then drains and exits: an upgrade without a
+        /// refused connection.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file: print every problem, exit 0 if it is valid and 1 if not.
     Check {
@@ -61,12 +66,22 @@ enum Command {
     },
 }
 
+/// This program's file, as it was when the process started: on SIGUSR2 the binary at that path
+/// (by then perhaps a newer one) is started to take over.
+static PROGRAM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref());
+    if let Ok(program) = std::env::current_exe() {
+        let _ = PROGRAM.set(program);
+    }
     let command = match (cli.command, cli.config) {
         (Some(command), _) => command,
-        (None, Some(config)) => Command::Run { config },
+        (None, Some(config)) => Command::Run {
+            config,
+            takeover: false,
+        },
         (None, None) => {
             eprintln!(
                 "bouncer: say what to do: `bouncer demo`, `bouncer check -c FILE` or `bouncer run -c FILE` (see --help)"
@@ -76,7 +91,7 @@ fn main() -> ExitCode {
     };
     let result = match command {
         Command::Check { config } => return check(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config, takeover } => run(&config, takeover),
         Command::Demo { bind, https, admin } => demo(bind, https, admin),
     };
     match result {
@@ -115,19 +130,17 @@ fn init_logging(filter: Option<&str>) {
     let _ = LOG_FILTER.set((text, handle));
 }
 
-/// Hands the admin API the means to change the log filter at run time.
-fn connect_log_control(proxy: &bouncer_proxy::RunningProxy) {
-    let Some((current, handle)) = LOG_FILTER.get() else {
-        return;
-    };
+/// The log filter in force and the means to change it, for the admin API.
+fn log_filter_control() -> Option<(String, bouncer_proxy::LogFilterSetter)> {
+    let (current, handle) = LOG_FILTER.get()?;
     let handle = handle.clone();
-    proxy.set_log_filter_control(
-        current,
+    Some((
+        current.clone(),
         Box::new(move |text| {
             let filter = EnvFilter::try_new(text).map_err(|error| error.to_string())?;
             handle.reload(filter).map_err(|error| error.to_string())
         }),
-    );
+    ))
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -217,14 +230,40 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     runtime.context("cannot start the async runtime")
 }
 
-fn run(path: &Path) -> anyhow::Result<()> {
+fn run(path: &Path, takeover: bool) -> anyhow::Result<()> {
     let config = bouncer_config::load(path)
         .map_err(|error| anyhow::anyhow!("{}", error.problems().join("\n")))?;
     report_open_file_limit();
+    let inherited = if takeover {
+        let socket = config.server.upgrade_socket.as_deref().with_context(|| {
+            format!(
+                "--takeover needs server.upgrade_socket in {}, the socket the running Bouncer hands its listeners over on",
+                path.display()
+            )
+        })?;
+        Some(
+            bouncer_proxy::take_over(socket)
+                .context("cannot take over from the running Bouncer")?,
+        )
+    } else {
+        None
+    };
     runtime(config.server.workers)?.block_on(async {
-        let proxy = bouncer_proxy::start(&config).await?;
-        connect_log_control(&proxy);
-        wait_for_shutdown_signal(Some(&proxy)).await?;
+        let options = bouncer_proxy::StartOptions {
+            log_filter: log_filter_control(),
+            inherited,
+        };
+        let proxy = bouncer_proxy::start_with(&config, options).await?;
+        notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
+        if wait_for_shutdown_signal(Some(&proxy)).await? == Stop::HandedOver {
+            let report = proxy.finish_handover().await;
+            if report.drained {
+                tracing::info!("every connection finished after the handover; exiting");
+            } else {
+                tracing::warn!("idle timeout and grace over after the handover; closing the connections left");
+            }
+            return Ok(());
+        }
         tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: finishing in-flight requests");
         let report = proxy.shutdown().await;
         if report.drained {
@@ -320,27 +359,49 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
         println!("The live dashboard: open http://{admin}/ in a browser.");
         println!();
         println!("Press Ctrl-C to stop.");
-        connect_log_control(&demo.proxy);
+        if let Some((current, set)) = log_filter_control() {
+            demo.proxy.set_log_filter_control(&current, set);
+        }
         wait_for_shutdown_signal(Some(&demo.proxy)).await?;
         demo.proxy.shutdown().await;
         Ok(())
     })
 }
 
-/// Waits for SIGTERM or SIGINT; meanwhile SIGHUP reloads the config file and SIGUSR1 reopens the
-/// access log (after logrotate moved it).
+/// Why the proxy stops.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Signal,
+    /// A new process took the listening sockets over.
+    HandedOver,
+}
+
+/// Waits for SIGTERM or SIGINT, or for a new process to take over; meanwhile SIGHUP reloads the
+/// config file and SIGUSR1 reopens the access log (after logrotate moved it).
 async fn wait_for_shutdown_signal(
     proxy: Option<&bouncer_proxy::RunningProxy>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stop> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let mut reopen = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
     let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let mut upgrade = signal(SignalKind::user_defined2()).context("cannot listen for SIGUSR2")?;
+    let handed_over = async {
+        match proxy {
+            Some(proxy) => proxy.handed_over().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(handed_over);
     loop {
         tokio::select! {
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(Stop::Signal),
+            _ = interrupt.recv() => return Ok(Stop::Signal),
+            pid = &mut handed_over => {
+                tracing::info!(new_pid = pid, "handed over to a new process: draining, then exiting");
+                return Ok(Stop::HandedOver);
+            }
             _ = hangup.recv() => {
                 if let Some(proxy) = proxy {
                     tracing::info!("SIGHUP: reloading the config file");
@@ -354,7 +415,63 @@ async fn wait_for_shutdown_signal(
                     proxy.reopen_logs();
                 }
             }
+            _ = upgrade.recv() => {
+                if let Some(proxy) = proxy {
+                    start_successor(proxy);
+                }
+            }
         }
+    }
+}
+
+/// SIGUSR2: starts the program file again (a new version, after an upgrade replaced it) with
+/// `--takeover`, as a child that outlives this process; it takes the listening sockets over, and
+/// this process then drains and exits.
+fn start_successor(proxy: &bouncer_proxy::RunningProxy) {
+    let Some(program) = PROGRAM.get() else {
+        tracing::error!(
+            "SIGUSR2: the program's own path is unknown; start `bouncer run --takeover` by hand"
+        );
+        return;
+    };
+    let config = proxy.config_file();
+    match std::process::Command::new(program)
+        .args(["run", "--takeover", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => tracing::info!(
+            program = %program.display(),
+            pid = child.id(),
+            "SIGUSR2: started the new binary to take over"
+        ),
+        Err(error) => {
+            tracing::error!(program = %program.display(), %error, "SIGUSR2: cannot start the new binary")
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`, `NotifyAccess=all`) about this process, when it runs under it.
+fn notify_systemd(state: &str) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = socket.as_encoded_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        // An abstract socket address.
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt as _;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|address| sender.send_to_addr(state.as_bytes(), &address))
+        }
+        None => sender.send_to(state.as_bytes(), std::path::Path::new(&socket)),
+    };
+    if let Err(error) = sent {
+        tracing::warn!(%error, "cannot notify systemd");
     }
 }
 

@@ -49,7 +49,7 @@ struct RunningBinary {
     admin: SocketAddr,
     /// Every line the proxy wrote to stderr after its addresses.
     stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    _config: ConfigFile,
+    _config: Option<ConfigFile>,
 }
 
 impl RunningBinary {
@@ -64,9 +64,20 @@ impl RunningBinary {
             }
             None => Command::new(BINARY),
         };
+        command.args(["run", "--config"]).arg(&config.path);
+        Self::spawn(command, Some(config))
+    }
+
+    /// Starts `bouncer run --takeover` with the config file at `path`, which a running process
+    /// serves: the new process takes its sockets over.
+    fn take_over(path: &std::path::Path) -> Self {
+        let mut command = Command::new(BINARY);
+        command.args(["run", "--takeover", "--config"]).arg(path);
+        Self::spawn(command, None)
+    }
+
+    fn spawn(mut command: Command, config: Option<ConfigFile>) -> Self {
         let mut child = command
-            .args(["run", "--config"])
-            .arg(&config.path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -392,6 +403,238 @@ async fn sighup_reloads_the_config_file_and_a_broken_file_changes_nothing() {
         metric(&metrics, "bouncer_config_reloads_total{result=\"failed\"}"),
         Some(1.0)
     );
+}
+
+/// What the clients saw during an upgrade.
+#[derive(Default)]
+struct UpgradeLoad {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    /// Keep-alive connections closed by the proxy after a `Connection: close` answer.
+    closed_politely: AtomicUsize,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// A client at full speed: on one keep-alive connection at a time, opening the next one when the
+/// proxy closes it after an answer; or (`fresh`) on a new connection for every request. A request
+/// that was sent and got no answer, or a refused connection, is a failure.
+async fn upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>, fresh: bool) {
+    use hyper_util::rt::TokioIo;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut sender: Option<hyper::client::conn::http1::SendRequest<bouncer_testkit::BoxBody>> =
+        None;
+    while !load.stop.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+        if sender.as_ref().is_none_or(|sender| sender.is_closed()) || fresh {
+            if sender.take().is_some() && !fresh {
+                load.closed_politely.fetch_add(1, Ordering::Relaxed);
+            }
+            let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
+                load.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Ok((new_sender, connection)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            else {
+                load.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            tokio::spawn(connection);
+            sender = Some(new_sender);
+        }
+        let Some(current) = sender.as_mut() else {
+            continue;
+        };
+        // A connection the proxy closed after its last answer is not an error: the next
+        // request goes on a new one.
+        if current.ready().await.is_err() {
+            continue;
+        }
+        let request = Request::get("/")
+            .header("host", "app")
+            .body(bouncer_testkit::empty())
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), async {
+            let response = current.send_request(request).await.ok()?;
+            let status = response.status();
+            response.into_body().collect().await.ok()?;
+            Some(status)
+        })
+        .await;
+        match answered {
+            Ok(Some(StatusCode::OK)) => {
+                load.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                load.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_under_load_loses_no_request_and_no_connection_attempt() {
+    let backends = Backend::start_many(2).await;
+    let config = ConfigFile::new(&config_for(
+        &backends,
+        "[server]\nupgrade_socket = \"upgrade.sock\"\nidle_timeout = \"3s\"",
+    ));
+    let path = config.path.clone();
+    let mut old = RunningBinary::start(config, &[]);
+    let status = |admin: SocketAddr| async move {
+        let answer = Clients::new()
+            .get(&format!("http://{admin}/api/v1/status"))
+            .await;
+        serde_json::from_slice::<serde_json::Value>(&answer.body).unwrap()
+    };
+    assert_eq!(status(old.admin).await["pid"], old.child.id());
+
+    let load = std::sync::Arc::new(UpgradeLoad::default());
+    let mut clients = Vec::new();
+    for index in 0..5 {
+        clients.push(tokio::spawn(upgrade_client(
+            old.public,
+            std::sync::Arc::clone(&load),
+            index == 4,
+        )));
+    }
+    eventually(Duration::from_secs(5), "the load runs", || async {
+        load.ok.load(Ordering::Relaxed) >= 200
+    })
+    .await;
+
+    // A second start without --takeover is refused: it would take the first one's place.
+    let refused = Command::new(BINARY)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("--takeover"), "{said}");
+
+    // A keep-alive connection that is idle through the takeover.
+    let stream = tokio::net::TcpStream::connect(old.public).await.unwrap();
+    let (mut idle, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let get = || {
+        Request::get("/")
+            .header("host", "app")
+            .body(bouncer_testkit::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        idle.send_request(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    let new = tokio::task::block_in_place(|| RunningBinary::take_over(&path));
+    assert_eq!(new.public, old.public, "the same socket");
+    eventually(
+        Duration::from_secs(5),
+        "the old process hands over",
+        || async { old.stderr_lines("a new process took over the listening sockets") == 1 },
+    )
+    .await;
+    // The idle connection was left open: its next request is answered, and that answer says
+    // the connection closes.
+    idle.ready().await.unwrap();
+    let answer = idle.send_request(get()).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(answer.headers()["connection"], "close");
+    drop(answer);
+    let exit = tokio::task::block_in_place(|| old.wait_for_exit(Duration::from_secs(20)));
+    assert_eq!(exit.code(), Some(0), "the old process drains and exits");
+    let ok_at_exit = load.ok.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(5),
+        "the new process serves the load",
+        || async { load.ok.load(Ordering::Relaxed) >= ok_at_exit + 200 },
+    )
+    .await;
+    assert_eq!(status(new.admin).await["pid"], new.child.id());
+    load.stop.store(true, Ordering::Release);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(
+        load.failed.load(Ordering::Relaxed),
+        0,
+        "no request or connection failed"
+    );
+    assert!(
+        load.closed_politely.load(Ordering::Relaxed) >= 4,
+        "each keep-alive client was told to move on"
+    );
+    assert_eq!(
+        old.stderr_lines("a new process took over the listening sockets"),
+        1,
+        "{:#?}",
+        old.stderr.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_binary_again_and_it_takes_over() {
+    let backends = Backend::start_many(1).await;
+    let config = ConfigFile::new(&config_for(
+        &backends,
+        "[server]\nupgrade_socket = \"upgrade.sock\"",
+    ));
+    let mut old = RunningBinary::start(config, &[]);
+    let old_pid = old.child.id();
+    old.signal("USR2");
+    // The successor is no child of this test: whatever happens, it is stopped at the end.
+    eventually(
+        Duration::from_secs(10),
+        "the successor is started",
+        || async { old.stderr_lines("SIGUSR2: started the new binary to take over") == 1 },
+    )
+    .await;
+    let successor: u32 = old
+        .stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|line| line.contains("SIGUSR2: started the new binary"))
+        .and_then(|line| line.split(" pid=").nth(1))
+        .and_then(|pid| pid.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the successor's pid in the log");
+    let _stop_successor = StopOnDrop(successor);
+    let exit = tokio::task::block_in_place(|| old.wait_for_exit(Duration::from_secs(20)));
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "the old process handed over and exited"
+    );
+    // The successor serves on the same sockets.
+    let clients = Clients::new();
+    assert_eq!(
+        clients.get(&format!("http://{}/", old.public)).await.status,
+        StatusCode::OK
+    );
+    let status = clients
+        .get(&format!("http://{}/api/v1/status", old.admin))
+        .await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    let new_pid = status["pid"].as_u64().unwrap();
+    assert_ne!(new_pid, u64::from(old_pid));
+    assert_eq!(new_pid, u64::from(successor));
+}
+
+/// Sends SIGTERM to a process this test started indirectly, when dropped.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.0.to_string()])
+            .status();
+    }
 }
 
 /// Sends the start of a request head and waits for the proxy's 408 once `header_timeout` passes.
