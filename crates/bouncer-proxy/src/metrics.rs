@@ -16,6 +16,14 @@ use crate::error::Refusal;
 struct RequestLabels {
     listener: String,
     route: String,
+    upstream: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendStatusLabels {
+    upstream: String,
+    backend: String,
     status_class: &'static str,
 }
 
@@ -68,6 +76,8 @@ pub struct Metrics {
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_failures: Family<UpstreamLabels, Counter>,
     upstream_in_flight: Family<UpstreamLabels, Gauge>,
+    upstream_responses: Family<BackendStatusLabels, Counter>,
+    requests_in_flight: Family<ListenerLabels, Gauge>,
     upstream_healthy: Family<UpstreamLabels, Gauge>,
     upstream_ejections: Family<UpstreamLabels, Counter>,
     upstream_retries: Family<UpstreamLabels, Counter>,
@@ -251,6 +261,18 @@ impl Metrics {
             "Requests sent to each backend and not yet answered in full",
             upstream_in_flight.clone(),
         );
+        let upstream_responses = Family::<BackendStatusLabels, Counter>::default();
+        registry.register(
+            "upstream_responses",
+            "Responses from each backend, by status class",
+            upstream_responses.clone(),
+        );
+        let requests_in_flight = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests being handled now, from their headers to the end of their answer",
+            requests_in_flight.clone(),
+        );
         let upstream_healthy = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
             "upstream_healthy",
@@ -431,6 +453,8 @@ impl Metrics {
             upstream_requests,
             upstream_failures,
             upstream_in_flight,
+            upstream_responses,
+            requests_in_flight,
             upstream_healthy,
             upstream_ejections,
             upstream_retries,
@@ -498,11 +522,14 @@ impl Metrics {
         text
     }
 
-    pub fn route(&self, listener: &str, route: &str) -> RouteMetrics {
-        let requests_by_class = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|status_class| {
+    /// A route's counters; `upstream` is the one it sends to (`none` for requests that matched no
+    /// route).
+    pub fn route(&self, listener: &str, route: &str, upstream: &str) -> RouteMetrics {
+        let requests_by_class = STATUS_CLASSES.map(|status_class| {
             self.requests.get_or_create_owned(&RequestLabels {
                 listener: listener.to_string(),
                 route: route.to_string(),
+                upstream: upstream.to_string(),
                 status_class,
             })
         });
@@ -531,7 +558,8 @@ impl Metrics {
                     reason: reason.label(),
                 })
             }),
-            no_route: self.route(listener, "none"),
+            no_route: self.route(listener, "none", "none"),
+            requests_in_flight: self.requests_in_flight.get_or_create_owned(&labels),
             handshakes: None,
         }
     }
@@ -546,6 +574,14 @@ impl Metrics {
             failures: self.upstream_failures.get_or_create_owned(&labels),
             response_duration: self.upstream_duration.get_or_create_owned(&labels),
             in_flight: self.upstream_in_flight.get_or_create_owned(&labels),
+            responses_by_class: STATUS_CLASSES.map(|status_class| {
+                self.upstream_responses
+                    .get_or_create_owned(&BackendStatusLabels {
+                        upstream: upstream.to_string(),
+                        backend: backend.to_string(),
+                        status_class,
+                    })
+            }),
             healthy: self.upstream_healthy.get_or_create_owned(&labels),
             ejections: self.upstream_ejections.get_or_create_owned(&labels),
             retries: self.upstream_retries.get_or_create_owned(&labels),
@@ -633,6 +669,13 @@ impl Metrics {
     }
 }
 
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index of a status code's class in [`STATUS_CLASSES`].
+pub fn status_class_index(status: u16) -> usize {
+    usize::from(status / 100).clamp(1, 5) - 1
+}
+
 #[derive(Clone)]
 pub struct RouteMetrics {
     requests_by_class: [Counter; 5],
@@ -650,8 +693,7 @@ impl std::fmt::Debug for RouteMetrics {
 
 impl RouteMetrics {
     pub fn record(&self, status: u16, took: std::time::Duration) {
-        let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.requests_by_class[class].inc();
+        self.requests_by_class[status_class_index(status)].inc();
         self.duration.observe(took.as_secs_f64());
         self.latency.record(took);
     }
@@ -670,6 +712,7 @@ pub struct ListenerMetrics {
     refusals: [Counter; Refusal::ALL.len()],
     /// Requests that matched no route are counted under the route label `none`.
     pub no_route: RouteMetrics,
+    pub requests_in_flight: Gauge,
     /// On a TLS listener, its handshakes by result.
     pub handshakes: Option<HandshakeMetrics>,
 }
@@ -722,6 +765,8 @@ impl ListenerMetrics {
 pub struct BackendMetrics {
     pub requests: Counter,
     pub failures: Counter,
+    /// Responses by status class (1xx to 5xx).
+    pub responses_by_class: [Counter; 5],
     pub response_duration: Histogram,
     pub in_flight: Gauge,
     pub healthy: Gauge,

@@ -73,6 +73,8 @@ pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Resp
         ctx.activity.mark_http2();
     }
     let runtime = ctx.slot.load_full();
+    // Counted down when the exchange is dropped, with the answer's end.
+    runtime.metrics.requests_in_flight.inc();
     let client = ClientAddress::resolve(ctx.peer, &runtime.config, request.headers());
     // Boxed: it travels with the response body, which stays small to move.
     let mut exchange = Box::new(Exchange {
@@ -1076,6 +1078,7 @@ impl Drop for Exchange {
         }
         let total = self.started.elapsed();
         let runtime = &self.runtime;
+        runtime.metrics.requests_in_flight.dec();
         match &self.route {
             Some(route) => route.metrics.record(self.status, total),
             None => runtime.metrics.no_route.record(self.status, total),

@@ -179,7 +179,7 @@ pub(crate) async fn build(
                 Some(Arc::new(Route::new(
                     route,
                     Arc::clone(upstream),
-                    metrics.route(&listener_config.name, &route.name),
+                    metrics.route(&listener_config.name, &route.name, &route.upstream),
                     route_cache,
                 )))
             })

@@ -544,6 +544,9 @@ impl Upstream {
                     .response_duration
                     .observe(elapsed.as_secs_f64());
                 backend.load.record_response_time(elapsed);
+                backend.metrics.responses_by_class
+                    [crate::metrics::status_class_index(response.status().as_u16())]
+                .inc();
                 if response.status().is_server_error() {
                     self.record_failure(set, backend);
                 } else {

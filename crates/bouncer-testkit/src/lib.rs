@@ -238,7 +238,7 @@ pub async fn read_head(stream: &mut TcpStream) -> String {
 }
 
 /// The value of one sample in Prometheus text, such as
-/// `bouncer_requests_total{listener="public",route="app",status_class="2xx"}`.
+/// `bouncer_requests_total{listener="public",route="app",upstream="app",status_class="2xx"}`.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| {
@@ -246,6 +246,110 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// What is wrong with `text` as the OpenMetrics text format (the Prometheus exposition format
+/// with `# EOF`): each line a known comment or a sample of a declared family, names and labels
+/// well formed, values numbers, counters' samples ending `_total` (or `_created`), histograms'
+/// `_bucket`, `_sum` or `_count`, and `# EOF` last. Empty when it is well formed.
+pub fn exposition_problems(text: &str) -> Vec<String> {
+    fn is_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|first| first.is_ascii_alphabetic() || first == '_' || first == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    fn labels_ok(labels: &str) -> bool {
+        // name="value" pairs separated by commas; values may hold escaped quotes.
+        let mut rest = labels;
+        while !rest.is_empty() {
+            let Some((name, after)) = rest.split_once("=\"") else {
+                return false;
+            };
+            if !is_name(name) {
+                return false;
+            }
+            let mut end = None;
+            let mut escaped = false;
+            for (index, c) in after.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = Some(index);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            let Some(end) = end else { return false };
+            rest = &after[end + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+        true
+    }
+    let mut problems = Vec::new();
+    let mut types: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.last() != Some(&"# EOF") {
+        problems.push("the text does not end with # EOF".to_string());
+    }
+    for line in &lines {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut words = comment.splitn(3, ' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some("EOF"), None, None) => {}
+                (Some("TYPE"), Some(name), Some(kind)) => {
+                    if !is_name(name) {
+                        problems.push(format!("bad family name: {line}"));
+                    }
+                    types.insert(name.to_string(), kind.to_string());
+                }
+                (Some("HELP" | "UNIT"), Some(name), _) if is_name(name) => {}
+                _ => problems.push(format!("unknown comment: {line}")),
+            }
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(split) => split,
+            None => {
+                problems.push(format!("no value: {line}"));
+                continue;
+            }
+        };
+        if value.parse::<f64>().is_err() && !matches!(value, "+Inf" | "-Inf" | "NaN") {
+            problems.push(format!("not a number: {line}"));
+        }
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => match labels.strip_suffix('}') {
+                Some(labels) => (name, labels),
+                None => {
+                    problems.push(format!("unclosed labels: {line}"));
+                    continue;
+                }
+            },
+            None => (series, ""),
+        };
+        if !is_name(name) || !labels_ok(labels) {
+            problems.push(format!("bad name or labels: {line}"));
+        }
+        let family = types.iter().find(|(family, kind)| {
+            let suffixes: &[&str] = match kind.as_str() {
+                "counter" => &["_total", "_created"],
+                "histogram" => &["_bucket", "_sum", "_count", "_created"],
+                _ => &[""],
+            };
+            suffixes
+                .iter()
+                .any(|suffix| name.strip_suffix(suffix) == Some(family.as_str()))
+        });
+        if family.is_none() {
+            problems.push(format!(
+                "a sample of no declared family (or a counter without _total): {line}"
+            ));
+        }
+    }
+    problems
 }
 
 /// How many refusals of `layer` and `reason` the listener `public` counted, from Prometheus text.
@@ -272,5 +376,37 @@ where
         }
         assert!(start.elapsed() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exposition_problems;
+
+    #[test]
+    fn the_exposition_check_finds_what_is_wrong() {
+        let good = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\",y=\"a \\\"b\\\"\"} 3\n# TYPE b gauge\nb 0.5\n# EOF\n";
+        assert_eq!(exposition_problems(good), Vec::<String>::new());
+        assert_eq!(
+            exposition_problems("# TYPE a counter\na 1\n# EOF\n").len(),
+            1,
+            "no _total"
+        );
+        assert_eq!(
+            exposition_problems("# TYPE b gauge\nb one\n# EOF\n").len(),
+            1,
+            "no number"
+        );
+        assert_eq!(
+            exposition_problems("# TYPE b gauge\nb{x=1} 1\n# EOF\n").len(),
+            1,
+            "bad labels"
+        );
+        assert_eq!(
+            exposition_problems("# TYPE b gauge\nb 1\n").len(),
+            1,
+            "no EOF"
+        );
+        assert_eq!(exposition_problems("c 1\n# EOF\n").len(), 1, "no family");
     }
 }

@@ -130,7 +130,7 @@ async fn proxy_metric_requests(proxy: &TestProxy) -> Option<f64> {
     let text = proxy.scrape().await;
     bouncer_testkit::metric(
         &text,
-        "bouncer_requests_total{listener=\"public\",route=\"app\",status_class=\"2xx\"}",
+        "bouncer_requests_total{listener=\"public\",route=\"app\",upstream=\"app\",status_class=\"2xx\"}",
     )
 }
 

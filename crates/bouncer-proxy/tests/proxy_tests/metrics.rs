@@ -33,7 +33,7 @@ async fn metrics_count_requests_and_refusals_exactly() {
         metric(
             &text,
             &format!(
-                "bouncer_requests_total{{listener=\"public\",route=\"app\",status_class=\"{class}\"}}"
+                "bouncer_requests_total{{listener=\"public\",route=\"app\",upstream=\"app\",status_class=\"{class}\"}}"
             ),
         )
     };
@@ -43,7 +43,7 @@ async fn metrics_count_requests_and_refusals_exactly() {
     assert_eq!(
         metric(
             &text,
-            "bouncer_requests_total{listener=\"public\",route=\"none\",status_class=\"4xx\"}"
+            "bouncer_requests_total{listener=\"public\",route=\"none\",upstream=\"none\",status_class=\"4xx\"}"
         ),
         Some(2.0)
     );
@@ -78,8 +78,32 @@ async fn metrics_count_requests_and_refusals_exactly() {
         ),
         Some(11.0)
     );
+    // Per backend, by status class: 7 + 3 + 1 answered, plus the 3 retries that got 503 again.
+    let backend_responses = |class: &str| -> f64 {
+        backends
+            .iter()
+            .map(|backend| {
+                metric(
+                    &text,
+                    &format!(
+                        "bouncer_upstream_responses_total{{upstream=\"app\",backend=\"{}\",status_class=\"{class}\"}}",
+                        backend.address
+                    ),
+                )
+                .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    assert_eq!(backend_responses("2xx"), 7.0);
+    assert_eq!(backend_responses("5xx"), 6.0);
+    assert_eq!(backend_responses("4xx"), 1.0);
+    assert_eq!(
+        metric(&text, "bouncer_requests_in_flight{listener=\"public\"}"),
+        Some(0.0)
+    );
     assert!(text.contains("# TYPE bouncer_connections_open gauge"));
-    assert!(text.trim_end().ends_with("# EOF"));
+    let problems = bouncer_testkit::exposition_problems(&text);
+    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 #[tokio::test]
@@ -95,7 +119,7 @@ async fn a_client_that_leaves_before_its_answer_is_counted_as_499() {
     )
     .await;
     waiting.abort();
-    let sample = "bouncer_requests_total{listener=\"public\",route=\"app\",status_class=\"4xx\"}";
+    let sample = "bouncer_requests_total{listener=\"public\",route=\"app\",upstream=\"app\",status_class=\"4xx\"}";
     bouncer_testkit::eventually(
         Duration::from_secs(5),
         "the abandoned request was counted",
