@@ -568,6 +568,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// The unix socket a new Bouncer process takes the listening sockets over through.
     pub upgrade_socket: Option<PathBuf>,
+    /// Whether a change to the config file is reloaded by itself, as on SIGHUP.
+    pub watch_config: bool,
 }
 
 impl Default for ServerConfig {
@@ -583,6 +585,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             workers: 0,
             upgrade_socket: None,
+            watch_config: false,
         }
     }
 }

@@ -1541,6 +1541,7 @@ fn read_server(d: &mut Diagnostics, mut section: Section, file: &Path) -> Server
         file,
         "the upgrade socket's path cannot be empty",
     );
+    let watch_config = section.bool(d, "watch_config").unwrap_or(false);
     section.finish(d);
     ServerConfig {
         header_timeout,
@@ -1553,6 +1554,7 @@ fn read_server(d: &mut Diagnostics, mut section: Section, file: &Path) -> Server
         shutdown_grace,
         workers: usize::try_from(workers).unwrap_or(0),
         upgrade_socket,
+        watch_config,
     }
 }
 

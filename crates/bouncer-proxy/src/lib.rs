@@ -467,6 +467,12 @@ pub async fn start_with(
             Err(error) => tracing::warn!(%error, "the takeover acknowledgement failed"),
         }
     }
+    if config.server.watch_config {
+        tokio::spawn(reload::watch_config_file(
+            Arc::downgrade(&reloader),
+            lifecycle_receiver.clone(),
+        ));
+    }
     let handed_over = Arc::new(HandOver::default());
     if let Some(path) = upgrade_socket {
         let unix = if takeover_from.is_some() {

@@ -274,6 +274,8 @@ fn needs_restart(before: &Config, after: &Config) -> Option<&'static str> {
         Some("server.workers")
     } else if before.server.upgrade_socket != after.server.upgrade_socket {
         Some("server.upgrade_socket")
+    } else if before.server.watch_config != after.server.watch_config {
+        Some("server.watch_config")
     } else if before.cache != after.cache && before.routes.iter().any(|route| route.cache.is_some())
     {
         Some("[cache]")
@@ -358,5 +360,46 @@ impl Reloader {
         self.shared.metrics.config_reloaded("failed");
         tracing::error!(error = %error, cause = ?std::error::Error::source(&error).map(ToString::to_string), "config reload failed; the running config stays");
         error
+    }
+}
+
+/// How often the config file is looked at, with `server.watch_config`.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// With `server.watch_config`: reloads the config file whenever its length, modification time or
+/// content changes, until the proxy stops. A change that does not load is logged and counted, and
+/// the running config stays, as with SIGHUP.
+pub(crate) async fn watch_config_file(
+    reloader: std::sync::Weak<Reloader>,
+    mut lifecycle: tokio::sync::watch::Receiver<crate::listener::Lifecycle>,
+) {
+    let fingerprint = |path: &std::path::Path| {
+        let metadata = std::fs::metadata(path).ok()?;
+        let text = std::fs::read(path).ok()?;
+        Some((metadata.len(), metadata.modified().ok(), text))
+    };
+    let Some(path) = reloader
+        .upgrade()
+        .map(|reloader| reloader.live.load().config.source.clone())
+    else {
+        return;
+    };
+    let mut seen = fingerprint(&path);
+    loop {
+        tokio::select! {
+            _ = lifecycle.wait_for(|state| *state != crate::listener::Lifecycle::Running) => return,
+            () = tokio::time::sleep(WATCH_INTERVAL) => {}
+        }
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let Some(reloader) = reloader.upgrade() else {
+            return;
+        };
+        tracing::info!(file = %path.display(), "the config file changed: reloading");
+        // The outcome is logged and counted by the reload itself.
+        let _ = reloader.reload_from_file().await;
     }
 }

@@ -253,9 +253,10 @@ fn run(path: &Path, takeover: bool) -> anyhow::Result<()> {
             log_filter: log_filter_control(),
             inherited,
         };
+        let mut signals = Signals::listen()?;
         let proxy = bouncer_proxy::start_with(&config, options).await?;
         notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
-        if wait_for_shutdown_signal(Some(&proxy)).await? == Stop::HandedOver {
+        if wait_for_shutdown_signal(&mut signals, Some(&proxy)).await? == Stop::HandedOver {
             let report = proxy.finish_handover().await;
             if report.drained {
                 tracing::info!("every connection finished after the handover; exiting");
@@ -277,6 +278,7 @@ fn run(path: &Path, takeover: bool) -> anyhow::Result<()> {
 
 fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     runtime(0)?.block_on(async {
+        let mut signals = Signals::listen()?;
         let mut demo = bouncer_proxy::demo::start(bind, https, admin).await?;
         let backends: Vec<String> = demo.backends.iter().map(ToString::to_string).collect();
         println!(
@@ -362,7 +364,7 @@ fn demo(bind: SocketAddr, https: SocketAddr, admin: SocketAddr) -> anyhow::Resul
         if let Some((current, set)) = log_filter_control() {
             demo.proxy.set_log_filter_control(&current, set);
         }
-        wait_for_shutdown_signal(Some(&demo.proxy)).await?;
+        wait_for_shutdown_signal(&mut signals, Some(&demo.proxy)).await?;
         demo.proxy.shutdown().await;
         Ok(())
     })
@@ -376,17 +378,37 @@ enum Stop {
     HandedOver,
 }
 
+/// The signals Bouncer answers, listened for from before the proxy starts: a signal that came
+/// between the start and the first wait would otherwise take its default action (most end the
+/// process).
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    reopen: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    upgrade: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            reopen: signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?,
+            hangup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+            upgrade: signal(SignalKind::user_defined2()).context("cannot listen for SIGUSR2")?,
+        })
+    }
+}
+
 /// Waits for SIGTERM or SIGINT, or for a new process to take over; meanwhile SIGHUP reloads the
-/// config file and SIGUSR1 reopens the access log (after logrotate moved it).
+/// config file, SIGUSR1 reopens the access log (after logrotate moved it) and SIGUSR2 starts the
+/// program again to take over.
 async fn wait_for_shutdown_signal(
+    signals: &mut Signals,
     proxy: Option<&bouncer_proxy::RunningProxy>,
 ) -> anyhow::Result<Stop> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    let mut reopen = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
-    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
-    let mut upgrade = signal(SignalKind::user_defined2()).context("cannot listen for SIGUSR2")?;
     let handed_over = async {
         match proxy {
             Some(proxy) => proxy.handed_over().await,
@@ -396,26 +418,26 @@ async fn wait_for_shutdown_signal(
     tokio::pin!(handed_over);
     loop {
         tokio::select! {
-            _ = terminate.recv() => return Ok(Stop::Signal),
-            _ = interrupt.recv() => return Ok(Stop::Signal),
+            _ = signals.terminate.recv() => return Ok(Stop::Signal),
+            _ = signals.interrupt.recv() => return Ok(Stop::Signal),
             pid = &mut handed_over => {
                 tracing::info!(new_pid = pid, "handed over to a new process: draining, then exiting");
                 return Ok(Stop::HandedOver);
             }
-            _ = hangup.recv() => {
+            _ = signals.hangup.recv() => {
                 if let Some(proxy) = proxy {
                     tracing::info!("SIGHUP: reloading the config file");
                     // The outcome is logged and counted by the reload itself.
                     let _ = proxy.reload_from_file().await;
                 }
             }
-            _ = reopen.recv() => {
+            _ = signals.reopen.recv() => {
                 if let Some(proxy) = proxy {
                     tracing::info!("SIGUSR1: reopening the access log");
                     proxy.reopen_logs();
                 }
             }
-            _ = upgrade.recv() => {
+            _ = signals.upgrade.recv() => {
                 if let Some(proxy) = proxy {
                     start_successor(proxy);
                 }

@@ -308,3 +308,37 @@ async fn bans_and_a_drained_backend_survive_a_reload_that_rebuilds_them() {
     }
     assert_eq!(backends[0].count(), requests_to_drained);
 }
+
+#[tokio::test]
+async fn with_watch_config_a_changed_file_is_reloaded_by_itself() {
+    let backends = Backend::start_many(2).await;
+    let watching = "[server]\nwatch_config = true";
+    let proxy = FileProxy::start("watch", &config(&[&backends[0]], watching)).await;
+    let clients = Clients::new();
+    let url = format!("http://{}/", proxy.address);
+    assert_eq!(clients.get(&url).await.text(), "backend 0\n");
+
+    std::fs::write(&proxy.path, config(&[&backends[1]], watching)).unwrap();
+    eventually(Duration::from_secs(10), "the change is applied", || async {
+        clients.get(&url).await.text() == "backend 1\n"
+    })
+    .await;
+
+    std::fs::write(&proxy.path, "[[listeners]]\nname = 7\n").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the broken file is refused",
+        || async {
+            metric(
+                &proxy.scrape().await,
+                "bouncer_config_reloads_total{result=\"failed\"}",
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    assert_eq!(
+        clients.get(&url).await.text(),
+        "backend 1\n",
+        "the running config stays"
+    );
+}
