@@ -565,6 +565,12 @@ async fn an_upgrade_under_load_loses_no_request_and_no_connection_attempt() {
         0,
         "no request or connection failed"
     );
+    eprintln!(
+        "upgrade under load: {} requests answered, {} failed, {} keep-alive connections closed after Connection: close",
+        load.ok.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+        load.closed_politely.load(Ordering::Relaxed)
+    );
     assert!(
         load.closed_politely.load(Ordering::Relaxed) >= 4,
         "each keep-alive client was told to move on"

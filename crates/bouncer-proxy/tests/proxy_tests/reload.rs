@@ -202,6 +202,59 @@ async fn reloads_under_a_sustained_load_lose_no_request_and_kept_alive_connectio
         metric(&text, "bouncer_config_reloads_total{result=\"ok\"}"),
         Some(6.0)
     );
+    // The counters carried on through the reloads: every answer is counted once (as its
+    // exchange ends, just after the client has it all).
+    let answered = load.ok.load(Ordering::Relaxed) as f64;
+    eventually(Duration::from_secs(5), "every answer is counted", || async {
+        metric(
+            &proxy.scrape().await,
+            "bouncer_requests_total{listener=\"public\",route=\"app\",upstream=\"app\",status_class=\"2xx\"}",
+        ) == Some(answered)
+    })
+    .await;
+    eprintln!(
+        "six reloads under load: {} requests answered on 4 keep-alive connections, {} failed, {} answered by the backend only the reloaded config names",
+        load.ok.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+        load.from_second.load(Ordering::Relaxed)
+    );
+}
+
+#[tokio::test]
+async fn the_cache_survives_a_reload() {
+    let backends = Backend::start_many(2).await;
+    let caching = |servers: &[&Backend]| {
+        config(servers, "").replace(
+            "[[routes]]\nname = \"app\"\nupstream = \"app\"",
+            "[[routes]]\nname = \"app\"\nupstream = \"app\"\ncache = { enabled = true }",
+        )
+    };
+    let proxy = FileProxy::start("cache", &caching(&[&backends[0]])).await;
+    let clients = Clients::new();
+    let url = format!("http://{}/cache/kept?cc=max-age%3D600", proxy.address);
+    assert_eq!(
+        clients.get(&url).await.text().len(),
+        clients.get(&url).await.text().len()
+    );
+    assert_eq!(backends[0].count(), 1, "cached");
+    let (status, body) = proxy
+        .reload_through_api(&caching(&[&backends[0], &backends[1]]))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let again = clients.get(&url).await;
+    assert!(
+        again
+            .header("cache-status")
+            .unwrap_or_default()
+            .contains("hit"),
+        "{:?}",
+        again.header("cache-status")
+    );
+    assert_eq!(
+        backends[0].count() + backends[1].count(),
+        1,
+        "still from the cache"
+    );
 }
 
 #[tokio::test]
