@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bouncer_testkit::{Backend, Clients, empty, eventually, full, metric};
+use bouncer_testkit::{Backend, Clients, config_for as config, empty, eventually, full, metric};
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -68,37 +68,6 @@ impl Drop for FileProxy {
     }
 }
 
-/// The test config with `servers` in the upstream and `extra` appended.
-fn config(servers: &[&Backend], extra: &str) -> String {
-    let list: Vec<String> = servers
-        .iter()
-        .map(|backend| format!("\"{}\"", backend.address))
-        .collect();
-    format!(
-        r#"
-[admin]
-bind = "127.0.0.1:0"
-
-[[listeners]]
-name = "public"
-bind = "127.0.0.1:0"
-
-[[routes]]
-name = "app"
-upstream = "app"
-
-[upstreams.app]
-servers = [{}]
-
-[access_log]
-format = "off"
-
-{extra}
-"#,
-        list.join(", ")
-    )
-}
-
 /// What the keep-alive clients saw.
 #[derive(Default)]
 struct Load {
@@ -149,8 +118,8 @@ async fn keep_alive_client(proxy: SocketAddr, load: Arc<Load>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_a_sustained_load_lose_no_request_and_kept_alive_connections_follow_them() {
     let backends = Backend::start_many(2).await;
-    let one = config(&[&backends[0]], "");
-    let two = config(&[&backends[0], &backends[1]], "");
+    let one = config(&backends[..1], "");
+    let two = config(&backends, "");
     let proxy = FileProxy::start("load", &one).await;
     let load = Arc::new(Load::default());
     let clients: Vec<_> = (0..4)
@@ -223,13 +192,13 @@ async fn reloads_under_a_sustained_load_lose_no_request_and_kept_alive_connectio
 #[tokio::test]
 async fn the_cache_survives_a_reload() {
     let backends = Backend::start_many(2).await;
-    let caching = |servers: &[&Backend]| {
+    let caching = |servers: &[Backend]| {
         config(servers, "").replace(
             "[[routes]]\nname = \"app\"\nupstream = \"app\"",
             "[[routes]]\nname = \"app\"\nupstream = \"app\"\ncache = { enabled = true }",
         )
     };
-    let proxy = FileProxy::start("cache", &caching(&[&backends[0]])).await;
+    let proxy = FileProxy::start("cache", &caching(&backends[..1])).await;
     let clients = Clients::new();
     let url = format!("http://{}/cache/kept?cc=max-age%3D600", proxy.address);
     assert_eq!(
@@ -237,9 +206,7 @@ async fn the_cache_survives_a_reload() {
         clients.get(&url).await.text().len()
     );
     assert_eq!(backends[0].count(), 1, "cached");
-    let (status, body) = proxy
-        .reload_through_api(&caching(&[&backends[0], &backends[1]]))
-        .await;
+    let (status, body) = proxy.reload_through_api(&caching(&backends)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let again = clients.get(&url).await;
     assert!(
@@ -260,12 +227,12 @@ async fn the_cache_survives_a_reload() {
 #[tokio::test]
 async fn a_bad_config_or_a_listener_change_is_refused_and_the_running_config_stays() {
     let backends = Backend::start_many(2).await;
-    let good = config(&[&backends[0]], "");
+    let good = config(&backends[..1], "");
     let proxy = FileProxy::start("bad", &good).await;
     let clients = Clients::new();
     let url = format!("http://{}/", proxy.address);
 
-    let broken = config(&[&backends[1]], "[server]\nidle_timout = \"5s\"");
+    let broken = config(&backends[1..], "[server]\nidle_timout = \"5s\"");
     let (status, body) = proxy.reload_through_api(&broken).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let error = body["error"].as_str().unwrap();
@@ -301,7 +268,7 @@ async fn a_bad_config_or_a_listener_change_is_refused_and_the_running_config_sta
         Some(2.0)
     );
     // The good file applies.
-    let (status, _) = proxy.reload_through_api(&config(&[&backends[1]], "")).await;
+    let (status, _) = proxy.reload_through_api(&config(&backends[1..], "")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(clients.get(&url).await.text(), "backend 1\n");
 }
@@ -310,7 +277,7 @@ async fn a_bad_config_or_a_listener_change_is_refused_and_the_running_config_sta
 async fn bans_and_a_drained_backend_survive_a_reload_that_rebuilds_them() {
     let backends = Backend::start_many(2).await;
     let limited = "[[rate_limits]]\nname = \"per-ip\"\nrate = \"1000/s\"";
-    let before = config(&[&backends[0], &backends[1]], limited);
+    let before = config(&backends, limited);
     let proxy = FileProxy::start("state", &before).await;
     let admin = proxy.proxy.admin_address().unwrap();
     let clients = Clients::new();
@@ -337,10 +304,10 @@ async fn bans_and_a_drained_backend_survive_a_reload_that_rebuilds_them() {
     // Another limit and another upstream setting: both the protection layer and the upstream
     // are rebuilt.
     let after = config(
-        &[&backends[0], &backends[1]],
+        &backends,
         "[[rate_limits]]\nname = \"per-ip\"\nrate = \"2000/s\"",
     )
-    .replace("servers = [", "connect_timeout = \"3s\"\nservers = [");
+    .replace("servers = [", "pool_max_idle = 7\nservers = [");
     let (status, body) = proxy.reload_through_api(&after).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["protection_rebuilt"], true);
@@ -366,12 +333,12 @@ async fn bans_and_a_drained_backend_survive_a_reload_that_rebuilds_them() {
 async fn with_watch_config_a_changed_file_is_reloaded_by_itself() {
     let backends = Backend::start_many(2).await;
     let watching = "[server]\nwatch_config = true";
-    let proxy = FileProxy::start("watch", &config(&[&backends[0]], watching)).await;
+    let proxy = FileProxy::start("watch", &config(&backends[..1], watching)).await;
     let clients = Clients::new();
     let url = format!("http://{}/", proxy.address);
     assert_eq!(clients.get(&url).await.text(), "backend 0\n");
 
-    std::fs::write(&proxy.path, config(&[&backends[1]], watching)).unwrap();
+    std::fs::write(&proxy.path, config(&backends[1..], watching)).unwrap();
     eventually(Duration::from_secs(10), "the change is applied", || async {
         clients.get(&url).await.text() == "backend 1\n"
     })
