@@ -643,6 +643,34 @@ impl Drop for StopOnDrop {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_proxy_says_it_is_ready_and_which_process_is_the_main_one() {
+    let backends = Backend::start_many(1).await;
+    let config = ConfigFile::new(&config_for(&backends, ""));
+    // What systemd gives a Type=notify service: a datagram socket named in NOTIFY_SOCKET.
+    let socket_path = config.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = Command::new(BINARY)
+        .args(["run", "--config"])
+        .arg(&config.path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut message = [0u8; 256];
+    let received = tokio::task::block_in_place(|| notify.recv(&mut message));
+    let _ = child.kill();
+    let _ = child.wait();
+    let length = received.expect("a notification within 10 s");
+    let text = String::from_utf8_lossy(&message[..length]).into_owned();
+    assert_eq!(text, format!("READY=1\nMAINPID={}", child.id()));
+}
+
 /// Sends the start of a request head and waits for the proxy's 408 once `header_timeout` passes.
 async fn stall_a_request_head(proxy: SocketAddr) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
