@@ -17,7 +17,7 @@ use bouncer_cache_policy::{
 };
 use bouncer_config::{CacheConfig, CacheKeyPart, RouteCacheConfig};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
 
 use crate::metrics::{CacheMetrics, StoreMetrics};
@@ -56,6 +56,35 @@ impl Variant {
             .sum();
         self.body.len() as u64 + fields as u64 + 256
     }
+}
+
+/// `headers` with their values copied into one buffer of their own. Values parsed from a
+/// backend's response point into that connection's whole read buffer (8 KiB or more), which a
+/// stored entry would otherwise keep alive for a few hundred bytes of fields, past the cache's
+/// bound on stored bytes.
+pub(crate) fn compact_headers(headers: &HeaderMap) -> HeaderMap {
+    let total: usize = headers.values().map(HeaderValue::len).sum();
+    let mut buffer = bytes::BytesMut::with_capacity(total);
+    for value in headers.values() {
+        buffer.extend_from_slice(value.as_bytes());
+    }
+    let buffer = buffer.freeze();
+    let mut compact = HeaderMap::with_capacity(headers.len());
+    let mut offset = 0;
+    for (name, value) in headers {
+        let end = offset + value.len();
+        // The bytes were a valid value a moment ago; should the check disagree, the value is
+        // kept as it was rather than lost.
+        let copied = HeaderValue::from_maybe_shared(buffer.slice(offset..end))
+            .map(|mut copied| {
+                copied.set_sensitive(value.is_sensitive());
+                copied
+            })
+            .unwrap_or_else(|_| value.clone());
+        compact.append(name.clone(), copied);
+        offset = end;
+    }
+    compact
 }
 
 /// Everything stored under one key.
@@ -413,4 +442,32 @@ pub(crate) fn variant_key(vary: &[HeaderName], headers: &HeaderMap) -> Vec<Optio
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compacted_fields_keep_their_values_and_order_in_a_buffer_of_their_own() {
+        // Values that point into a large buffer, as a parsed response's do.
+        let big = bytes::Bytes::from(format!("{}abc, def", " ".repeat(8192)));
+        let mut headers = HeaderMap::new();
+        headers.append(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_maybe_shared(big.slice(8192..)).expect("value"),
+        );
+        headers.append(http::header::VARY, HeaderValue::from_static("accept"));
+        headers.append(http::header::VARY, HeaderValue::from_static("cookie"));
+        let compact = compact_headers(&headers);
+        assert_eq!(compact, headers);
+        let vary: Vec<_> = compact.get_all(http::header::VARY).iter().collect();
+        assert_eq!(vary, ["accept", "cookie"]);
+        // The big buffer is no longer needed by the copy: it is uniquely owned again.
+        drop(headers);
+        assert!(
+            big.is_unique(),
+            "the stored fields let the response's buffer go"
+        );
+    }
 }

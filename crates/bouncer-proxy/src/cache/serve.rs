@@ -374,6 +374,7 @@ async fn fetch(
         {
             let mut headers = stale.headers.clone();
             freshen(&mut headers, response.headers());
+            let headers = super::compact_headers(&headers);
             let freshness = Freshness::new(
                 stale.status,
                 &headers,
@@ -450,6 +451,7 @@ async fn fetch(
                     headers.append(name.clone(), value.clone());
                 }
             }
+            let headers = super::compact_headers(&headers);
             let tags = tags_of(&headers);
             let freshness = Freshness::new(
                 status,
