@@ -257,11 +257,23 @@ fn run(path: &Path, takeover: bool) -> anyhow::Result<()> {
         let proxy = bouncer_proxy::start_with(&config, options).await?;
         notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
         if wait_for_shutdown_signal(&mut signals, Some(&proxy)).await? == Stop::HandedOver {
-            let report = proxy.finish_handover().await;
-            if report.drained {
-                tracing::info!("every connection finished after the handover; exiting");
-            } else {
-                tracing::warn!("idle timeout and grace over after the handover; closing the connections left");
+            // Dropping the proxy (with the future that owns it) closes what is left at once.
+            let finishing = proxy.finish_handover();
+            tokio::pin!(finishing);
+            tokio::select! {
+                report = &mut finishing => {
+                    if report.drained {
+                        tracing::info!("every connection finished after the handover; exiting");
+                    } else {
+                        tracing::warn!("idle timeout and grace over after the handover; closing the connections left");
+                    }
+                }
+                _ = signals.terminate.recv() => {
+                    tracing::warn!("SIGTERM while draining after the handover: closing the connections left");
+                }
+                _ = signals.interrupt.recv() => {
+                    tracing::warn!("SIGINT while draining after the handover: closing the connections left");
+                }
             }
             return Ok(());
         }

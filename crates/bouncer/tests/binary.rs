@@ -671,6 +671,47 @@ async fn under_systemd_the_proxy_says_it_is_ready_and_which_process_is_the_main_
     assert_eq!(text, format!("READY=1\nMAINPID={}", child.id()));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_drain_after_a_handover() {
+    let backends = Backend::start_many(1).await;
+    let config = ConfigFile::new(&config_for(
+        &backends,
+        "[server]\nupgrade_socket = \"upgrade.sock\"\nidle_timeout = \"5m\"",
+    ));
+    let path = config.path.clone();
+    let mut old = RunningBinary::start(config, &[]);
+    // An idle keep-alive connection would hold the old process for the idle timeout.
+    let stream = tokio::net::TcpStream::connect(old.public).await.unwrap();
+    let (mut idle, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/")
+        .header("host", "app")
+        .body(bouncer_testkit::empty())
+        .unwrap();
+    assert_eq!(
+        idle.send_request(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let _new = tokio::task::block_in_place(|| RunningBinary::take_over(&path));
+    eventually(
+        Duration::from_secs(5),
+        "the old process hands over",
+        || async { old.stderr_lines("a new process took over the listening sockets") == 1 },
+    )
+    .await;
+    old.signal("TERM");
+    let exit = tokio::task::block_in_place(|| old.wait_for_exit(Duration::from_secs(10)));
+    assert_eq!(exit.code(), Some(0));
+    // Its last words may still be on their way through the pipe.
+    eventually(Duration::from_secs(5), "the reason is logged", || async {
+        old.stderr_lines("SIGTERM while draining after the handover") == 1
+    })
+    .await;
+}
+
 /// Sends the start of a request head and waits for the proxy's 408 once `header_timeout` passes.
 async fn stall_a_request_head(proxy: SocketAddr) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
