@@ -26,6 +26,11 @@ use crate::Snapshot;
 use crate::listener::Lifecycle;
 use crate::metrics::Metrics;
 
+/// Admin connections open at once, at most.
+const MAX_CONNECTIONS: usize = 256;
+/// How long an admin connection may take to send a request head, or wait between requests.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
 /// How long a ban made through the API lasts when the call names no duration.
@@ -55,6 +60,7 @@ pub(crate) async fn serve(
     state: Arc<AdminState>,
     mut lifecycle: watch::Receiver<Lifecycle>,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -69,14 +75,30 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        // Beyond the cap a connection is closed at once: the admin listener must not use up the
+        // descriptors the proxy needs.
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            continue;
+        };
         let state = Arc::clone(&state);
         let mut connection_lifecycle = lifecycle.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(answer(&state, request).await) }
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A connection that sends no request head for a while (idle between requests
+            // included) is closed; a dashboard's event stream is an answer, and goes on.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(HEADER_TIMEOUT));
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
@@ -643,12 +665,16 @@ fn set_log_level(state: &AdminState, body: &Value) -> Result<Value, Problem> {
                 "\"filter\" is required: a level such as \"debug\", or directives such as \"info,bouncer_proxy=debug\"",
             )
         })?;
-    (control.set)(filter)
-        .map_err(|reason| Problem::bad_request(format!("\"filter\": {reason}")))?;
-    *control
+    // Held across the change, so that two calls at once leave the filter reported the one in
+    // force.
+    let mut current = control
         .current
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = filter.to_string();
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    (control.set)(filter)
+        .map_err(|reason| Problem::bad_request(format!("\"filter\": {reason}")))?;
+    *current = filter.to_string();
+    drop(current);
     tracing::info!(filter, "log filter changed through the admin API");
     Ok(json!({ "filter": filter }))
 }

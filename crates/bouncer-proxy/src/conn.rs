@@ -62,6 +62,8 @@ pub struct ConnectionActivity {
     /// Set when another process took the listening sockets over: the next answer closes the
     /// connection.
     closing: AtomicBool,
+    /// Told when a closing connection turns out to be HTTP/2, which closes by GOAWAY instead.
+    goaway: tokio::sync::Notify,
 }
 
 impl ConnectionActivity {
@@ -79,6 +81,7 @@ impl ConnectionActivity {
             reap: tokio::sync::Notify::new(),
             reaping: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            goaway: tokio::sync::Notify::new(),
         })
     }
 
@@ -93,16 +96,29 @@ impl ConnectionActivity {
 
     /// Asks that the connection be closed after its next answer.
     pub fn close_after_answer(&self) {
-        self.closing.store(true, Ordering::Release);
+        // With `mark_http2`, sequentially consistent: of the two, one sees the other's store, so
+        // an HTTP/2 connection is always told to send its GOAWAY.
+        self.closing.store(true, Ordering::SeqCst);
+        if self.is_http2.load(Ordering::SeqCst) {
+            self.goaway.notify_one();
+        }
     }
 
     pub fn closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// Told by the pipeline once it sees an HTTP/2 request: HTTP/2 never gets a raw 408.
+    /// Resolves when a connection asked to close turns out to be HTTP/2.
+    pub async fn goaway_requested(&self) {
+        self.goaway.notified().await;
+    }
+
+    /// Told by the pipeline once it sees an HTTP/2 request: HTTP/2 never gets a raw 408. A
+    /// connection already asked to close after its next answer gets a GOAWAY instead.
     pub fn mark_http2(&self) {
-        self.is_http2.store(true, Ordering::Relaxed);
+        if !self.is_http2.swap(true, Ordering::SeqCst) && self.closing.load(Ordering::SeqCst) {
+            self.goaway.notify_one();
+        }
     }
 
     /// Since when this keep-alive connection has waited for its next request; `None` while a

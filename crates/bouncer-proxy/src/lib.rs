@@ -149,6 +149,8 @@ pub(crate) struct Snapshot {
 
 /// A proxy serving its listeners. Dropping it without [`RunningProxy::shutdown`] closes everything.
 pub struct RunningProxy {
+    /// After a start that took sockets over: the line to tell the previous process to drain.
+    takeover: std::sync::Mutex<Option<upgrade::Inherited>>,
     listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
     lifecycle: Arc<watch::Sender<Lifecycle>>,
@@ -212,6 +214,17 @@ impl RunningProxy {
         })));
     }
 
+    /// The log filter in force, when the admin API may change it.
+    pub fn log_filter(&self) -> Option<String> {
+        self.log_control.load().as_ref().map(|control| {
+            control
+                .current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
     /// Reopens the access log file (after logrotate moved it away); nothing for standard output.
     pub fn reopen_logs(&self) {
         self.access_log.reopen();
@@ -245,6 +258,27 @@ impl RunningProxy {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// After a start that took the listening sockets over, tells the previous process that this
+    /// one serves, so that it stops accepting and drains. Call it once nothing that can fail is
+    /// left (systemd told of the new main process, say): until then both processes serve.
+    pub async fn complete_takeover(&self) {
+        let inherited = self
+            .takeover
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(inherited) = inherited else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || inherited.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the previous process did not acknowledge the takeover; both serve until it exits");
+            }
+            Err(error) => tracing::warn!(%error, "the takeover acknowledgement failed"),
+        }
     }
 
     /// Resolves when a new process has taken the listening sockets over (see [`upgrade`]), with
@@ -458,15 +492,6 @@ pub async fn start_with(
     // Serving now: the process this one replaces may stop accepting.
     let upgrade_socket = config.server.upgrade_socket.clone();
     let takeover_from = inherited.as_ref().map(|inherited| inherited.previous_pid);
-    if let Some(inherited) = inherited {
-        match tokio::task::spawn_blocking(move || inherited.ready()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "the previous process did not acknowledge the takeover; both serve until it exits")
-            }
-            Err(error) => tracing::warn!(%error, "the takeover acknowledgement failed"),
-        }
-    }
     if config.server.watch_config {
         tokio::spawn(reload::watch_config_file(
             Arc::downgrade(&reloader),
@@ -516,6 +541,7 @@ pub async fn start_with(
         );
     }
     Ok(RunningProxy {
+        takeover: std::sync::Mutex::new(inherited),
         listeners: bound,
         admin,
         lifecycle: Arc::new(lifecycle),

@@ -279,7 +279,8 @@ async fn serve_tls(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(io)) => handshake,
-        _ = lifecycle.wait_for(|state| *state != Lifecycle::Running) => return,
+        // A handover lets a handshake in progress finish: the connection is then served once.
+        _ = lifecycle.wait_for(|state| *state >= Lifecycle::Draining) => return,
     };
     let record = |result| {
         if let Some(handshakes) = &metrics.handshakes {
@@ -347,8 +348,12 @@ async fn serve_http<I>(
         Box::pin(async move {
             let mut response = handle(&context, request).await;
             // Handing over to another process: this answer is the connection's last, and says
-            // so, so that the client opens its next connection (to the new process) at once.
-            if context.activity.closing() && !context.activity.is_http2() {
+            // so, so that the client opens its next connection (to the new process) at once. A
+            // protocol switch keeps its `Connection: upgrade`: its tunnel ends on its own.
+            if context.activity.closing()
+                && !context.activity.is_http2()
+                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
@@ -363,6 +368,11 @@ async fn serve_http<I>(
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
+            () = activity.goaway_requested(), if !draining => {
+                // An HTTP/2 connection whose first request came after a handover began.
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
             () = activity.reaped() => {
                 // Reaped at the connection cap; it must still be idle, or it carries on.
                 if activity.idle_since().is_some() {
@@ -376,13 +386,9 @@ async fn serve_http<I>(
                 match state {
                     Lifecycle::Running => {}
                     // HTTP/2 says GOAWAY, which lets streams in flight finish and sends new ones
-                    // elsewhere; HTTP/1 answers its next request with `Connection: close`.
-                    Lifecycle::HandingOver if activity.is_http2() => {
-                        if !draining {
-                            draining = true;
-                            connection.as_mut().graceful_shutdown();
-                        }
-                    }
+                    // elsewhere (told through `goaway_requested`, also when the connection is
+                    // found to be HTTP/2 only later); HTTP/1 answers its next request with
+                    // `Connection: close`.
                     Lifecycle::HandingOver => activity.close_after_answer(),
                     Lifecycle::Draining if !draining => {
                         draining = true;

@@ -72,9 +72,8 @@ pub(crate) async fn build(
             if let (Some(cluster), Some(cluster_config)) = (protection.cluster(), &config.cluster) {
                 cluster.wait_until_up(cluster_config.timeout).await;
             }
-            if let Some(previous) = previous {
-                protection.take_bans_from(&previous.protection);
-            }
+            // Bans carry over in `Reloader::reload`, right before the swap, so that none made
+            // while the rest is built is lost.
             protection
         }
     };
@@ -342,6 +341,10 @@ impl Reloader {
                 .collect(),
             protection_rebuilt: !Arc::ptr_eq(&previous.protection, &snapshot.protection),
         };
+        if report.protection_rebuilt {
+            // No await from here to the swap: every ban made (or lifted) until now is taken.
+            snapshot.protection.take_bans_from(&previous.protection);
+        }
         for (slot, runtime) in self.slots.iter().zip(&snapshot.runtimes) {
             slot.store(Arc::clone(runtime));
         }

@@ -11,7 +11,7 @@
 //! sends [`READY`] once it serves on them; the old one answers [`BYE`].
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,8 +30,6 @@ const READY: &[u8] = b"READY\n";
 const BYE: &[u8] = b"BYE\n";
 /// Listeners one handover carries at most (every `[[listeners]]` entry and the admin listener).
 const MAX_SOCKETS: usize = 64;
-/// How long the old process waits for the new one to say it serves.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The name the admin listener is handed over under.
@@ -181,9 +179,23 @@ pub(crate) fn bind_replacing(path: &Path) -> io::Result<UnixListener> {
 }
 
 fn bind_fresh(path: &Path) -> io::Result<UnixListener> {
-    let listener = UnixListener::bind(path)?;
-    // Whoever may connect may take the proxy's sockets: only its own user.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // Whoever may connect may take the proxy's sockets: only its own user. The socket is made
+    // under another name and moved into place once its mode says so, so that it is never
+    // reachable with a looser one.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.new", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    let placed = std::fs::set_permissions(
+        &staging,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(error) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(error);
+    }
     Ok(listener)
 }
 
@@ -243,14 +255,33 @@ pub(crate) async fn serve(
     }
 }
 
+/// The whole exchange with a new process must be done within this.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest line either side sends.
+const MAX_LINE: u64 = 256;
+
+/// Reads one line of at most [`MAX_LINE`] bytes, by `deadline`.
+fn read_line(
+    reader: &mut BufReader<&UnixStream>,
+    deadline: std::time::Instant,
+) -> io::Result<String> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    reader.get_ref().set_read_timeout(Some(left))?;
+    let mut line = String::new();
+    reader.by_ref().take(MAX_LINE).read_line(&mut line)?;
+    Ok(line)
+}
+
 fn hand_over(
     channel: &UnixStream,
     sockets: &[(String, Arc<tokio::net::TcpListener>)],
 ) -> io::Result<()> {
-    channel.set_read_timeout(Some(STEP_TIMEOUT))?;
+    let deadline = std::time::Instant::now() + EXCHANGE_TIMEOUT;
     let mut reader = BufReader::new(channel);
-    let mut hello = String::new();
-    reader.read_line(&mut hello)?;
+    let hello = read_line(&mut reader, deadline)?;
     if hello.is_empty() {
         // A process checking whether a Bouncer answers here (see `bind`).
         return Err(io::ErrorKind::UnexpectedEof.into());
@@ -259,6 +290,17 @@ fn hand_over(
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("not a takeover request: {hello:?}"),
+        ));
+    }
+    // The file's mode already keeps other users out; the peer's own credentials say so too.
+    let peer = rustix::net::sockopt::socket_peercred(channel)?;
+    if peer.uid != rustix::process::getuid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "a process of user {} asked for the sockets; only this process's user may",
+                peer.uid.as_raw()
+            ),
         ));
     }
     let offer = serde_json::json!({
@@ -279,9 +321,7 @@ fn hand_over(
         &mut control,
         SendFlags::empty(),
     )?;
-    channel.set_read_timeout(Some(READY_TIMEOUT))?;
-    let mut ready = String::new();
-    reader.read_line(&mut ready)?;
+    let ready = read_line(&mut reader, deadline)?;
     if ready.as_bytes() != READY {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

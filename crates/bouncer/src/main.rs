@@ -256,6 +256,9 @@ fn run(path: &Path, takeover: bool) -> anyhow::Result<()> {
         let mut signals = Signals::listen()?;
         let proxy = bouncer_proxy::start_with(&config, options).await?;
         notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
+        // Only now may the process this one replaces stop: this one serves, and systemd knows it
+        // as the main process.
+        proxy.complete_takeover().await;
         if wait_for_shutdown_signal(&mut signals, Some(&proxy)).await? == Stop::HandedOver {
             // Dropping the proxy (with the future that owns it) closes what is left at once.
             let finishing = proxy.finish_handover();
@@ -469,17 +472,25 @@ fn start_successor(proxy: &bouncer_proxy::RunningProxy) {
         return;
     };
     let config = proxy.config_file();
-    match std::process::Command::new(program)
+    let mut command = std::process::Command::new(program);
+    command
         .args(["run", "--takeover", "--config"])
         .arg(&config)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-    {
-        Ok(child) => tracing::info!(
-            program = %program.display(),
-            pid = child.id(),
-            "SIGUSR2: started the new binary to take over"
-        ),
+        .stdin(std::process::Stdio::null());
+    // The log filter in force now, which may have been changed through the API.
+    if let Some(current) = proxy.log_filter() {
+        command.arg("--log").arg(current);
+    }
+    match command.spawn() {
+        Ok(mut child) => {
+            tracing::info!(
+                program = %program.display(),
+                pid = child.id(),
+                "SIGUSR2: started the new binary to take over"
+            );
+            // Reaped if it fails while this process still runs, so that it leaves no zombie.
+            std::thread::spawn(move || child.wait());
+        }
         Err(error) => {
             tracing::error!(program = %program.display(), %error, "SIGUSR2: cannot start the new binary")
         }
