@@ -472,6 +472,63 @@ async fn upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>, fr
     }
 }
 
+/// Like [`upgrade_client`], over HTTP/2 with prior knowledge: a GOAWAY from the old process
+/// sends the next requests to a new connection.
+async fn h2_upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut sender: Option<hyper::client::conn::http2::SendRequest<bouncer_testkit::BoxBody>> =
+        None;
+    while !load.stop.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+        if sender.as_ref().is_none_or(|sender| sender.is_closed()) {
+            if sender.take().is_some() {
+                load.closed_politely.fetch_add(1, Ordering::Relaxed);
+            }
+            let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
+                load.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Ok((new_sender, connection)) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+            else {
+                load.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            tokio::spawn(connection);
+            sender = Some(new_sender);
+        }
+        let Some(current) = sender.as_mut() else {
+            continue;
+        };
+        // A connection that said GOAWAY takes no new stream: the next goes on a new one.
+        if current.ready().await.is_err() {
+            sender = None;
+            load.closed_politely.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let request = Request::get(format!("http://{proxy}/"))
+            .body(bouncer_testkit::empty())
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), async {
+            let response = current.send_request(request).await.ok()?;
+            let status = response.status();
+            response.into_body().collect().await.ok()?;
+            Some(status)
+        })
+        .await;
+        match answered {
+            Ok(Some(StatusCode::OK)) => {
+                load.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                load.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_under_load_loses_no_request_and_no_connection_attempt() {
     let backends = Backend::start_many(2).await;
@@ -498,6 +555,10 @@ async fn an_upgrade_under_load_loses_no_request_and_no_connection_attempt() {
             index == 4,
         )));
     }
+    clients.push(tokio::spawn(h2_upgrade_client(
+        old.public,
+        std::sync::Arc::clone(&load),
+    )));
     eventually(Duration::from_secs(5), "the load runs", || async {
         load.ok.load(Ordering::Relaxed) >= 200
     })
@@ -566,14 +627,14 @@ async fn an_upgrade_under_load_loses_no_request_and_no_connection_attempt() {
         "no request or connection failed"
     );
     eprintln!(
-        "upgrade under load: {} requests answered, {} failed, {} keep-alive connections closed after Connection: close",
+        "upgrade under load: {} requests answered, {} failed, {} connections told to move on (HTTP/1 Connection: close, HTTP/2 GOAWAY)",
         load.ok.load(Ordering::Relaxed),
         load.failed.load(Ordering::Relaxed),
         load.closed_politely.load(Ordering::Relaxed)
     );
     assert!(
-        load.closed_politely.load(Ordering::Relaxed) >= 4,
-        "each keep-alive client was told to move on"
+        load.closed_politely.load(Ordering::Relaxed) >= 5,
+        "each keep-alive client, HTTP/2 included, was told to move on"
     );
     assert_eq!(
         old.stderr_lines("a new process took over the listening sockets"),
