@@ -250,7 +250,7 @@ async fn serve_connection(
     runtime.protection.register_connection(&activity);
     if runtime.tls.is_none() {
         drop(runtime);
-        let context = ConnectionContext::new(slot, peer, activity, "http");
+        let context = ConnectionContext::new(slot, peer, activity, "http", lifecycle.clone());
         serve_http(io, context, &metrics, &builder, lifecycle).await;
     } else {
         // Boxed: the handshake and the TLS stream would otherwise make every plain connection's
@@ -311,7 +311,7 @@ async fn serve_tls(
         // A CA's tls-alpn-01 check ends with the handshake (RFC 8737 section 3).
         return;
     }
-    let mut context = ConnectionContext::new(slot, peer, activity, "https");
+    let mut context = ConnectionContext::new(slot, peer, activity, "https", lifecycle.clone());
     // The certificate the client asked for by name, whose names every request must then stay
     // within (421 otherwise).
     context.sni_certificate = session

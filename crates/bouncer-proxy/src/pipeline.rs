@@ -21,7 +21,7 @@ use crate::headers::{
     ClientAddress, ForwardingFacts, X_REQUEST_ID, remove_hop_by_hop, request_id,
     set_forwarding_headers,
 };
-use crate::listener::ListenerRuntime;
+use crate::listener::{Lifecycle, ListenerRuntime};
 use crate::pool::Lease;
 use crate::protection::RateSubject;
 use crate::routing::Route;
@@ -43,6 +43,8 @@ pub struct ConnectionContext {
     pub sni_certificate: Option<Arc<crate::tls::LoadedCertificate>>,
     /// With mutual TLS, the subject of the client's verified certificate.
     pub client_subject: Option<HeaderValue>,
+    /// The proxy's lifecycle, for what outlives the connection's requests (WebSocket tunnels).
+    pub lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
 }
 
 impl ConnectionContext {
@@ -52,9 +54,11 @@ impl ConnectionContext {
         peer: SocketAddr,
         activity: Arc<ConnectionActivity>,
         scheme: &'static str,
+        lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
     ) -> Self {
         Self {
             slot,
+            lifecycle,
             peer,
             peer_header: crate::headers::peer_header(peer),
             forwarded_for: crate::headers::forwarded_for(peer),
@@ -183,7 +187,8 @@ struct Forwarded {
     /// The backend connection, which goes back to its pool once the response body has been read.
     lease: Lease,
     read_timeout: Duration,
-    client_upgrade: Option<OnUpgrade>,
+    /// A WebSocket's client side, and the proxy's lifecycle, which its tunnel keeps up with.
+    client_upgrade: Option<(OnUpgrade, tokio::sync::watch::Receiver<Lifecycle>)>,
     /// What the cache did, on a caching route.
     cache_status: Option<HeaderValue>,
 }
@@ -334,7 +339,8 @@ async fn forward(
     };
 
     let websocket = is_websocket_upgrade(&request);
-    let client_upgrade: Option<OnUpgrade> = websocket.then(|| hyper::upgrade::on(&mut request));
+    let client_upgrade =
+        websocket.then(|| (hyper::upgrade::on(&mut request), ctx.lifecycle.clone()));
 
     let upstream = &route.upstream;
     let (mut parts, incoming) = request.into_parts();
@@ -728,7 +734,8 @@ fn respond(mut exchange: Box<Exchange>, forwarded: Forwarded) -> Response<Respon
             return answer_error(&error, exchange);
         };
         let backend_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, backend_upgrade, backend));
+        let (client_upgrade, lifecycle) = client_upgrade;
+        tokio::spawn(tunnel(client_upgrade, backend_upgrade, backend, lifecycle));
     }
     let (mut parts, incoming) = response.into_parts();
     // A connection that switched protocols belongs to the tunnel now.
@@ -788,7 +795,14 @@ fn respond_cached(
 }
 
 /// Copies bytes both ways between a client and a backend after a WebSocket handshake.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, backend_label: Arc<str>) {
+/// It holds a lifecycle receiver, so that a shutdown or a handover waits for it (within its grace
+/// period) like for any connection, and it ends when the proxy closes.
+async fn tunnel(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    backend_label: Arc<str>,
+    mut lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
+) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(both) => both,
         Err(error) => {
@@ -798,8 +812,13 @@ async fn tunnel(client: OnUpgrade, backend: OnUpgrade, backend_label: Arc<str>) 
     };
     let mut client = hyper_util::rt::TokioIo::new(client);
     let mut backend = hyper_util::rt::TokioIo::new(backend);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        tracing::debug!(backend = %backend_label, %error, "tunnel closed with an error");
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+            if let Err(error) = copied {
+                tracing::debug!(backend = %backend_label, %error, "tunnel closed with an error");
+            }
+        }
+        _ = lifecycle.wait_for(|state| *state == Lifecycle::Closing) => {}
     }
 }
 

@@ -773,6 +773,59 @@ async fn sigterm_ends_the_drain_after_a_handover() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_opened_on_the_old_process_during_a_handover_still_works() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let backends = Backend::start_many(1).await;
+    let config = ConfigFile::new(&config_for(
+        &backends,
+        "[server]\nupgrade_socket = \"upgrade.sock\"",
+    ));
+    let path = config.path.clone();
+    let old = RunningBinary::start(config, &[]);
+    // A keep-alive connection to the old process, idle through the takeover.
+    let mut stream = tokio::net::TcpStream::connect(old.public).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let head = bouncer_testkit::read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|value| value.parse().ok())
+        .unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    let _new = tokio::task::block_in_place(|| RunningBinary::take_over(&path));
+    eventually(
+        Duration::from_secs(5),
+        "the old process hands over",
+        || async { old.stderr_lines("a new process took over the listening sockets") == 1 },
+    )
+    .await;
+    // Its next request is an upgrade: the switch keeps `Connection: upgrade`, and the tunnel works.
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let head = bouncer_testkit::read_head(&mut stream)
+        .await
+        .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+}
+
 /// Sends the start of a request head and waits for the proxy's 408 once `header_timeout` passes.
 async fn stall_a_request_head(proxy: SocketAddr) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
