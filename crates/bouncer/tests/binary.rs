@@ -415,6 +415,39 @@ struct UpgradeLoad {
     stop: std::sync::atomic::AtomicBool,
 }
 
+/// Waits up to 10 s for one answer and counts it; false when it failed (a request that was sent
+/// and got no 200).
+async fn count_answer(
+    load: &UpgradeLoad,
+    response: impl std::future::Future<
+        Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>,
+    >,
+) -> bool {
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = response.await.ok()?;
+        let status = response.status();
+        response.into_body().collect().await.ok()?;
+        Some(status)
+    })
+    .await;
+    if answered == Ok(Some(StatusCode::OK)) {
+        load.ok.fetch_add(1, Ordering::Relaxed);
+        true
+    } else {
+        load.failed.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+}
+
+/// A new connection to `proxy`; a refused one is counted as a failure.
+async fn connect_counted(proxy: SocketAddr, load: &UpgradeLoad) -> Option<tokio::net::TcpStream> {
+    let connected = tokio::net::TcpStream::connect(proxy).await.ok();
+    if connected.is_none() {
+        load.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    connected
+}
+
 /// A client at full speed: on one keep-alive connection at a time, opening the next one when the
 /// proxy closes it after an answer; or (`fresh`) on a new connection for every request. A request
 /// that was sent and got no answer, or a refused connection, is a failure.
@@ -428,8 +461,7 @@ async fn upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>, fr
             if sender.take().is_some() && !fresh {
                 load.closed_politely.fetch_add(1, Ordering::Relaxed);
             }
-            let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
-                load.failed.fetch_add(1, Ordering::Relaxed);
+            let Some(stream) = connect_counted(proxy, &load).await else {
                 return;
             };
             let Ok((new_sender, connection)) =
@@ -453,21 +485,8 @@ async fn upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>, fr
             .header("host", "app")
             .body(bouncer_testkit::empty())
             .unwrap();
-        let answered = tokio::time::timeout(Duration::from_secs(10), async {
-            let response = current.send_request(request).await.ok()?;
-            let status = response.status();
-            response.into_body().collect().await.ok()?;
-            Some(status)
-        })
-        .await;
-        match answered {
-            Ok(Some(StatusCode::OK)) => {
-                load.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                load.failed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        if !count_answer(&load, current.send_request(request)).await {
+            return;
         }
     }
 }
@@ -484,8 +503,7 @@ async fn h2_upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>)
             if sender.take().is_some() {
                 load.closed_politely.fetch_add(1, Ordering::Relaxed);
             }
-            let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
-                load.failed.fetch_add(1, Ordering::Relaxed);
+            let Some(stream) = connect_counted(proxy, &load).await else {
                 return;
             };
             let Ok((new_sender, connection)) =
@@ -510,21 +528,8 @@ async fn h2_upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>)
         let request = Request::get(format!("http://{proxy}/"))
             .body(bouncer_testkit::empty())
             .unwrap();
-        let answered = tokio::time::timeout(Duration::from_secs(10), async {
-            let response = current.send_request(request).await.ok()?;
-            let status = response.status();
-            response.into_body().collect().await.ok()?;
-            Some(status)
-        })
-        .await;
-        match answered {
-            Ok(Some(StatusCode::OK)) => {
-                load.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                load.failed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        if !count_answer(&load, current.send_request(request)).await {
+            return;
         }
     }
 }
