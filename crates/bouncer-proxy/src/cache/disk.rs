@@ -520,6 +520,7 @@ fn read_file(file: &Path) -> io::Result<Variant> {
         vary: head.vary,
         secondary: head.secondary,
         tags: head.tags,
+        answer_fields: std::sync::OnceLock::new(),
     })
 }
 
@@ -668,6 +669,7 @@ mod tests {
             vary: vec![HeaderName::from_static("accept-language")],
             secondary: vec![Some("fr".into())],
             tags: vec!["red".into()],
+            answer_fields: std::sync::OnceLock::new(),
         }
     }
 

@@ -292,6 +292,7 @@ pub(crate) async fn pump(fill: Arc<Fill>, body: ResponseBody, job: StoreJob, att
                 vary: head.vary.clone(),
                 secondary: head.secondary.clone(),
                 tags: job.tags,
+                answer_fields: std::sync::OnceLock::new(),
             },
             &job.metrics,
         );

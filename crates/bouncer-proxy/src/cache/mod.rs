@@ -44,9 +44,55 @@ pub(crate) struct Variant {
     pub secondary: Vec<Option<String>>,
     /// Its `Surrogate-Key` and `Cache-Tag` names, for purges by tag.
     pub tags: Vec<String>,
+    /// The fields of a whole answer from it, made at its first hit; every later hit copies them
+    /// and fills in `Age` and `Cache-Status`, which are already in place, so that a hit neither
+    /// edits nor grows the map. See [`Variant::answer_fields`].
+    pub answer_fields: std::sync::OnceLock<HeaderMap>,
 }
 
 impl Variant {
+    /// The fields of a whole answer from this variant: the stored ones without
+    /// `Transfer-Encoding`, with its `Content-Length`, `Accept-Ranges` for a `200`, and places
+    /// for the fields each answer sets: `Age`, `Cache-Status` and the proxy's `X-Request-Id`.
+    /// Filling a place replaces a value; adding a field to a copied map would grow it.
+    pub(crate) fn answer_fields(&self) -> &HeaderMap {
+        self.answer_fields.get_or_init(|| {
+            // One spare slot beyond the fields added below, so that no insert into a copy
+            // finds the map at its load limit.
+            let mut fields = HeaderMap::with_capacity(self.headers.len() + 6);
+            for (name, value) in &self.headers {
+                if !matches!(
+                    *name,
+                    http::header::TRANSFER_ENCODING
+                        | http::header::CONTENT_LENGTH
+                        | http::header::ACCEPT_RANGES
+                        | http::header::AGE
+                ) && *name != serve::CACHE_STATUS
+                    && *name != crate::headers::X_REQUEST_ID
+                {
+                    fields.append(name.clone(), value.clone());
+                }
+            }
+            fields.insert(http::header::AGE, HeaderValue::from_static("0"));
+            fields.insert(serve::CACHE_STATUS.clone(), HeaderValue::from_static(""));
+            fields.insert(
+                crate::headers::X_REQUEST_ID.clone(),
+                HeaderValue::from_static(""),
+            );
+            if self.status == StatusCode::OK {
+                fields.insert(
+                    http::header::ACCEPT_RANGES,
+                    HeaderValue::from_static("bytes"),
+                );
+            }
+            fields.insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(self.body.len() as u64),
+            );
+            fields
+        })
+    }
+
     /// The bytes it takes: body, fields, and a fixed share for the rest.
     fn weight(&self) -> u64 {
         let fields: usize = self
@@ -468,6 +514,82 @@ mod tests {
         assert!(
             big.is_unique(),
             "the stored fields let the response's buffer go"
+        );
+    }
+
+    #[test]
+    fn answer_fields_hold_places_for_what_each_answer_sets_and_have_room_for_it() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        headers.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(http::header::AGE, HeaderValue::from_static("100"));
+        headers.insert(
+            crate::headers::X_REQUEST_ID.clone(),
+            HeaderValue::from_static("old"),
+        );
+        headers.append("x-many", HeaderValue::from_static("a"));
+        headers.append("x-many", HeaderValue::from_static("b"));
+        let now = std::time::SystemTime::now();
+        let variant = Variant {
+            status: StatusCode::OK,
+            freshness: Freshness::new(StatusCode::OK, &headers, now, now, None),
+            headers,
+            body: Bytes::from_static(b"twelve bytes"),
+            vary: Vec::new(),
+            secondary: Vec::new(),
+            tags: Vec::new(),
+            answer_fields: std::sync::OnceLock::new(),
+        };
+        let fields = variant.answer_fields();
+        assert!(!fields.contains_key(http::header::TRANSFER_ENCODING));
+        assert_eq!(fields[http::header::CONTENT_LENGTH], "12");
+        assert_eq!(fields[http::header::ACCEPT_RANGES], "bytes");
+        assert_eq!(fields[http::header::AGE], "0");
+        assert_eq!(fields[&crate::headers::X_REQUEST_ID], "");
+        assert!(fields.contains_key(&serve::CACHE_STATUS));
+        let many: Vec<_> = fields.get_all("x-many").iter().collect();
+        assert_eq!(many, ["a", "b"]);
+        // A copy takes the per-answer values in place: same length, no field added.
+        let mut copy = fields.clone();
+        for name in [
+            http::header::AGE,
+            serve::CACHE_STATUS.clone(),
+            crate::headers::X_REQUEST_ID.clone(),
+        ] {
+            copy.insert(name, HeaderValue::from_static("set"));
+        }
+        assert_eq!(copy.len(), fields.len());
+        assert!(copy.capacity() > copy.len(), "a spare slot is kept");
+    }
+
+    #[test]
+    fn a_plain_hit_is_written_as_the_general_formatter_writes_it() {
+        for ttl in [0, 7, 3599, -5, i64::MAX, i64::MIN] {
+            let status = bouncer_cache_policy::CacheStatus {
+                hit: true,
+                ttl: Some(ttl),
+                ..Default::default()
+            };
+            assert_eq!(
+                serve::status_value(&status),
+                status.to_field_value("Bouncer").as_str()
+            );
+        }
+        let collapsed = bouncer_cache_policy::CacheStatus {
+            hit: true,
+            ttl: Some(3),
+            collapsed: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            serve::status_value(&collapsed),
+            "Bouncer; hit; ttl=3; collapsed"
         );
     }
 }

@@ -390,6 +390,7 @@ async fn fetch(
                 vary: stale.vary.clone(),
                 secondary: stale.secondary.clone(),
                 tags: stale.tags.clone(),
+                answer_fields: std::sync::OnceLock::new(),
             };
             lease.release();
             cache.store(
@@ -640,10 +641,6 @@ fn answer_from(
         headers.insert(CACHE_STATUS.clone(), status_value(&status));
         return answer(StatusCode::NOT_MODIFIED, headers, Bytes::new());
     }
-    let mut headers = variant.headers.clone();
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.insert(header::AGE, age);
-    headers.insert(CACHE_STATUS.clone(), status_value(&status));
     let length = variant.body.len() as u64;
     let wants_range = ok && *method == Method::GET && request.contains_key(header::RANGE);
     let answer_range = if wants_range {
@@ -651,15 +648,21 @@ fn answer_from(
     } else {
         RangeAnswer::Full
     };
-    if ok {
-        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    }
     match answer_range {
         RangeAnswer::Full => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            // The common case: a copy of the prepared fields, with the two that change per
+            // answer written into the places kept for them.
+            let mut headers = variant.answer_fields().clone();
+            if let Some(slot) = headers.get_mut(header::AGE) {
+                *slot = age;
+            }
+            if let Some(slot) = headers.get_mut(&CACHE_STATUS) {
+                *slot = status_value(&status);
+            }
             answer(variant.status, headers, variant.body.clone())
         }
         RangeAnswer::Partial { first, last } => {
+            let mut headers = range_answer_fields(variant, age, &status);
             if let Some(value) = answer_range
                 .content_range(length)
                 .and_then(|text| HeaderValue::from_str(&text).ok())
@@ -675,6 +678,7 @@ fn answer_from(
             )
         }
         RangeAnswer::Unsatisfiable => {
+            let mut headers = range_answer_fields(variant, age, &status);
             if let Some(value) = answer_range
                 .content_range(length)
                 .and_then(|text| HeaderValue::from_str(&text).ok())
@@ -685,6 +689,16 @@ fn answer_from(
             answer(StatusCode::RANGE_NOT_SATISFIABLE, headers, Bytes::new())
         }
     }
+}
+
+/// The fields of a `206` or `416` from a stored `200`, before its range fields are added.
+fn range_answer_fields(variant: &Variant, age: HeaderValue, status: &CacheStatus) -> HeaderMap {
+    let mut headers = variant.headers.clone();
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::AGE, age);
+    headers.insert(CACHE_STATUS.clone(), status_value(status));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers
 }
 
 /// The answer to a request from a fill in progress: the response as it streams (ranges get the
@@ -742,9 +756,33 @@ fn gateway_timeout() -> CacheAnswer {
     )
 }
 
-static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+pub(super) static CACHE_STATUS: header::HeaderName =
+    header::HeaderName::from_static("cache-status");
 
-fn status_value(status: &CacheStatus) -> HeaderValue {
+pub(super) fn status_value(status: &CacheStatus) -> HeaderValue {
+    if let CacheStatus {
+        hit: true,
+        forward: None,
+        forward_status: None,
+        ttl: Some(ttl),
+        stored: false,
+        collapsed: false,
+        detail: None,
+    } = status
+    {
+        // A plain hit, the answer a busy cache gives most, is written without the general
+        // formatter: straight into the buffer the value keeps.
+        const HIT: &[u8] = b"; hit; ttl=";
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(*ttl).as_bytes();
+        let mut value = bytes::BytesMut::with_capacity(CACHE_NAME.len() + HIT.len() + digits.len());
+        value.extend_from_slice(CACHE_NAME.as_bytes());
+        value.extend_from_slice(HIT);
+        value.extend_from_slice(digits);
+        if let Ok(value) = HeaderValue::from_maybe_shared(value.freeze()) {
+            return value;
+        }
+    }
     HeaderValue::from_str(&status.to_field_value(CACHE_NAME))
         .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
 }
