@@ -44,9 +44,9 @@ pub(crate) struct Variant {
     pub secondary: Vec<Option<String>>,
     /// Its `Surrogate-Key` and `Cache-Tag` names, for purges by tag.
     pub tags: Vec<String>,
-    /// The fields of a whole answer from it, made at its first hit; every later hit copies them
-    /// and fills in `Age` and `Cache-Status`, which are already in place, so that a hit neither
-    /// edits nor grows the map. See [`Variant::answer_fields`].
+    /// The fields of a whole answer from it, made at its first hit; every hit copies them and
+    /// fills in the places kept for `Age`, `Cache-Status` and `X-Request-Id`, so that a hit
+    /// neither edits nor grows the map. See [`Variant::answer_fields`].
     pub answer_fields: std::sync::OnceLock<HeaderMap>,
 }
 
@@ -93,14 +93,17 @@ impl Variant {
         })
     }
 
-    /// The bytes it takes: body, fields, and a fixed share for the rest.
+    /// The bytes it takes: body, fields, and a fixed share for the rest, which includes the
+    /// answer fields its first hit makes (they share the values' bytes, not the map's slots).
     fn weight(&self) -> u64 {
+        const SLOT: usize = 32;
         let fields: usize = self
             .headers
             .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .map(|(name, value)| name.as_str().len() + value.len() + SLOT)
             .sum();
-        self.body.len() as u64 + fields as u64 + 256
+        let answer_slots = (self.headers.len() + 6) * SLOT;
+        self.body.len() as u64 + fields as u64 + answer_slots as u64 + 256
     }
 }
 

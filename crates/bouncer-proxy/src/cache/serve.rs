@@ -651,7 +651,7 @@ fn answer_from(
     match answer_range {
         RangeAnswer::Full => {
             // The common case: a copy of the prepared fields, with the two that change per
-            // answer written into the places kept for them.
+            // answer written into the places kept for them (the request id is the pipeline's).
             let mut headers = variant.answer_fields().clone();
             if let Some(slot) = headers.get_mut(header::AGE) {
                 *slot = age;
