@@ -72,7 +72,10 @@ static PROGRAM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log.as_deref());
+    if let Err(error) = init_logging(cli.log.as_deref()) {
+        eprintln!("bouncer: {error:#}");
+        return ExitCode::FAILURE;
+    }
     if let Ok(program) = std::env::current_exe() {
         let _ = PROGRAM.set(program);
     }
@@ -109,15 +112,33 @@ static LOG_FILTER: std::sync::OnceLock<(
     tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
 )> = std::sync::OnceLock::new();
 
-fn init_logging(filter: Option<&str>) {
+/// Sets up logging with the `--log` filter, else `RUST_LOG`, else `info`. A `--log` filter that
+/// does not parse is an error; a `RUST_LOG` one, which may be meant for another program, is
+/// reported and `info` is used.
+fn init_logging(filter: Option<&str>) -> anyhow::Result<()> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let text = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var(EnvFilter::DEFAULT_ENV).ok())
-        .filter(|text| EnvFilter::try_new(text).is_ok())
-        .unwrap_or_else(|| "info".to_string());
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(&text));
+    let mut ignored_env = None;
+    let (text, parsed) = match filter {
+        Some(text) => {
+            // The parse error's own text already holds its cause, which a chain would repeat.
+            let parsed = EnvFilter::try_new(text).map_err(|error| {
+                anyhow::anyhow!("--log {text:?} is not a valid log filter: {error}")
+            })?;
+            (text.to_string(), parsed)
+        }
+        None => match std::env::var(EnvFilter::DEFAULT_ENV) {
+            Ok(text) => match EnvFilter::try_new(&text) {
+                Ok(parsed) => (text, parsed),
+                Err(error) => {
+                    ignored_env = Some((text, error));
+                    ("info".to_string(), EnvFilter::new("info"))
+                }
+            },
+            Err(_) => ("info".to_string(), EnvFilter::new("info")),
+        },
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(parsed);
     // Diagnostics go to stderr; stdout belongs to the access log.
     tracing_subscriber::registry()
         .with(filter)
@@ -127,7 +148,11 @@ fn init_logging(filter: Option<&str>) {
                 .with_ansi(std::io::stderr().is_terminal()),
         )
         .init();
+    if let Some((ignored, error)) = ignored_env {
+        tracing::warn!(filter = %ignored, %error, "RUST_LOG is not a valid log filter; logging at info");
+    }
     let _ = LOG_FILTER.set((text, handle));
+    Ok(())
 }
 
 /// The log filter in force and the means to change it, for the admin API.

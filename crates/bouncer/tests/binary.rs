@@ -269,6 +269,39 @@ fn run_refuses_a_bad_config_and_a_missing_file() {
 }
 
 #[test]
+fn a_bad_log_filter_is_an_error_on_the_command_line_and_a_warning_in_rust_log() {
+    let config = ConfigFile::new(
+        "[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:8080\"\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nservers = [\"127.0.0.1:3001\"]\n",
+    );
+    let output = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(&config.path)
+        .args(["--log", "bouncer=loud"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--log \"bouncer=loud\" is not a valid log filter"),
+        "{stderr}"
+    );
+
+    // RUST_LOG may be meant for another program: the proxy says so and carries on at info.
+    let output = Command::new(BINARY)
+        .env("RUST_LOG", "bouncer=loud")
+        .args(["check", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("RUST_LOG is not a valid log filter; logging at info"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn version_and_help_read_well() {
     let output = Command::new(BINARY).arg("--version").output().unwrap();
     assert_eq!(
