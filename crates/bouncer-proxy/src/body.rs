@@ -316,15 +316,56 @@ pub enum ResponseBodyError {
     ReadTimeout(Duration),
     #[error("the backend's response body failed")]
     Upstream(#[source] hyper::Error),
+    #[error("the backend's response body failed")]
+    UpstreamLean(#[source] crate::h1client::LeanError),
     #[error("the cache fill this response was read from broke off")]
     Fill(#[source] crate::cache::FillBroken),
+}
+
+/// A backend's response body: from a hyper connection, or from a lean one (see `h1client`).
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    Lean(crate::h1client::LeanBody),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(ResponseBodyError::Upstream),
+            UpstreamBody::Lean(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(ResponseBodyError::UpstreamLean),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::Lean(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(body) => body.size_hint(),
+            UpstreamBody::Lean(body) => body.size_hint(),
+        }
+    }
 }
 
 pin_project! {
     /// A response on its way to the client: a backend's streamed body or a short local answer. It
     /// carries the request's [`Exchange`], which logs and counts the request when the body is done.
     pub struct ResponseBody {
-        upstream: Option<Incoming>,
+        upstream: Option<UpstreamBody>,
         lease: Option<Lease>,
         fixed: Option<Bytes>,
         read_timeout: Duration,
@@ -356,7 +397,7 @@ impl ResponseBody {
     }
 
     pub fn upstream(
-        body: Incoming,
+        body: UpstreamBody,
         lease: Option<Lease>,
         read_timeout: Duration,
         exchange: Box<Exchange>,
@@ -371,7 +412,7 @@ impl ResponseBody {
     }
 
     /// A backend's body read by no request (a cache fill's task reads it).
-    pub fn detached(body: Incoming, lease: Option<Lease>, read_timeout: Duration) -> Self {
+    pub fn detached(body: UpstreamBody, lease: Option<Lease>, read_timeout: Duration) -> Self {
         Self {
             upstream: Some(body),
             lease,
@@ -466,7 +507,7 @@ impl Body for ResponseBody {
                 if let Some(exchange) = this.exchange.as_mut() {
                     exchange.upstream_body_failed = true;
                 }
-                Poll::Ready(Some(Err(ResponseBodyError::Upstream(error))))
+                Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(None) => {
                 *this.upstream = None;

@@ -13,6 +13,7 @@ mod conn;
 mod dashboard;
 pub mod demo;
 mod error;
+mod h1client;
 mod headers;
 mod health;
 mod latency;

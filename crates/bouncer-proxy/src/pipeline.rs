@@ -14,7 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use bouncer_rules::normalise_path;
 
 use crate::balance::request_key_hash;
-use crate::body::{BodyPace, BodyProgress, RequestBody, ResponseBody};
+use crate::body::{BodyPace, BodyProgress, RequestBody, ResponseBody, UpstreamBody};
 use crate::conn::{ConnectionActivity, RequestGuard, request_started};
 use crate::error::{ProxyError, Refusal, Side};
 use crate::headers::{
@@ -183,7 +183,7 @@ fn redirect_to_https(
 
 /// A backend's answer, with what is needed to pass it on.
 struct Forwarded {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     /// The backend connection, which goes back to its pool once the response body has been read.
     lease: Lease,
     read_timeout: Duration,
@@ -522,7 +522,7 @@ pub(crate) async fn send_to_backend(
     dispatch: &Dispatch<'_>,
     attempt: &mut Attempt,
     mut request: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Lease), ProxyError> {
+) -> Result<(Response<UpstreamBody>, Lease), ProxyError> {
     let upstream = &dispatch.route.upstream;
     let (key_hash, sticky, replay, progress) = (
         dispatch.key_hash,

@@ -18,14 +18,15 @@ use std::time::Duration;
 use http::header;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::Body as _;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, UpstreamBody};
+use crate::h1client::{LeanConnection, LeanError};
 use crate::tls::UpstreamTls;
 
 /// TCP keep-alive probes on backend connections, so that a backend that vanished without closing
@@ -52,6 +53,8 @@ pub enum SendError {
     SharedConnectFailed,
     #[error("the exchange with the backend failed")]
     Exchange(#[source] hyper::Error),
+    #[error("the exchange with the backend failed")]
+    Lean(#[source] LeanError),
 }
 
 impl SendError {
@@ -97,7 +100,14 @@ pub struct ConnectionPool {
 
 struct Idle {
     connections: VecDeque<IdleConnection>,
+    /// Connections of the lean client (see `h1client`), most recently returned last.
+    lean: VecDeque<IdleLean>,
     settings: PoolSettings,
+}
+
+struct IdleLean {
+    connection: Box<LeanConnection>,
+    since: Instant,
 }
 
 struct IdleConnection {
@@ -122,6 +132,7 @@ impl ConnectionPool {
             http2,
             idle: Mutex::new(Idle {
                 connections: VecDeque::new(),
+                lean: VecDeque::new(),
                 settings,
             }),
             shared: Mutex::new(None),
@@ -156,9 +167,15 @@ impl ConnectionPool {
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), (SendError, Option<Request<RequestBody>>)> {
+    ) -> Result<(Response<UpstreamBody>, Lease), (SendError, Option<Request<RequestBody>>)> {
         if self.http2 && !request.headers().contains_key(header::UPGRADE) {
             return self.send_multiplexed(request).await;
+        }
+        if self.tls.is_none()
+            && request.body().is_end_stream()
+            && !request.headers().contains_key(header::UPGRADE)
+        {
+            return self.send_lean(request).await;
         }
         loop {
             let (mut sender, reused) = match self.take_idle().await {
@@ -175,7 +192,7 @@ impl ConnectionPool {
                     let lease = Lease {
                         returning: Some((sender, Arc::clone(self))),
                     };
-                    return Ok((response, lease));
+                    return Ok((response.map(UpstreamBody::Hyper), lease));
                 }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if reused => request = unsent,
@@ -190,7 +207,7 @@ impl ConnectionPool {
     async fn send_multiplexed(
         &self,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), (SendError, Option<Request<RequestBody>>)> {
+    ) -> Result<(Response<UpstreamBody>, Lease), (SendError, Option<Request<RequestBody>>)> {
         into_http2_form(&mut request, self.tls.is_some());
         let mut refusals = 0;
         loop {
@@ -202,7 +219,9 @@ impl ConnectionPool {
                 },
             };
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, Lease { returning: None })),
+                Ok(response) => {
+                    return Ok((response.map(UpstreamBody::Hyper), Lease { returning: None }));
+                }
                 Err(mut error) => match error.take_message() {
                     // A connection that closed before taking the request; the next one is new.
                     Some(unsent) if reused && refusals < 2 => {
@@ -214,6 +233,76 @@ impl ConnectionPool {
                 },
             }
         }
+    }
+
+    /// Sends a request without a body on a lean connection of its own task (see `h1client`),
+    /// pooled or new. A reused connection that turns out closed before any of the request was
+    /// written is replaced, as for hyper's connections.
+    async fn send_lean(
+        self: &Arc<Self>,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<UpstreamBody>, Lease), (SendError, Option<Request<RequestBody>>)> {
+        loop {
+            let (connection, reused) = match self.pop_lean() {
+                Some(connection) => (connection, true),
+                None => match Box::pin(self.connect_lean()).await {
+                    Ok(connection) => (connection, false),
+                    Err(error) => return Err((error, Some(request))),
+                },
+            };
+            match connection.exchange(&request, self).await {
+                Ok((head, body)) => {
+                    let mut response = Response::new(UpstreamBody::Lean(body));
+                    *response.status_mut() = head.status;
+                    *response.version_mut() = head.version;
+                    *response.headers_mut() = head.headers;
+                    return Ok((response, Lease { returning: None }));
+                }
+                Err(failure) if failure.unsent && reused => {}
+                Err(failure) => {
+                    return Err((
+                        SendError::Lean(failure.error),
+                        failure.unsent.then_some(request),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn connect_lean(&self) -> Result<Box<LeanConnection>, SendError> {
+        let connect_timeout = self.settings().connect_timeout;
+        tokio::time::timeout(connect_timeout, self.open_stream())
+            .await
+            .map_err(|_| SendError::ConnectTimeout)?
+            .map(LeanConnection::new)
+    }
+
+    /// The most recently returned lean connection that is still usable.
+    fn pop_lean(&self) -> Option<Box<LeanConnection>> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let idle_timeout = idle.settings.idle_timeout;
+        while let Some(entry) = idle.lean.pop_back() {
+            if entry.connection.is_usable() && now.duration_since(entry.since) < idle_timeout {
+                return Some(entry.connection);
+            }
+        }
+        None
+    }
+
+    /// Takes back a lean connection whose response was read to its end.
+    pub(crate) fn give_back_lean(&self, connection: Box<LeanConnection>) {
+        let mut idle = self.lock();
+        if idle.settings.max_idle == 0 {
+            return;
+        }
+        if idle.lean.len() >= idle.settings.max_idle {
+            idle.lean.pop_front();
+        }
+        idle.lean.push_back(IdleLean {
+            connection,
+            since: Instant::now(),
+        });
     }
 
     fn shared_connection(&self) -> Option<http2::SendRequest<RequestBody>> {
@@ -297,6 +386,7 @@ impl ConnectionPool {
         let Idle {
             connections,
             settings,
+            ..
         } = &mut *idle;
         while let Some(connection) = connections.pop_back() {
             if !connection.sender.is_closed()
@@ -332,6 +422,9 @@ impl ConnectionPool {
         let idle_timeout = idle.settings.idle_timeout;
         idle.connections.retain(|connection| {
             !connection.sender.is_closed() && now.duration_since(connection.since) < idle_timeout
+        });
+        idle.lean.retain(|entry| {
+            entry.connection.is_usable() && now.duration_since(entry.since) < idle_timeout
         });
     }
 

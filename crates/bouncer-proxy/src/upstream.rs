@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use bouncer_config::{HashKey, RetryOn, UpstreamConfig};
 
 use crate::balance::{BackendLoad, Balancer, HasLoad, PickInput};
-use crate::body::{BodyProgress, RequestBody, RequestBodyError};
+use crate::body::{BodyProgress, RequestBody, RequestBodyError, UpstreamBody};
 use crate::error::{BoxError, ProxyError, Side, find_cause};
 use crate::health::{self, BackendHealth, Verdict};
 use crate::metrics::{BackendMetrics, Metrics};
@@ -511,7 +510,7 @@ impl Upstream {
         backend: &Backend,
         request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
-    ) -> Result<(Response<Incoming>, Lease, Duration), (ProxyError, Option<Request<RequestBody>>)>
+    ) -> Result<(Response<UpstreamBody>, Lease, Duration), (ProxyError, Option<Request<RequestBody>>)>
     {
         backend.metrics.requests.inc();
         let started = Instant::now();

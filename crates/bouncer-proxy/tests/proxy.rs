@@ -5,6 +5,7 @@
 mod proxy_tests {
     pub mod acme;
     pub mod admin;
+    pub mod backend_framing;
     pub mod balancing;
     pub mod bodies;
     pub mod cache;

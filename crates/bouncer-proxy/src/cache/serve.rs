@@ -18,11 +18,11 @@ use bouncer_cache_policy::{
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 
 use super::fill::{Fill, FillHead, StoreJob, Wait, pump};
 use super::{Cache, FillReader, Lookup, RouteCache, Variant, variant_key};
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{RequestBody, ResponseBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::pipeline::{Attempt, Dispatch, send_to_backend};
 use crate::pool::Lease;
@@ -54,7 +54,7 @@ pub(crate) enum CacheBody {
 pub(crate) enum Served {
     Answer(CacheAnswer),
     Backend {
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         lease: Lease,
         cache_status: HeaderValue,
     },
@@ -303,7 +303,7 @@ enum Fetched {
     Filling(Arc<FillHead>, FillReader),
     /// A response that may not be stored, to pass on.
     NotStored {
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         lease: Lease,
         reason: &'static str,
     },

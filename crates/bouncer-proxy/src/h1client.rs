@@ -1,0 +1,795 @@
+//! A lean HTTP/1.1 client for the most common exchange with a plain backend: a request without a
+//! body (a GET, a HEAD) on a pooled keep-alive connection.
+//!
+//! hyper's client runs each connection in a task of its own and talks to it through channels: the
+//! request goes over one, the response head comes back over another and the body over a third.
+//! Measured with `bench/instructions`, that machinery was about a third of the proxy's work per
+//! request. Here the request's own task writes the request, parses the response head with
+//! `httparse` and reads the body as the client takes it, and the connection goes back to its pool
+//! when the body ends. Requests with a body, upgrades, TLS and HTTP/2 backends stay on hyper.
+//!
+//! The framing rules are RFC 9112's (section 6.3): no body for HEAD, 1xx, 204 and 304; chunked
+//! when `Transfer-Encoding` ends in `chunked` (and then `Content-Length` is ignored and the
+//! connection not reused); else one `Content-Length` (several must agree); else until the backend
+//! closes. Anything else is a malformed response, never guessed at.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::pool::ConnectionPool;
+
+/// Header fields a response head may have, as hyper allows.
+const MAX_HEADERS: usize = 100;
+/// The most a response head may take, as hyper's default read buffer limit.
+const MAX_HEAD_BYTES: usize = 400 * 1024;
+/// What a read asks for at least.
+const READ_CHUNK: usize = 16 * 1024;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// The most a chunked body's trailer section may take.
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
+
+/// Why an exchange on a lean connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeanError {
+    #[error("reading from or writing to the backend failed")]
+    Io(#[from] io::Error),
+    #[error("the backend's response is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+fn closed_early() -> LeanError {
+    LeanError::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the backend closed the connection before the response was complete",
+    ))
+}
+
+/// An open connection to a backend, idle between exchanges.
+pub struct LeanConnection {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed; empty between exchanges.
+    buffer: BytesMut,
+    /// The request head being written, kept for its capacity.
+    out: Vec<u8>,
+}
+
+/// A failed exchange, and whether none of the request was written (it may then go elsewhere).
+pub struct ExchangeFailure {
+    pub error: LeanError,
+    pub unsent: bool,
+}
+
+/// A response head, with how its body is framed.
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+impl LeanConnection {
+    pub fn new(stream: TcpStream) -> Box<Self> {
+        Box::new(Self {
+            stream,
+            buffer: BytesMut::new(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Whether an idle connection may carry another exchange: the backend has neither closed it
+    /// nor sent anything on it. Costs no system call unless the socket has become readable.
+    pub fn is_usable(&self) -> bool {
+        if !self.buffer.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends `request` (which has no body) and reads the response head; the body is read through
+    /// the returned [`LeanBody`], which gives the connection back to `pool` when it ends.
+    pub async fn exchange<B>(
+        mut self: Box<Self>,
+        request: &Request<B>,
+        pool: &Arc<ConnectionPool>,
+    ) -> Result<(ResponseHead, LeanBody), ExchangeFailure> {
+        self.out.clear();
+        encode_head(request, &mut self.out);
+        let mut written = 0;
+        while written < self.out.len() {
+            match self.stream.write(&self.out[written..]).await {
+                Ok(0) => {
+                    return Err(ExchangeFailure {
+                        error: closed_early(),
+                        unsent: written == 0,
+                    });
+                }
+                Ok(count) => written += count,
+                Err(error) => {
+                    return Err(ExchangeFailure {
+                        error: LeanError::Io(error),
+                        unsent: written == 0,
+                    });
+                }
+            }
+        }
+        let sent = |error| ExchangeFailure {
+            error,
+            unsent: false,
+        };
+        let head = loop {
+            // Between exchanges the buffer is empty: the answer has to be read first.
+            if !self.buffer.is_empty()
+                && let Some(head) = parse_head(&mut self.buffer).map_err(sent)?
+            {
+                match head.status.as_u16() {
+                    // Interim answers (100 Continue, 103 Early Hints) are not passed on.
+                    100 | 102..=199 => continue,
+                    101 => return Err(sent(LeanError::Malformed("101 without an upgrade"))),
+                    _ => break head,
+                }
+            }
+            if self.buffer.len() > MAX_HEAD_BYTES {
+                return Err(sent(LeanError::Malformed("response head too large")));
+            }
+            if read_more(&mut self.stream, &mut self.buffer)
+                .await
+                .map_err(|error| sent(LeanError::Io(error)))?
+                == 0
+            {
+                return Err(sent(closed_early()));
+            }
+        };
+        let mut head = head;
+        let (framing, reusable) =
+            framing(&mut head, *request.method() == Method::HEAD).map_err(sent)?;
+        let body = LeanBody {
+            connection: Some(self),
+            framing,
+            reusable,
+            pool: Some(Arc::clone(pool)),
+        };
+        Ok((head, body.finish_if_done()))
+    }
+}
+
+/// The request line and fields, as HTTP/1.1. The request has no body: methods that expect one
+/// say `Content-Length: 0` unless the fields already frame it.
+fn encode_head<B>(request: &Request<B>, out: &mut Vec<u8>) {
+    let method = request.method();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    out.extend_from_slice(if target.is_empty() {
+        b"/"
+    } else {
+        target.as_bytes()
+    });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let headers = request.headers();
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let expects_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    if expects_body
+        && !headers.contains_key(header::CONTENT_LENGTH)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reads once into `buffer`'s spare room, growing it first when little is left.
+async fn read_more(stream: &mut TcpStream, buffer: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_more(stream, buffer, cx)).await
+}
+
+fn poll_read_more(
+    stream: &TcpStream,
+    buffer: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buffer.capacity() - buffer.len() < READ_CHUNK / 4 {
+        buffer.reserve(READ_CHUNK);
+    }
+    loop {
+        match stream.try_read_buf(buffer) {
+            Ok(count) => return Poll::Ready(Ok(count)),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                ready!(stream.poll_read_ready(cx))?;
+            }
+            Err(error) => return Poll::Ready(Err(error)),
+        }
+    }
+}
+
+/// Parses a complete response head off the front of `buffer`, or says that more is needed. The
+/// field values keep pointing into the bytes read, without a copy.
+fn parse_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>, LeanError> {
+    // Left uninitialised, and the spans below kept small: zeroing kilobytes for every response
+    // would cost more than parsing it.
+    let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
+        [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut no_slots: [httparse::Header<'_>; 0] = [];
+    let mut parsed = httparse::Response::new(&mut no_slots);
+    let length = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buffer,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(LeanError::Malformed("too many header fields"));
+        }
+        Err(_) => return Err(LeanError::Malformed("invalid response head")),
+    };
+    let status = parsed
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(LeanError::Malformed("invalid status code"))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each name and value lies in the head (start and end of each, within the head's
+    // length, which MAX_HEAD_BYTES keeps far below u32::MAX), so that values can be slices of it.
+    let base = buffer.as_ptr() as usize;
+    let offset = |bytes: &[u8]| {
+        let start = bytes.as_ptr() as usize - base;
+        (start as u32, (start + bytes.len()) as u32)
+    };
+    let count = parsed.headers.len();
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let (name_start, name_end) = offset(field.name.as_bytes());
+        let (value_start, value_end) = offset(field.value);
+        *span = [name_start, name_end, value_start, value_end];
+    }
+    let head = buffer.split_to(length).freeze();
+    // Room for what the proxy adds to an answer, so that the map grows once at most.
+    let mut headers = HeaderMap::with_capacity(count + 4);
+    for &[name_start, name_end, value_start, value_end] in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+            .map_err(|_| LeanError::Malformed("invalid header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| LeanError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the backend closes the connection.
+    UntilClose,
+    Done,
+}
+
+/// Where a chunked body's reading stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    SizeLine,
+    /// This many bytes of the current chunk remain.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// The body's framing and whether the connection may carry another exchange after it.
+fn framing(head: &mut ResponseHead, head_request: bool) -> Result<(Framing, bool), LeanError> {
+    let headers = &mut head.headers;
+    let mut reusable = keeps_alive(head.version, headers);
+    let status = head.status;
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, reusable));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            // Both framings: the transfer coding wins, the length is not passed on (RFC 9112
+            // section 6.3 says a sender must remove it), and the connection is not trusted again.
+            headers.remove(header::CONTENT_LENGTH);
+            reusable = false;
+        }
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|value| value.as_bytes().rsplit(|&b| b == b',').next())
+            .map(<[u8]>::trim_ascii);
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => {
+                (Framing::Chunked(Chunk::SizeLine), reusable)
+            }
+            _ => (Framing::UntilClose, false),
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) || item.len() > 19 {
+                return Err(LeanError::Malformed("invalid Content-Length"));
+            }
+            let parsed = item
+                .iter()
+                .fold(0u64, |total, digit| total * 10 + u64::from(digit - b'0'));
+            if length.is_some_and(|known| known != parsed) {
+                return Err(LeanError::Malformed("conflicting Content-Length values"));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, reusable),
+        Some(length) => (Framing::Length(length), reusable),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+/// Whether the backend keeps the connection open after this response.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    if version == Version::HTTP_10 {
+        keep_alive && !close
+    } else {
+        !close
+    }
+}
+
+/// A response body read from a lean connection as the client takes it.
+pub struct LeanBody {
+    // Boxed once per connection, so that a response carrying it stays small to move.
+    connection: Option<Box<LeanConnection>>,
+    framing: Framing,
+    reusable: bool,
+    pool: Option<Arc<ConnectionPool>>,
+}
+
+impl LeanBody {
+    /// At the body's end, the connection goes back to its pool (when the backend keeps it open
+    /// and sent nothing past the response) or is closed.
+    fn finish_if_done(mut self) -> Self {
+        if self.framing == Framing::Done {
+            self.release();
+        }
+        self
+    }
+
+    fn release(&mut self) {
+        if let (Some(connection), Some(pool)) = (self.connection.take(), self.pool.take())
+            && self.reusable
+            && connection.buffer.is_empty()
+        {
+            pool.give_back_lean(connection);
+        }
+    }
+
+    /// Fails the body: the connection is closed.
+    fn fail(&mut self, error: LeanError) -> Poll<Option<Result<Frame<Bytes>, LeanError>>> {
+        self.connection = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    fn buffered(&mut self) -> Option<&mut BytesMut> {
+        self.connection
+            .as_mut()
+            .map(|connection| &mut connection.buffer)
+    }
+
+    /// Reads more from the backend; a close where more was due fails the body.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, LeanError>> {
+        let Some(connection) = self.connection.as_mut() else {
+            return Poll::Ready(Err(closed_early()));
+        };
+        let count = ready!(poll_read_more(
+            &connection.stream,
+            &mut connection.buffer,
+            cx
+        ))?;
+        Poll::Ready(Ok(count))
+    }
+}
+
+impl Body for LeanBody {
+    type Data = Bytes;
+    type Error = LeanError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, LeanError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.connection.is_none() {
+                return Poll::Ready(None);
+            }
+            match this.framing {
+                Framing::Done => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(remaining) => {
+                    if this.buffered().is_none_or(|buffer| buffer.is_empty()) {
+                        match ready!(this.poll_fill(cx)) {
+                            Ok(0) => return this.fail(closed_early()),
+                            Ok(_) => continue,
+                            Err(error) => return this.fail(error),
+                        }
+                    }
+                    let Some(buffer) = this.buffered() else {
+                        return Poll::Ready(None);
+                    };
+                    let take = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(buffer.len());
+                    let data = buffer.split_to(take).freeze();
+                    this.framing = match remaining - take as u64 {
+                        0 => Framing::Done,
+                        left => Framing::Length(left),
+                    };
+                    if this.framing == Framing::Done {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::UntilClose => {
+                    if this.buffered().is_none_or(|buffer| buffer.is_empty()) {
+                        match ready!(this.poll_fill(cx)) {
+                            Ok(0) => {
+                                // The backend's close ends the body; the connection is spent.
+                                this.framing = Framing::Done;
+                                this.connection = None;
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => continue,
+                            Err(error) => return this.fail(error),
+                        }
+                    }
+                    let Some(buffer) = this.buffered() else {
+                        return Poll::Ready(None);
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(buffer.split().freeze()))));
+                }
+                Framing::Chunked(chunk) => {
+                    let Some(buffer) = this.buffered() else {
+                        return Poll::Ready(None);
+                    };
+                    match step_chunked(chunk, buffer) {
+                        Ok(Step::Data(data, next)) => {
+                            this.framing = Framing::Chunked(next);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(Step::Next(next)) => this.framing = Framing::Chunked(next),
+                        Ok(Step::End(trailers)) => {
+                            this.framing = Framing::Done;
+                            this.release();
+                            return Poll::Ready(
+                                trailers.map(|trailers| Ok(Frame::trailers(trailers))),
+                            );
+                        }
+                        Ok(Step::NeedMore) => match ready!(this.poll_fill(cx)) {
+                            Ok(0) => return this.fail(closed_early()),
+                            Ok(_) => {}
+                            Err(error) => return this.fail(error),
+                        },
+                        Err(error) => return this.fail(error),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(remaining) => SizeHint::with_exact(remaining),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// What one step of chunked decoding found.
+enum Step {
+    Data(Bytes, Chunk),
+    Next(Chunk),
+    /// The last chunk and the trailer section, which may be empty.
+    End(Option<HeaderMap>),
+    NeedMore,
+}
+
+fn step_chunked(chunk: Chunk, buffer: &mut BytesMut) -> Result<Step, LeanError> {
+    match chunk {
+        Chunk::SizeLine => {
+            let Some(end) = buffer.iter().position(|&b| b == b'\n') else {
+                return if buffer.len() > MAX_CHUNK_LINE {
+                    Err(LeanError::Malformed("chunk-size line too long"))
+                } else {
+                    Ok(Step::NeedMore)
+                };
+            };
+            let size = chunk_size(&buffer[..=end])?;
+            buffer.advance(end + 1);
+            Ok(Step::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(remaining) => {
+            if buffer.is_empty() {
+                return Ok(Step::NeedMore);
+            }
+            let take = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .min(buffer.len());
+            let data = buffer.split_to(take).freeze();
+            let next = match remaining - take as u64 {
+                0 => Chunk::DataEnd,
+                left => Chunk::Data(left),
+            };
+            Ok(Step::Data(data, next))
+        }
+        Chunk::DataEnd => {
+            if buffer.len() < 2 {
+                return Ok(Step::NeedMore);
+            }
+            if &buffer[..2] != b"\r\n" {
+                return Err(LeanError::Malformed("chunk data not followed by CRLF"));
+            }
+            buffer.advance(2);
+            Ok(Step::Next(Chunk::SizeLine))
+        }
+        Chunk::Trailers => {
+            if buffer.starts_with(b"\r\n") {
+                buffer.advance(2);
+                return Ok(Step::End(None));
+            }
+            let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") else {
+                return if buffer.len() > MAX_TRAILER_BYTES {
+                    Err(LeanError::Malformed("trailer section too large"))
+                } else {
+                    Ok(Step::NeedMore)
+                };
+            };
+            let section = buffer.split_to(end + 4);
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let fields = match httparse::parse_headers(&section, &mut slots) {
+                Ok(httparse::Status::Complete((_, fields))) => fields,
+                _ => return Err(LeanError::Malformed("invalid trailer section")),
+            };
+            let mut trailers = HeaderMap::with_capacity(fields.len());
+            for field in fields.iter() {
+                let name = HeaderName::from_bytes(field.name.as_bytes())
+                    .map_err(|_| LeanError::Malformed("invalid trailer name"))?;
+                let value = HeaderValue::from_bytes(field.value)
+                    .map_err(|_| LeanError::Malformed("invalid trailer value"))?;
+                trailers.append(name, value);
+            }
+            Ok(Step::End(Some(trailers)))
+        }
+    }
+}
+
+/// The size on a chunk-size line (hex digits, then optional extensions, then CRLF).
+fn chunk_size(line: &[u8]) -> Result<u64, LeanError> {
+    let line = line
+        .strip_suffix(b"\r\n")
+        .ok_or(LeanError::Malformed("chunk-size line without CRLF"))?;
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(LeanError::Malformed("invalid chunk size"));
+    }
+    // Only extensions may follow, after optional whitespace.
+    let rest = rest.trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(LeanError::Malformed("invalid chunk size"));
+    }
+    Ok(digits.iter().fold(0u64, |size, &digit| {
+        let value = match digit {
+            b'0'..=b'9' => digit - b'0',
+            b'a'..=b'f' => digit - b'a' + 10,
+            _ => digit - b'A' + 10,
+        };
+        size * 16 + u64::from(value)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> ResponseHead {
+        let mut buffer = BytesMut::from(text);
+        parse_head(&mut buffer)
+            .expect("valid head")
+            .expect("complete head")
+    }
+
+    #[test]
+    fn a_head_is_parsed_and_its_values_point_into_the_bytes_read() {
+        let mut buffer = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Many: a\r\nX-Many: b\r\n\r\nhello",
+        );
+        let head = parse_head(&mut buffer).expect("valid").expect("complete");
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.headers[header::CONTENT_LENGTH], "5");
+        let many: Vec<_> = head.headers.get_all("x-many").iter().collect();
+        assert_eq!(many, ["a", "b"]);
+        assert_eq!(&buffer[..], b"hello");
+        let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Len");
+        assert!(parse_head(&mut partial).expect("valid so far").is_none());
+        let mut bad = BytesMut::from("HTTP/1.1 2x0 OK\r\n\r\n");
+        assert!(parse_head(&mut bad).is_err());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_section_6_3() {
+        let framed = |text: &str, head_request: bool| framing(&mut head(text), head_request);
+        let ok = |text: &str| framed(text, false).expect("framed");
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+            (Framing::Length(10), true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 10, 10\r\n\r\n"),
+            (Framing::Length(10), true)
+        );
+        assert!(framed("HTTP/1.1 200 OK\r\nContent-Length: 10, 11\r\n\r\n", false).is_err());
+        assert!(framed("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).is_err());
+        // No body for HEAD, 204 and 304, whatever the fields say.
+        assert_eq!(
+            framed("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true).expect("valid"),
+            (Framing::Done, true)
+        );
+        assert_eq!(
+            ok("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+            (Framing::Done, true)
+        );
+        // Chunked wins over Content-Length, and then the connection is not reused.
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n"),
+            (Framing::Chunked(Chunk::SizeLine), false)
+        );
+        let mut both =
+            head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
+        framing(&mut both, false).expect("framed");
+        assert!(
+            !both.headers.contains_key(header::CONTENT_LENGTH),
+            "the length is not passed on"
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            (Framing::Chunked(Chunk::SizeLine), true)
+        );
+        // A coding other than a final chunked, or no framing at all: until the backend closes.
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), (Framing::UntilClose, false));
+        // Keep-alive: HTTP/1.1 unless `close`; HTTP/1.0 only with `keep-alive`.
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            ok("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            ok("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n"),
+            (Framing::Length(1), true)
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_with_their_trailers_and_bad_ones_refused() {
+        let mut buffer =
+            BytesMut::from("5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\nNEXT");
+        let mut chunk = Chunk::SizeLine;
+        let mut body = Vec::new();
+        let trailers = loop {
+            match step_chunked(chunk, &mut buffer).expect("valid") {
+                Step::Data(data, next) => {
+                    body.extend_from_slice(&data);
+                    chunk = next;
+                }
+                Step::Next(next) => chunk = next,
+                Step::End(trailers) => break trailers,
+                Step::NeedMore => panic!("all of it is there"),
+            }
+        };
+        assert_eq!(body, b"hello world");
+        assert_eq!(trailers.expect("trailers")["x-sum"], "42");
+        assert_eq!(&buffer[..], b"NEXT", "nothing past the body is taken");
+
+        let mut partial = BytesMut::from("5\r\nhel");
+        assert!(matches!(
+            step_chunked(Chunk::SizeLine, &mut partial),
+            Ok(Step::Next(Chunk::Data(5)))
+        ));
+        assert!(matches!(
+            step_chunked(Chunk::Data(5), &mut partial),
+            Ok(Step::Data(_, Chunk::Data(2)))
+        ));
+        assert!(matches!(
+            step_chunked(Chunk::Data(2), &mut partial),
+            Ok(Step::NeedMore)
+        ));
+        for bad in ["x\r\n", "\r\n", "5 x\r\n", "5\n", "1234567890abcdef0\r\n"] {
+            let mut buffer = BytesMut::from(bad);
+            assert!(
+                step_chunked(Chunk::SizeLine, &mut buffer).is_err(),
+                "{bad:?} is refused"
+            );
+        }
+        let mut missing_crlf = BytesMut::from("xy");
+        assert!(step_chunked(Chunk::DataEnd, &mut missing_crlf).is_err());
+        let mut no_trailers = BytesMut::from("\r\n");
+        assert!(matches!(
+            step_chunked(Chunk::Trailers, &mut no_trailers),
+            Ok(Step::End(None))
+        ));
+    }
+
+    #[test]
+    fn a_request_head_is_written_in_origin_form_with_a_length_where_a_body_is_expected() {
+        let request = Request::get("/a/b?c=d")
+            .header("host", "app")
+            .body(())
+            .expect("valid");
+        let mut out = Vec::new();
+        encode_head(&request, &mut out);
+        assert_eq!(out, b"GET /a/b?c=d HTTP/1.1\r\nhost: app\r\n\r\n");
+        let request = Request::post("/form").body(()).expect("valid");
+        out.clear();
+        encode_head(&request, &mut out);
+        assert_eq!(out, b"POST /form HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+    }
+}
