@@ -58,6 +58,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if present.transfer_encoding {
         headers.remove(header::TRANSFER_ENCODING);
+        // A length beside a transfer coding does not describe the message, and a sender must not
+        // pass it on (RFC 9112 section 6.3); the next hop frames the message afresh.
+        headers.remove(header::CONTENT_LENGTH);
     }
     if present.upgrade && !keep_upgrade {
         headers.remove(header::UPGRADE);
