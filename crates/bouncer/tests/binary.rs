@@ -448,27 +448,34 @@ struct UpgradeLoad {
     stop: std::sync::atomic::AtomicBool,
 }
 
-/// Waits up to 10 s for one answer and counts it; false when it failed (a request that was sent
-/// and got no 200).
+/// Waits up to 10 s for one answer and counts it: `None` when it failed (a request that was
+/// sent and got no 200), else whether the answer said `Connection: close`.
 async fn count_answer(
     load: &UpgradeLoad,
     response: impl std::future::Future<
         Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>,
     >,
-) -> bool {
+) -> Option<bool> {
     let answered = tokio::time::timeout(Duration::from_secs(10), async {
         let response = response.await.ok()?;
         let status = response.status();
+        let close = response
+            .headers()
+            .get(http::header::CONNECTION)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
         response.into_body().collect().await.ok()?;
-        Some(status)
+        Some((status, close))
     })
     .await;
-    if answered == Ok(Some(StatusCode::OK)) {
-        load.ok.fetch_add(1, Ordering::Relaxed);
-        true
-    } else {
-        load.failed.fetch_add(1, Ordering::Relaxed);
-        false
+    match answered {
+        Ok(Some((StatusCode::OK, close))) => {
+            load.ok.fetch_add(1, Ordering::Relaxed);
+            Some(close)
+        }
+        _ => {
+            load.failed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 }
 
@@ -518,8 +525,15 @@ async fn upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>, fr
             .header("host", "app")
             .body(bouncer_testkit::empty())
             .unwrap();
-        if !count_answer(&load, current.send_request(request)).await {
-            return;
+        match count_answer(&load, current.send_request(request)).await {
+            None => return,
+            // The proxy said this answer is the connection's last: a client must not send
+            // another on it (its own connection task may not have seen the close yet).
+            Some(true) if !fresh => {
+                sender = None;
+                load.closed_politely.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {}
         }
     }
 }
@@ -561,7 +575,10 @@ async fn h2_upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>)
         let request = Request::get(format!("http://{proxy}/"))
             .body(bouncer_testkit::empty())
             .unwrap();
-        if !count_answer(&load, current.send_request(request)).await {
+        if count_answer(&load, current.send_request(request))
+            .await
+            .is_none()
+        {
             return;
         }
     }
