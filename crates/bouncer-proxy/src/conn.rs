@@ -429,11 +429,6 @@ impl ClientIo {
         match outcome {
             Poll::Ready(result) => {
                 self.write_blocked = false;
-                if self.activity.is_http2() {
-                    self.activity
-                        .write_progress_ms
-                        .store(self.activity.now_ms(), Ordering::Relaxed);
-                }
                 Poll::Ready(result)
             }
             Poll::Pending => {
@@ -459,6 +454,21 @@ impl ClientIo {
     }
 }
 
+impl ClientIo {
+    /// On HTTP/2, bytes written restart the stall clock. Only bytes do: a flush with nothing to
+    /// send, which the connection does whenever it wakes, is no sign that the client takes data.
+    fn note_written(&self, outcome: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(written)) = outcome
+            && *written > 0
+            && self.activity.is_http2()
+        {
+            self.activity
+                .write_progress_ms
+                .store(self.activity.now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
 impl AsyncWrite for ClientIo {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -467,6 +477,7 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let outcome = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note_written(&outcome);
         this.after_write(cx, outcome)
     }
 
@@ -491,6 +502,7 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let outcome = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note_written(&outcome);
         this.after_write(cx, outcome)
     }
 }
