@@ -105,6 +105,29 @@ struct Idle {
     settings: PoolSettings,
 }
 
+impl Idle {
+    /// Makes room for one more idle connection within `max_idle`, which bounds both kinds
+    /// together, by closing the oldest; false when no connection may idle at all.
+    fn make_room(&mut self) -> bool {
+        if self.settings.max_idle == 0 {
+            return false;
+        }
+        while self.connections.len() + self.lean.len() >= self.settings.max_idle {
+            let oldest_is_lean = match (self.lean.front(), self.connections.front()) {
+                (Some(lean), Some(hyper)) => lean.since <= hyper.since,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if oldest_is_lean {
+                self.lean.pop_front();
+            } else if self.connections.pop_front().is_none() {
+                break;
+            }
+        }
+        true
+    }
+}
+
 struct IdleLean {
     connection: Box<LeanConnection>,
     since: Instant,
@@ -293,11 +316,8 @@ impl ConnectionPool {
     /// Takes back a lean connection whose response was read to its end.
     pub(crate) fn give_back_lean(&self, connection: Box<LeanConnection>) {
         let mut idle = self.lock();
-        if idle.settings.max_idle == 0 {
+        if !idle.make_room() {
             return;
-        }
-        if idle.lean.len() >= idle.settings.max_idle {
-            idle.lean.pop_front();
         }
         idle.lean.push_back(IdleLean {
             connection,
@@ -403,11 +423,8 @@ impl ConnectionPool {
             return;
         }
         let mut idle = self.lock();
-        if idle.settings.max_idle == 0 {
+        if !idle.make_room() {
             return;
-        }
-        if idle.connections.len() >= idle.settings.max_idle {
-            idle.connections.pop_front();
         }
         idle.connections.push_back(IdleConnection {
             sender,
