@@ -73,3 +73,33 @@ async fn the_idle_pool_keeps_at_most_pool_max_idle_connections() {
     }
     assert_eq!(backends[0].connections(), 6);
 }
+
+#[tokio::test]
+async fn pool_max_idle_bounds_both_kinds_of_idle_connection_together() {
+    let backends = Backend::start_many(1).await;
+    let toml = config_with_upstream_keys(&backends, "pool_max_idle = 2", "");
+    let proxy = TestProxy::start(&toml).await;
+    let clients = Clients::new();
+    // Bodiless requests go on the lean client's connections, requests with a body on hyper's:
+    // six at once need six backend connections, three of each kind.
+    let url = proxy.url("/delay/300");
+    let gets = (0..3).map(|_| clients.get(&url));
+    let posts = (0..3).map(|_| {
+        let request = http::Request::post(url.as_str())
+            .body(bouncer_testkit::full("a body"))
+            .unwrap();
+        clients.send(request)
+    });
+    let (got, posted) = tokio::join!(
+        futures_util::future::join_all(gets),
+        futures_util::future::join_all(posts)
+    );
+    assert!(got.iter().chain(&posted).all(|answer| answer.status == 200));
+    assert_eq!(backends[0].connections(), 6);
+    eventually(
+        Duration::from_secs(5),
+        "the surplus backend connections of both kinds are closed",
+        || async { backends[0].open_connections() == 2 },
+    )
+    .await;
+}
