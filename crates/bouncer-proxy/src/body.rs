@@ -308,6 +308,52 @@ impl Body for RequestBody {
     }
 }
 
+/// A request's body as the client sends it: read by hyper, or none at all for a request that the
+/// lean HTTP/1 server took (it takes only requests without a body, see `h1server`).
+pub enum ClientBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl ClientBody {
+    /// The body to read, if the request has one.
+    pub fn into_incoming(self) -> Option<Incoming> {
+        match self {
+            ClientBody::Hyper(incoming) if !incoming.is_end_stream() => Some(incoming),
+            _ => None,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(incoming) => Pin::new(incoming).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(incoming) => incoming.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(incoming) => incoming.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// Why a response body broke off after its headers were sent; the client connection is then
 /// aborted, because the response cannot be completed honestly.
 #[derive(Debug, thiserror::Error)]

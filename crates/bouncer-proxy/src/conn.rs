@@ -339,6 +339,18 @@ impl ClientIo {
         (io, activity)
     }
 
+    /// Puts bytes already read back in front of what is still to come, for the next reader.
+    pub fn unread(&mut self, bytes: bytes::Bytes) {
+        if self.replay.is_empty() {
+            self.replay = bytes;
+        } else if !bytes.is_empty() {
+            let mut joined = bytes::BytesMut::with_capacity(bytes.len() + self.replay.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.replay);
+            self.replay = joined.freeze();
+        }
+    }
+
     /// Runs the clock of the current phase; `Ready` means the phase's time is up.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<u8> {
         let Some((deadline, phase)) = self.activity.deadline(&self.timeouts) else {

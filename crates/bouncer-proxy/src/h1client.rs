@@ -28,8 +28,8 @@ use tokio::net::TcpStream;
 
 use crate::pool::ConnectionPool;
 
-/// Header fields a response head may have, as hyper allows.
-const MAX_HEADERS: usize = 100;
+/// Header fields a head may have, as hyper allows.
+pub(crate) const MAX_HEADERS: usize = 100;
 /// The most a response head may take, as hyper's default read buffer limit.
 const MAX_HEAD_BYTES: usize = 400 * 1024;
 /// What a read asks for at least.
@@ -250,36 +250,61 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>, LeanError> 
     } else {
         Version::HTTP_11
     };
-    // Where each name and value lies in the head (start and end of each, within the head's
-    // length, which MAX_HEAD_BYTES keeps far below u32::MAX), so that values can be slices of it.
-    let base = buffer.as_ptr() as usize;
-    let offset = |bytes: &[u8]| {
-        let start = bytes.as_ptr() as usize - base;
-        (start as u32, (start + bytes.len()) as u32)
-    };
-    let count = parsed.headers.len();
-    let mut spans = [[0u32; 4]; MAX_HEADERS];
-    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let (name_start, name_end) = offset(field.name.as_bytes());
-        let (value_start, value_end) = offset(field.value);
-        *span = [name_start, name_end, value_start, value_end];
-    }
+    let spans = FieldSpans::of(buffer, parsed.headers);
     let head = buffer.split_to(length).freeze();
     // Room for what the proxy adds to an answer, so that the map grows once at most.
-    let mut headers = HeaderMap::with_capacity(count + 4);
-    for &[name_start, name_end, value_start, value_end] in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
-            .map_err(|_| LeanError::Malformed("invalid header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
-                .map_err(|_| LeanError::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = spans
+        .header_map(&head, 4)
+        .ok_or(LeanError::Malformed("invalid header field"))?;
     Ok(Some(ResponseHead {
         status,
         version,
         headers,
     }))
+}
+
+/// Where each field's name and value lie in a parsed head, so that the head can be split off the
+/// read buffer and the values kept as slices of it, without a copy.
+pub(crate) struct FieldSpans {
+    /// Start and end of each name and value, within a head that the read limits keep far below
+    /// `u32::MAX` bytes.
+    spans: [[u32; 4]; MAX_HEADERS],
+    count: usize,
+}
+
+impl FieldSpans {
+    /// The spans of `fields`, which `httparse` found in `head`.
+    pub(crate) fn of(head: &[u8], fields: &[httparse::Header<'_>]) -> Self {
+        let base = head.as_ptr() as usize;
+        let offset = |bytes: &[u8]| {
+            let start = bytes.as_ptr() as usize - base;
+            (start as u32, (start + bytes.len()) as u32)
+        };
+        let mut spans = [[0u32; 4]; MAX_HEADERS];
+        let count = fields.len().min(MAX_HEADERS);
+        for (span, field) in spans.iter_mut().zip(fields) {
+            let (name_start, name_end) = offset(field.name.as_bytes());
+            let (value_start, value_end) = offset(field.value);
+            *span = [name_start, name_end, value_start, value_end];
+        }
+        Self { spans, count }
+    }
+
+    /// The fields as a map over `head` (the bytes the spans were taken from), with room for
+    /// `spare` more; `None` when a name or value is not a valid field.
+    pub(crate) fn header_map(&self, head: &Bytes, spare: usize) -> Option<HeaderMap> {
+        let mut headers = HeaderMap::with_capacity(self.count + spare);
+        for &[name_start, name_end, value_start, value_end] in &self.spans[..self.count] {
+            let name =
+                HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).ok()?;
+            let value = HeaderValue::from_maybe_shared(
+                head.slice(value_start as usize..value_end as usize),
+            )
+            .ok()?;
+            headers.append(name, value);
+        }
+        Some(headers)
+    }
 }
 
 /// How a response body is delimited.
@@ -356,7 +381,7 @@ fn framing(head: &mut ResponseHead, head_request: bool) -> Result<(Framing, bool
 }
 
 /// Whether the backend keeps the connection open after this response.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+pub(crate) fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     let mut close = false;
     let mut keep_alive = false;
     for value in headers.get_all(header::CONNECTION) {

@@ -21,6 +21,7 @@ use bouncer_config::{ListenerConfig, ServerConfig};
 use bouncer_rules::proxy_protocol::{MAX_HEADER_BYTES, ProxyHeaderError, parse_proxy_header};
 
 use crate::access_log::AccessLog;
+use crate::body::ClientBody;
 use crate::conn::ClientIo;
 use crate::error::{Refusal, find_cause};
 use crate::metrics::ListenerMetrics;
@@ -249,9 +250,22 @@ async fn serve_connection(
     );
     runtime.protection.register_connection(&activity);
     if runtime.tls.is_none() {
+        let max_header_bytes = runtime.server.max_header_bytes;
         drop(runtime);
-        let context = ConnectionContext::new(slot, peer, activity, "http", lifecycle.clone());
-        serve_http(io, context, &metrics, &builder, lifecycle).await;
+        let context = Arc::new(ConnectionContext::new(
+            slot,
+            peer,
+            activity,
+            "http",
+            lifecycle.clone(),
+        ));
+        // Bodiless requests are served by the lean server; the first request it does not take
+        // hands the connection to hyper.
+        if let Some((io, lifecycle)) =
+            crate::h1server::serve(io, &context, &metrics, lifecycle, max_header_bytes).await
+        {
+            serve_http(io, context, &metrics, &builder, lifecycle).await;
+        }
     } else {
         // Boxed: the handshake and the TLS stream would otherwise make every plain connection's
         // task, which lives as long as the connection, as large as a TLS one's.
@@ -325,13 +339,13 @@ async fn serve_tls(
     // The runtime is let go for the rest of the connection (see serve_connection).
     let metrics = Arc::clone(metrics);
     drop(runtime);
-    serve_http(stream, context, &metrics, builder, lifecycle).await;
+    serve_http(stream, Arc::new(context), &metrics, builder, lifecycle).await;
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on an established connection until it ends or the proxy closes.
 async fn serve_http<I>(
     io: I,
-    context: ConnectionContext,
+    context: Arc<ConnectionContext>,
     metrics: &ListenerMetrics,
     builder: &auto::Builder<TokioExecutor>,
     mut lifecycle: watch::Receiver<Lifecycle>,
@@ -340,13 +354,12 @@ async fn serve_http<I>(
 {
     let peer = context.peer;
     let activity = Arc::clone(&context.activity);
-    let context = Arc::new(context);
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);
         // Boxed: HTTP/1 keeps a slot the size of the request's future for the whole life of a
         // connection, busy or idle, and moving a large future costs a copy of all of it.
         Box::pin(async move {
-            let mut response = handle(&context, request).await;
+            let mut response = handle(&context, request.map(ClientBody::Hyper)).await;
             // Handing over to another process: this answer is the connection's last, and says
             // so, so that the client opens its next connection (to the new process) at once. A
             // protocol switch keeps its `Connection: upgrade`: its tunnel ends on its own.

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 use hyper::upgrade::OnUpgrade;
 
 use bouncer_rules::normalise_path;
 
 use crate::balance::request_key_hash;
-use crate::body::{BodyPace, BodyProgress, RequestBody, ResponseBody, UpstreamBody};
+use crate::body::{BodyPace, BodyProgress, ClientBody, RequestBody, ResponseBody, UpstreamBody};
 use crate::conn::{ConnectionActivity, RequestGuard, request_started};
 use crate::error::{ProxyError, Refusal, Side};
 use crate::headers::{
@@ -71,7 +71,10 @@ impl ConnectionContext {
 }
 
 /// Handles one request from a client and produces the response to send back.
-pub async fn handle(ctx: &ConnectionContext, request: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn handle(
+    ctx: &ConnectionContext,
+    request: Request<ClientBody>,
+) -> Response<ResponseBody> {
     let in_flight = request_started(&ctx.activity);
     if request.version() == Version::HTTP_2 {
         ctx.activity.mark_http2();
@@ -139,7 +142,7 @@ fn answer_acme_challenge(answer: String, mut exchange: Box<Exchange>) -> Respons
 /// `308 Permanent Redirect` to the same host and target on the HTTPS listener's port; the method
 /// and body are kept by a client that follows it.
 fn redirect_to_https(
-    request: &Request<Incoming>,
+    request: &Request<ClientBody>,
     port: u16,
     mut exchange: Box<Exchange>,
 ) -> Response<ResponseBody> {
@@ -197,7 +200,7 @@ async fn forward(
     ctx: &ConnectionContext,
     client: &ClientAddress,
     exchange: &mut Exchange,
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
 ) -> Result<Outcome, ProxyError> {
     // The request's own reference: `exchange` is changed as the request goes on.
     let runtime = Arc::clone(&exchange.runtime);
@@ -396,9 +399,7 @@ async fn forward(
     // is idempotent, some such failure is to be retried, and its whole body is held: bodiless,
     // or kept while it streams because it fits in `retry_buffer`.
     let replayable = upstream.replays && !websocket && is_idempotent(&parts.method);
-    let (body, progress, keep) = if incoming.is_end_stream() {
-        (RequestBody::empty(), None, true)
-    } else {
+    let (body, progress, keep) = if let Some(incoming) = incoming.into_incoming() {
         let keep = replayable
             && upstream.retry_buffer > 0
             && declared_length_of(&parts.headers)
@@ -419,6 +420,8 @@ async fn forward(
             Some(progress),
             keep,
         )
+    } else {
+        (RequestBody::empty(), None, true)
     };
     let replay = (replayable && keep).then(|| Replay {
         method: parts.method.clone(),
@@ -940,7 +943,7 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 /// Refuses CONNECT and requests whose framing is ambiguous (RFC 9112 section 6).
-fn check_framing(request: &Request<Incoming>) -> Result<(), ProxyError> {
+fn check_framing(request: &Request<ClientBody>) -> Result<(), ProxyError> {
     if request.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
     }
@@ -964,7 +967,7 @@ fn parse_length(value: &HeaderValue) -> Option<u64> {
     text.parse().ok()
 }
 
-fn declared_length(request: &Request<Incoming>) -> Option<u64> {
+fn declared_length(request: &Request<ClientBody>) -> Option<u64> {
     declared_length_of(request.headers())
 }
 
@@ -972,7 +975,7 @@ fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH).and_then(parse_length)
 }
 
-fn is_websocket_upgrade(request: &Request<Incoming>) -> bool {
+fn is_websocket_upgrade(request: &Request<ClientBody>) -> bool {
     request.version() == Version::HTTP_11
         && request.method() == Method::GET
         && request
@@ -1005,7 +1008,7 @@ impl HostSource {
     }
 }
 
-fn request_host(request: &Request<Incoming>) -> Result<HostSource, ProxyError> {
+fn request_host(request: &Request<ClientBody>) -> Result<HostSource, ProxyError> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {

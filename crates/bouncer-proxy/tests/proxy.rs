@@ -19,6 +19,7 @@ mod proxy_tests {
     pub mod grpc;
     pub mod h2_abuse;
     pub mod headers;
+    pub mod http1_server;
     pub mod http2_backends;
     pub mod limits;
     pub mod metrics;

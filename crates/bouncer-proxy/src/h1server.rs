@@ -1,0 +1,788 @@
+//! A lean HTTP/1.1 server for the most common requests on a plain listener: those without a body
+//! that ask for no upgrade (GET, HEAD, most DELETEs).
+//!
+//! Measured with `bench/instructions`, hyper's HTTP/1 server was about a third of the proxy's work
+//! per proxied request, more than the proxy's own request path. Here the connection's task parses
+//! each request head with `httparse`, runs the request through the pipeline and writes the answer
+//! itself, the head and the start of the body in one write.
+//!
+//! It takes only requests it is sure of. The first one it does not take (one with a body, an
+//! upgrade, `Expect`, a target other than a path, a head it cannot parse or one too large) hands
+//! the connection to hyper with every byte read so far, and hyper serves the connection from then
+//! on, as it serves TLS connections. So malformed requests still get hyper's answers, counted as
+//! before, and only well-formed, bodiless requests take the short way.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::body::{ClientBody, ResponseBody};
+use crate::conn::{ClientIo, ConnectionActivity};
+use crate::error::Refusal;
+use crate::h1client::{FieldSpans, MAX_HEADERS, keeps_alive};
+use crate::listener::Lifecycle;
+use crate::metrics::ListenerMetrics;
+use crate::pipeline::{ConnectionContext, handle};
+
+/// What a read asks room for: most request heads fit in one.
+const READ_SIZE: usize = 4096;
+/// A data frame up to this size is copied next to what precedes it, so that both leave in one
+/// write; a larger one is written from where it lies.
+const COPY_LIMIT: usize = 4096;
+/// Answer bytes gathered before they are written, even if the body has more ready.
+const WRITE_AT: usize = 64 * 1024;
+
+/// Serves HTTP/1.1 requests on `io` until the connection ends, or until a request comes that this
+/// server does not take: then it returns the connection, with the bytes read so far put back, for
+/// hyper to serve.
+pub(crate) async fn serve(
+    mut io: ClientIo,
+    context: &ConnectionContext,
+    metrics: &ListenerMetrics,
+    lifecycle: watch::Receiver<Lifecycle>,
+    max_header_bytes: usize,
+) -> Option<(ClientIo, watch::Receiver<Lifecycle>)> {
+    let activity = &context.activity;
+    // Given to hyper with the connection. It has seen no change yet, so hyper acts on whatever
+    // state the proxy is in by then.
+    let handover = lifecycle.clone();
+    // One wait for the proxy's signals that lives across requests, so that it is registered once
+    // per signal rather than once per request.
+    let mut signals = std::pin::pin!(next_signal(lifecycle, Arc::clone(activity)));
+    let mut buffer = BytesMut::new();
+    let mut outgoing = Outgoing::default();
+    loop {
+        let (request, facts) = loop {
+            if !buffer.is_empty() {
+                match parse_request(&mut buffer) {
+                    Parsed::Request(request, facts) => break (request, facts),
+                    Parsed::Partial if buffer.len() < max_header_bytes => {}
+                    Parsed::Partial | Parsed::NotLean => {
+                        io.unread(buffer.freeze());
+                        return Some((io, handover));
+                    }
+                }
+            }
+            if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
+                buffer.reserve(READ_SIZE);
+            }
+            tokio::select! {
+                biased;
+                read = io.read_buf(&mut buffer) => match read {
+                    // The client closed, or the idle clock ended the connection. A head cut off
+                    // is left to hyper, which answers it as it always has.
+                    Ok(0) if buffer.is_empty() => return None,
+                    Ok(0) => {
+                        io.unread(buffer.freeze());
+                        return Some((io, handover));
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        // A header timeout was counted (and answered) by the socket wrapper.
+                        if error.kind() != io::ErrorKind::TimedOut {
+                            tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
+                        }
+                        return None;
+                    }
+                },
+                (signal, lifecycle, activity) = &mut signals => {
+                    signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                    match signal {
+                        Signal::Lifecycle(Lifecycle::Running) => {}
+                        // Between requests: the next answer is the last.
+                        Signal::Lifecycle(Lifecycle::HandingOver) => activity.close_after_answer(),
+                        Signal::Lifecycle(Lifecycle::Draining | Lifecycle::Closing) => return None,
+                        Signal::Reaped => {
+                            if activity.idle_since().is_some() {
+                                metrics.refused(Refusal::IdleReaped);
+                                return None;
+                            }
+                            activity.spared();
+                        }
+                    }
+                }
+            }
+        };
+        // Boxed: the pipeline's future is large, and the connection's task, which lives as long
+        // as the connection, would otherwise be as large for the whole life of an idle one.
+        let mut responding = Box::pin(handle(context, request));
+        let response = loop {
+            if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
+                buffer.reserve(READ_SIZE);
+            }
+            tokio::select! {
+                biased;
+                response = &mut responding => break response,
+                // Bytes the client sends meanwhile (a pipelined request) wait in the buffer. An end
+                // means that the client left: its request is dropped, and counted as such.
+                read = io.read_buf(&mut buffer), if buffer.len() < max_header_bytes => match read {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
+                        return None;
+                    }
+                },
+                (signal, lifecycle, activity) = &mut signals => {
+                    signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                    if busy_signal(signal, &activity) {
+                        return None;
+                    }
+                }
+            }
+        };
+        drop(responding);
+        let answered = {
+            let closing = activity.closing();
+            let mut answering = std::pin::pin!(write_answer(
+                &mut io,
+                &mut outgoing,
+                response,
+                facts,
+                closing
+            ));
+            loop {
+                tokio::select! {
+                    biased;
+                    answered = &mut answering => break answered,
+                    (signal, lifecycle, activity) = &mut signals => {
+                        signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                        if busy_signal(signal, &activity) {
+                            return None;
+                        }
+                    }
+                }
+            }
+        };
+        match answered {
+            Ok(true) if !activity.closing() => {}
+            Ok(_) => {
+                // Best effort: the connection closes whether or not the client hears the FIN.
+                let _ = io.shutdown().await;
+                return None;
+            }
+            Err(error) => {
+                tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
+                return None;
+            }
+        }
+    }
+}
+
+/// Acts on a signal that comes while a request is in flight; says whether to close at once.
+fn busy_signal(signal: Signal, activity: &ConnectionActivity) -> bool {
+    match signal {
+        Signal::Lifecycle(Lifecycle::Running) => false,
+        // This answer is the connection's last (and says so if its head is still to be written).
+        Signal::Lifecycle(Lifecycle::HandingOver | Lifecycle::Draining) => {
+            activity.close_after_answer();
+            false
+        }
+        Signal::Lifecycle(Lifecycle::Closing) => true,
+        // Busy: it carries on.
+        Signal::Reaped => {
+            activity.spared();
+            false
+        }
+    }
+}
+
+/// What the proxy asks of a connection while it serves.
+enum Signal {
+    Lifecycle(Lifecycle),
+    /// Asked to close, if idle, to make room at the connection cap.
+    Reaped,
+}
+
+/// Waits for the next signal; hands back what it waited with, to wait again.
+async fn next_signal(
+    mut lifecycle: watch::Receiver<Lifecycle>,
+    activity: Arc<ConnectionActivity>,
+) -> (Signal, watch::Receiver<Lifecycle>, Arc<ConnectionActivity>) {
+    let signal = tokio::select! {
+        changed = lifecycle.changed() => Signal::Lifecycle(if changed.is_ok() {
+            *lifecycle.borrow_and_update()
+        } else {
+            Lifecycle::Closing
+        }),
+        () = activity.reaped() => Signal::Reaped,
+    };
+    (signal, lifecycle, activity)
+}
+
+/// What the answer to a request depends on, besides the response itself.
+#[derive(Debug, Clone, Copy)]
+struct RequestFacts {
+    http10: bool,
+    head: bool,
+    keep_alive: bool,
+    /// The client said `TE: trailers`: trailer fields may be sent.
+    trailers: bool,
+}
+
+// Not boxed: it is matched as soon as it is made, and a box would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Request(Request<ClientBody>, RequestFacts),
+    Partial,
+    /// Not a request this server takes; hyper serves the connection from here on.
+    NotLean,
+}
+
+/// Parses a whole request head off the front of `buffer`, if it is one this server takes. The
+/// field values keep pointing into the bytes read, without a copy.
+fn parse_request(buffer: &mut BytesMut) -> Parsed {
+    // Left uninitialised: zeroing kilobytes for every request would cost more than parsing it.
+    let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
+        [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut no_slots: [httparse::Header<'_>; 0] = [];
+    let mut parsed = httparse::Request::new(&mut no_slots);
+    let length = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buffer,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::NotLean,
+    };
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
+    else {
+        return Parsed::NotLean;
+    };
+    // Origin form only: absolute and authority forms, and `*`, are hyper's.
+    if !target.starts_with('/') {
+        return Parsed::NotLean;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::NotLean;
+    };
+    if method == Method::CONNECT {
+        return Parsed::NotLean;
+    }
+    let version = if version == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buffer.as_ptr() as usize;
+    let target_start = target.as_ptr() as usize - base;
+    let target_end = target_start + target.len();
+    let spans = FieldSpans::of(buffer, parsed.headers);
+    let head = buffer.split_to(length).freeze();
+    // Framing, upgrades and `Expect` are hyper's: this server takes no body.
+    let framed = [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::EXPECT,
+    ];
+    // Room for the forwarding fields the pipeline adds, so that the map grows once at most.
+    let taken = spans
+        .header_map(&head, 6)
+        .filter(|headers| !framed.iter().any(|name| headers.contains_key(name)))
+        .zip(http::Uri::from_maybe_shared(head.slice(target_start..target_end)).ok());
+    let Some((headers, uri)) = taken else {
+        // The head goes back in front of what follows it, for hyper to read (a copy, made once
+        // in a connection's life at most).
+        let mut whole = BytesMut::with_capacity(head.len() + buffer.len());
+        whole.extend_from_slice(&head);
+        whole.extend_from_slice(buffer);
+        *buffer = whole;
+        return Parsed::NotLean;
+    };
+    let facts = RequestFacts {
+        http10: version == Version::HTTP_10,
+        head: method == Method::HEAD,
+        keep_alive: keeps_alive(version, &headers),
+        trailers: lists_token(&headers, &header::TE, b"trailers"),
+    };
+    let mut request = Request::new(ClientBody::Empty);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Parsed::Request(request, facts)
+}
+
+/// Whether a comma-separated list field has `token` (case-insensitively) in any of its lines.
+fn lists_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
+/// Writes the answer to a request. Says whether the connection may carry another request.
+async fn write_answer(
+    io: &mut ClientIo,
+    outgoing: &mut Outgoing,
+    response: Response<ResponseBody>,
+    facts: RequestFacts,
+    closing: bool,
+) -> io::Result<bool> {
+    let (framing, keep_alive, trailers) =
+        encode_head(&response, &facts, closing, &mut outgoing.head);
+    let body = response.into_body();
+    let complete = write_body(io, outgoing, body, framing, trailers).await?;
+    Ok(keep_alive && complete)
+}
+
+/// How an answer's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body, whatever the fields say (HEAD, 1xx, 204, 304).
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, a body of unknown length).
+    Close,
+}
+
+/// Writes the status line and fields of `response`, with the framing, `Connection` and `Date`
+/// fields the answer needs, as hyper would. Returns the framing, whether the connection stays
+/// open after it, and the trailer fields that may be sent.
+fn encode_head(
+    response: &Response<ResponseBody>,
+    facts: &RequestFacts,
+    closing: bool,
+    out: &mut Vec<u8>,
+) -> (Framing, bool, Option<Vec<HeaderName>>) {
+    let status = response.status();
+    if !facts.http10 && status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(if facts.http10 {
+            b"HTTP/1.0 "
+        } else {
+            b"HTTP/1.1 "
+        });
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let no_length = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let bodiless = facts.head || no_length;
+    let exact = response.body().size_hint().exact();
+    let mut keep_alive = facts.keep_alive && !closing;
+    let mut says_close = false;
+    let mut says_keep_alive = false;
+    let mut has_date = false;
+    let mut has_length = false;
+    let mut declared: Option<u64> = None;
+    let mut trailer_names: Option<Vec<HeaderName>> = None;
+    for (name, value) in response.headers() {
+        if *name == header::CONTENT_LENGTH {
+            has_length = true;
+            // A HEAD answer keeps the length of what a GET would get; otherwise the body's own
+            // length wins, and a declared one is written once, below.
+            if !bodiless {
+                if exact.is_none() && declared.is_none() {
+                    declared = value.to_str().ok().and_then(|text| text.parse().ok());
+                }
+                continue;
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            // The framing is this server's to choose.
+            continue;
+        } else if *name == header::CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                says_close |= token.eq_ignore_ascii_case(b"close");
+                says_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if *name == header::DATE {
+            has_date = true;
+        } else if *name == header::TRAILER && facts.trailers && !bodiless && !facts.http10 {
+            let names = trailer_names.get_or_insert_with(Vec::new);
+            names.extend(
+                value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .filter_map(|item| HeaderName::from_bytes(item.trim_ascii()).ok()),
+            );
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    keep_alive &= !says_close;
+    let framing = if bodiless {
+        // A HEAD answer says how long the body would be, when it is known.
+        if facts.head
+            && !no_length
+            && !has_length
+            && let Some(length) = exact.filter(|&length| length > 0)
+        {
+            write_length(out, length);
+        }
+        Framing::None
+    } else if let Some(length) = exact.or(declared) {
+        write_length(out, length);
+        Framing::Length(length)
+    } else if facts.http10 {
+        keep_alive = false;
+        Framing::Close
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if facts.http10 {
+        if keep_alive && !says_keep_alive {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    } else if !keep_alive && !says_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        crate::date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let trailers = if framing == Framing::Chunked {
+        trailer_names
+    } else {
+        None
+    };
+    (framing, keep_alive, trailers)
+}
+
+fn write_length(out: &mut Vec<u8>, length: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What waits to be written: bytes, then at most one large data frame written from where it lies,
+/// then bytes after it.
+#[derive(Default)]
+struct Outgoing {
+    head: Vec<u8>,
+    data: Option<Bytes>,
+    tail: Vec<u8>,
+}
+
+impl Outgoing {
+    /// Where bytes go now: after the large frame, if one waits.
+    fn bytes(&mut self) -> &mut Vec<u8> {
+        if self.data.is_some() {
+            &mut self.tail
+        } else {
+            &mut self.head
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.data.as_ref().map_or(0, Bytes::len) + self.tail.len()
+    }
+
+    /// Queues `data`; hands it back when it must wait for what is queued to be written first.
+    fn push_data(&mut self, data: Bytes) -> Result<(), Bytes> {
+        if data.len() <= COPY_LIMIT {
+            self.bytes().extend_from_slice(&data);
+        } else if self.data.is_none() {
+            self.data = Some(data);
+        } else {
+            return Err(data);
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, io: &mut ClientIo) -> io::Result<()> {
+        let data = self.data.take().unwrap_or_default();
+        let mut all = Buf::chain(Buf::chain(self.head.as_slice(), data), self.tail.as_slice());
+        io.write_all_buf(&mut all).await?;
+        self.head.clear();
+        self.tail.clear();
+        Ok(())
+    }
+}
+
+/// What the body gave, or that it has nothing ready while answer bytes wait to be written.
+enum Next {
+    Frame(Option<Result<Frame<Bytes>, crate::body::ResponseBodyError>>),
+    Write,
+}
+
+/// Writes the answer's head (already in `outgoing`) and its body, framed. Says whether the body
+/// was whole, so that the connection may carry another request.
+async fn write_body(
+    io: &mut ClientIo,
+    outgoing: &mut Outgoing,
+    body: ResponseBody,
+    framing: Framing,
+    trailer_names: Option<Vec<HeaderName>>,
+) -> io::Result<bool> {
+    let mut remaining = match framing {
+        Framing::Length(length) => length,
+        _ => 0,
+    };
+    let mut trailers: Option<HeaderMap> = None;
+    // It ends, with the request's accounting, when this function returns.
+    let mut body = std::pin::pin!(body);
+    let mut ended = framing == Framing::None || body.is_end_stream();
+    while !ended {
+        let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
+            Poll::Pending if outgoing.len() == 0 => Poll::Pending,
+            Poll::Pending => Poll::Ready(Next::Write),
+        })
+        .await;
+        let frame = match next {
+            Next::Write => {
+                outgoing.write(io).await?;
+                continue;
+            }
+            Next::Frame(None) => break,
+            Next::Frame(Some(Err(error))) => return Err(io::Error::other(error)),
+            Next::Frame(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => {
+                let length = data.len();
+                match framing {
+                    Framing::Length(_) => {
+                        if length as u64 > remaining {
+                            return Err(io::Error::other(
+                                "the response body is longer than its Content-Length",
+                            ));
+                        }
+                        remaining -= length as u64;
+                    }
+                    Framing::Chunked => write_chunk_size(outgoing.bytes(), length),
+                    Framing::Close | Framing::None => {}
+                }
+                if let Err(data) = outgoing.push_data(data) {
+                    outgoing.write(io).await?;
+                    let _ = outgoing.push_data(data);
+                }
+                if framing == Framing::Chunked {
+                    outgoing.bytes().extend_from_slice(b"\r\n");
+                }
+            }
+            Err(frame) => {
+                if let Ok(fields) = frame.into_trailers() {
+                    trailers = Some(fields);
+                }
+            }
+        }
+        if outgoing.len() >= WRITE_AT {
+            outgoing.write(io).await?;
+        }
+        ended = body.is_end_stream();
+    }
+    if framing == Framing::Chunked {
+        let out = outgoing.bytes();
+        out.extend_from_slice(b"0\r\n");
+        if let (Some(names), Some(fields)) = (&trailer_names, &trailers) {
+            write_trailers(out, names, fields);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    outgoing.write(io).await?;
+    if remaining > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the response body ended before its Content-Length",
+        ));
+    }
+    Ok(framing != Framing::Close)
+}
+
+fn write_chunk_size(out: &mut Vec<u8>, length: usize) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut rest = length;
+    loop {
+        at -= 1;
+        digits[at] = HEX[rest & 0xf];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The trailer fields the answer declared in `Trailer`, less those that may never be trailers
+/// (RFC 9110 section 6.5.1), as hyper sends them.
+fn write_trailers(out: &mut Vec<u8>, names: &[HeaderName], fields: &HeaderMap) {
+    for (name, value) in fields {
+        let forbidden = matches!(
+            *name,
+            header::AUTHORIZATION
+                | header::CACHE_CONTROL
+                | header::CONTENT_ENCODING
+                | header::CONTENT_LENGTH
+                | header::CONTENT_RANGE
+                | header::CONTENT_TYPE
+                | header::HOST
+                | header::MAX_FORWARDS
+                | header::SET_COOKIE
+                | header::TRAILER
+                | header::TRANSFER_ENCODING
+                | header::TE
+        );
+        if forbidden || !names.contains(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Parsed {
+        parse_request(&mut BytesMut::from(text.as_bytes()))
+    }
+
+    #[test]
+    fn takes_a_bodiless_request_and_keeps_what_follows() {
+        let mut buffer = BytesMut::from(
+            &b"GET /a?b=c HTTP/1.1\r\nHost: example\r\nTE: trailers\r\nX-Thing: 1\r\n\r\nGET /next"
+                [..],
+        );
+        let Parsed::Request(request, facts) = parse_request(&mut buffer) else {
+            panic!("not taken");
+        };
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(request.uri(), "/a?b=c");
+        assert_eq!(request.version(), Version::HTTP_11);
+        assert_eq!(request.headers()["host"], "example");
+        assert_eq!(request.headers()["x-thing"], "1");
+        assert!(facts.keep_alive && facts.trailers && !facts.head && !facts.http10);
+        assert_eq!(&buffer[..], b"GET /next");
+        assert!(matches!(parse_request(&mut buffer), Parsed::Partial));
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection() {
+        let facts = |text: &str| match parse(text) {
+            Parsed::Request(_, facts) => facts,
+            _ => panic!("not taken: {text}"),
+        };
+        assert!(!facts("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!facts("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(facts("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(facts("HEAD / HTTP/1.0\r\n\r\n").head);
+    }
+
+    #[test]
+    fn a_request_left_to_hyper_stays_whole_in_the_buffer() {
+        let text = "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\n";
+        let mut buffer = BytesMut::from(text.as_bytes());
+        assert!(matches!(parse_request(&mut buffer), Parsed::NotLean));
+        assert_eq!(&buffer[..], text.as_bytes());
+    }
+
+    #[test]
+    fn leaves_bodies_upgrades_and_odd_targets_to_hyper() {
+        for text in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(matches!(parse(text), Parsed::NotLean), "{text}");
+        }
+    }
+
+    fn head_of(response: Response<ResponseBody>, facts: RequestFacts) -> (String, Framing, bool) {
+        let mut out = Vec::new();
+        let (framing, keep_alive, _) = encode_head(&response, &facts, false, &mut out);
+        let text = String::from_utf8(out).expect("ASCII head");
+        // The date changes; its presence is what matters.
+        let (before, after) = text.split_once("date: ").expect("a date field");
+        let rest = after.split_once("\r\n").expect("end of the date").1;
+        (format!("{before}date: *\r\n{rest}"), framing, keep_alive)
+    }
+
+    const GET11: RequestFacts = RequestFacts {
+        http10: false,
+        head: false,
+        keep_alive: true,
+        trailers: false,
+    };
+
+    #[test]
+    fn frames_answers_as_hyper_does() {
+        let fixed = Response::new(ResponseBody::fixed("hello", None));
+        assert_eq!(
+            head_of(fixed, GET11),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: *\r\n\r\n".to_string(),
+                Framing::Length(5),
+                true
+            )
+        );
+        let mut closed = Response::new(ResponseBody::fixed("", None));
+        *closed.status_mut() = StatusCode::NOT_FOUND;
+        let facts = RequestFacts {
+            keep_alive: false,
+            ..GET11
+        };
+        assert_eq!(
+            head_of(closed, facts),
+            (
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\ndate: *\r\n\r\n"
+                    .to_string(),
+                Framing::Length(0),
+                false
+            )
+        );
+        let mut head = Response::new(ResponseBody::fixed("", None));
+        head.headers_mut()
+            .insert(header::CONTENT_LENGTH, "42".parse().expect("valid"));
+        let facts = RequestFacts {
+            http10: true,
+            head: true,
+            ..GET11
+        };
+        assert_eq!(
+            head_of(head, facts),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 42\r\nconnection: keep-alive\r\ndate: *\r\n\r\n"
+                    .to_string(),
+                Framing::None,
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        let mut out = Vec::new();
+        write_chunk_size(&mut out, 0);
+        write_chunk_size(&mut out, 255);
+        write_chunk_size(&mut out, 65536);
+        assert_eq!(out, b"0\r\nFF\r\n10000\r\n");
+    }
+}
