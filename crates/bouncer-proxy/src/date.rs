@@ -18,7 +18,7 @@ thread_local! {
 }
 
 /// Appends the current time as an HTTP date.
-pub(crate) fn extend(out: &mut Vec<u8>) {
+pub(crate) fn extend(out: &mut bytes::BytesMut) {
     let now = SystemTime::now();
     let second = now
         .duration_since(UNIX_EPOCH)
@@ -44,9 +44,9 @@ pub(crate) fn extend(out: &mut Vec<u8>) {
 mod tests {
     #[test]
     fn writes_an_http_date_that_parses_back() {
-        let mut out = Vec::new();
+        let mut out = bytes::BytesMut::new();
         super::extend(&mut out);
-        let text = String::from_utf8(out).expect("ASCII");
+        let text = String::from_utf8(out.to_vec()).expect("ASCII");
         let parsed = httpdate::parse_http_date(&text).expect("an HTTP date");
         let drift = std::time::SystemTime::now()
             .duration_since(parsed)

@@ -202,22 +202,17 @@ async fn read_more(stream: &mut TcpStream, buffer: &mut BytesMut) -> io::Result<
 }
 
 fn poll_read_more(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     buffer: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     if buffer.capacity() - buffer.len() < READ_CHUNK / 4 {
         buffer.reserve(READ_CHUNK);
     }
-    loop {
-        match stream.try_read_buf(buffer) {
-            Ok(count) => return Poll::Ready(Ok(count)),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                ready!(stream.poll_read_ready(cx))?;
-            }
-            Err(error) => return Poll::Ready(Err(error)),
-        }
-    }
+    // Through `AsyncRead`, which takes a read that leaves room in the buffer as the socket
+    // drained: the next read then waits for the poller instead of trying a read that finds nothing
+    // (a system call per exchange; `try_read_buf` would keep the socket marked readable).
+    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buffer)
 }
 
 /// Parses a complete response head off the front of `buffer`, or says that more is needed. The
@@ -267,34 +262,50 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>, LeanError> 
 /// read buffer and the values kept as slices of it, without a copy.
 pub(crate) struct FieldSpans {
     /// Start and end of each name and value, within a head that the read limits keep far below
-    /// `u32::MAX` bytes.
-    spans: [[u32; 4]; MAX_HEADERS],
+    /// `u32::MAX` bytes. Most heads fit here; the rest go to `more`.
+    inline: [[u32; 4]; INLINE_SPANS],
+    more: Vec<[u32; 4]>,
     count: usize,
 }
+
+/// Fields whose spans are kept without an allocation; kept small, as the spans are made and moved
+/// for every head.
+const INLINE_SPANS: usize = 20;
 
 impl FieldSpans {
     /// The spans of `fields`, which `httparse` found in `head`.
     pub(crate) fn of(head: &[u8], fields: &[httparse::Header<'_>]) -> Self {
         let base = head.as_ptr() as usize;
-        let offset = |bytes: &[u8]| {
-            let start = bytes.as_ptr() as usize - base;
-            (start as u32, (start + bytes.len()) as u32)
+        let span = |field: &httparse::Header<'_>| {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            [
+                name as u32,
+                (name + field.name.len()) as u32,
+                value as u32,
+                (value + field.value.len()) as u32,
+            ]
         };
-        let mut spans = [[0u32; 4]; MAX_HEADERS];
-        let count = fields.len().min(MAX_HEADERS);
-        for (span, field) in spans.iter_mut().zip(fields) {
-            let (name_start, name_end) = offset(field.name.as_bytes());
-            let (value_start, value_end) = offset(field.value);
-            *span = [name_start, name_end, value_start, value_end];
+        let mut spans = Self {
+            inline: [[0; 4]; INLINE_SPANS],
+            more: Vec::new(),
+            count: fields.len(),
+        };
+        for (slot, field) in spans.inline.iter_mut().zip(fields) {
+            *slot = span(field);
         }
-        Self { spans, count }
+        spans
+            .more
+            .extend(fields.iter().skip(INLINE_SPANS).map(span));
+        spans
     }
 
     /// The fields as a map over `head` (the bytes the spans were taken from), with room for
     /// `spare` more; `None` when a name or value is not a valid field.
     pub(crate) fn header_map(&self, head: &Bytes, spare: usize) -> Option<HeaderMap> {
         let mut headers = HeaderMap::with_capacity(self.count + spare);
-        for &[name_start, name_end, value_start, value_end] in &self.spans[..self.count] {
+        let inline = &self.inline[..self.count.min(INLINE_SPANS)];
+        for &[name_start, name_end, value_start, value_end] in inline.iter().chain(&self.more) {
             let name =
                 HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).ok()?;
             let value = HeaderValue::from_maybe_shared(
@@ -445,7 +456,7 @@ impl LeanBody {
             return Poll::Ready(Err(closed_early()));
         };
         let count = ready!(poll_read_more(
-            &connection.stream,
+            &mut connection.stream,
             &mut connection.buffer,
             cx
         ))?;

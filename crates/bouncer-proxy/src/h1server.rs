@@ -38,7 +38,9 @@ const READ_SIZE: usize = 4096;
 /// write; a larger one is written from where it lies.
 const COPY_LIMIT: usize = 4096;
 /// Answer bytes gathered before they are written, even if the body has more ready.
-const WRITE_AT: usize = 64 * 1024;
+const WRITE_AT: usize = 256 * 1024;
+/// Pieces gathered into one write at most.
+const MAX_SEGMENTS: usize = 16;
 
 /// Serves HTTP/1.1 requests on `io` until the connection ends, or until a request comes that this
 /// server does not take: then it returns the connection, with the bytes read so far put back, for
@@ -332,7 +334,7 @@ async fn write_answer(
     closing: bool,
 ) -> io::Result<bool> {
     let (framing, keep_alive, trailers) =
-        encode_head(&response, &facts, closing, &mut outgoing.head);
+        encode_head(&response, &facts, closing, &mut outgoing.bytes);
     let body = response.into_body();
     let complete = write_body(io, outgoing, body, framing, trailers).await?;
     Ok(keep_alive && complete)
@@ -356,7 +358,7 @@ fn encode_head(
     response: &Response<ResponseBody>,
     facts: &RequestFacts,
     closing: bool,
-    out: &mut Vec<u8>,
+    out: &mut BytesMut,
 ) -> (Framing, bool, Option<Vec<HeaderName>>) {
     let status = response.status();
     if !facts.http10 && status == StatusCode::OK {
@@ -368,7 +370,7 @@ fn encode_head(
             b"HTTP/1.1 "
         });
         out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
+        out.extend_from_slice(b" ");
         out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
         out.extend_from_slice(b"\r\n");
     }
@@ -462,53 +464,87 @@ fn encode_head(
     (framing, keep_alive, trailers)
 }
 
-fn write_length(out: &mut Vec<u8>, length: u64) {
+fn write_length(out: &mut BytesMut, length: u64) {
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
-/// What waits to be written: bytes, then at most one large data frame written from where it lies,
-/// then bytes after it.
+/// What waits to be written, in order: the head and small pieces copied together, and large data
+/// frames written from where they lie, all in one vectored write.
 #[derive(Default)]
 struct Outgoing {
-    head: Vec<u8>,
-    data: Option<Bytes>,
-    tail: Vec<u8>,
+    /// Bytes copied since the last segment was cut off.
+    bytes: BytesMut,
+    /// Whole segments, before `bytes`.
+    segments: Vec<Bytes>,
+    /// The length of `segments`, together.
+    queued: usize,
 }
 
 impl Outgoing {
-    /// Where bytes go now: after the large frame, if one waits.
-    fn bytes(&mut self) -> &mut Vec<u8> {
-        if self.data.is_some() {
-            &mut self.tail
-        } else {
-            &mut self.head
-        }
-    }
-
     fn len(&self) -> usize {
-        self.head.len() + self.data.as_ref().map_or(0, Bytes::len) + self.tail.len()
+        self.queued + self.bytes.len()
     }
 
-    /// Queues `data`; hands it back when it must wait for what is queued to be written first.
-    fn push_data(&mut self, data: Bytes) -> Result<(), Bytes> {
+    /// Whether to write before taking more of the body.
+    fn is_full(&self) -> bool {
+        self.len() >= WRITE_AT || self.segments.len() + 2 >= MAX_SEGMENTS
+    }
+
+    fn push_data(&mut self, data: Bytes) {
         if data.len() <= COPY_LIMIT {
-            self.bytes().extend_from_slice(&data);
-        } else if self.data.is_none() {
-            self.data = Some(data);
-        } else {
-            return Err(data);
+            self.bytes.extend_from_slice(&data);
+            return;
         }
-        Ok(())
+        self.cut();
+        self.queued += data.len();
+        self.segments.push(data);
+    }
+
+    /// Ends the copied bytes as a segment of their own.
+    fn cut(&mut self) {
+        if !self.bytes.is_empty() {
+            let bytes = self.bytes.split().freeze();
+            self.queued += bytes.len();
+            self.segments.push(bytes);
+        }
     }
 
     async fn write(&mut self, io: &mut ClientIo) -> io::Result<()> {
-        let data = self.data.take().unwrap_or_default();
-        let mut all = Buf::chain(Buf::chain(self.head.as_slice(), data), self.tail.as_slice());
-        io.write_all_buf(&mut all).await?;
-        self.head.clear();
-        self.tail.clear();
+        if self.segments.is_empty() {
+            io.write_all(&self.bytes).await?;
+            self.bytes.clear();
+            return Ok(());
+        }
+        self.cut();
+        let mut first = 0;
+        while first < self.segments.len() {
+            let mut written = {
+                let mut slices = [io::IoSlice::new(&[]); MAX_SEGMENTS];
+                let mut count = 0;
+                for (slice, segment) in slices.iter_mut().zip(&self.segments[first..]) {
+                    *slice = io::IoSlice::new(segment);
+                    count += 1;
+                }
+                io.write_vectored(&slices[..count]).await?
+            };
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let segment = &mut self.segments[first];
+                if written >= segment.len() {
+                    written -= segment.len();
+                    first += 1;
+                } else {
+                    segment.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        self.segments.clear();
+        self.queued = 0;
         Ok(())
     }
 }
@@ -565,15 +601,12 @@ async fn write_body(
                         }
                         remaining -= length as u64;
                     }
-                    Framing::Chunked => write_chunk_size(outgoing.bytes(), length),
+                    Framing::Chunked => write_chunk_size(&mut outgoing.bytes, length),
                     Framing::Close | Framing::None => {}
                 }
-                if let Err(data) = outgoing.push_data(data) {
-                    outgoing.write(io).await?;
-                    let _ = outgoing.push_data(data);
-                }
+                outgoing.push_data(data);
                 if framing == Framing::Chunked {
-                    outgoing.bytes().extend_from_slice(b"\r\n");
+                    outgoing.bytes.extend_from_slice(b"\r\n");
                 }
             }
             Err(frame) => {
@@ -582,13 +615,13 @@ async fn write_body(
                 }
             }
         }
-        if outgoing.len() >= WRITE_AT {
+        if outgoing.is_full() {
             outgoing.write(io).await?;
         }
         ended = body.is_end_stream();
     }
     if framing == Framing::Chunked {
-        let out = outgoing.bytes();
+        let out = &mut outgoing.bytes;
         out.extend_from_slice(b"0\r\n");
         if let (Some(names), Some(fields)) = (&trailer_names, &trailers) {
             write_trailers(out, names, fields);
@@ -605,7 +638,7 @@ async fn write_body(
     Ok(framing != Framing::Close)
 }
 
-fn write_chunk_size(out: &mut Vec<u8>, length: usize) {
+fn write_chunk_size(out: &mut BytesMut, length: usize) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut digits = [0u8; 16];
     let mut at = digits.len();
@@ -624,7 +657,7 @@ fn write_chunk_size(out: &mut Vec<u8>, length: usize) {
 
 /// The trailer fields the answer declared in `Trailer`, less those that may never be trailers
 /// (RFC 9110 section 6.5.1), as hyper sends them.
-fn write_trailers(out: &mut Vec<u8>, names: &[HeaderName], fields: &HeaderMap) {
+fn write_trailers(out: &mut BytesMut, names: &[HeaderName], fields: &HeaderMap) {
     for (name, value) in fields {
         let forbidden = matches!(
             *name,
@@ -716,9 +749,9 @@ mod tests {
     }
 
     fn head_of(response: Response<ResponseBody>, facts: RequestFacts) -> (String, Framing, bool) {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         let (framing, keep_alive, _) = encode_head(&response, &facts, false, &mut out);
-        let text = String::from_utf8(out).expect("ASCII head");
+        let text = String::from_utf8(out.to_vec()).expect("ASCII head");
         // The date changes; its presence is what matters.
         let (before, after) = text.split_once("date: ").expect("a date field");
         let rest = after.split_once("\r\n").expect("end of the date").1;
@@ -779,10 +812,10 @@ mod tests {
 
     #[test]
     fn chunk_sizes_are_hex() {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         write_chunk_size(&mut out, 0);
         write_chunk_size(&mut out, 255);
         write_chunk_size(&mut out, 65536);
-        assert_eq!(out, b"0\r\nFF\r\n10000\r\n");
+        assert_eq!(&out[..], b"0\r\nFF\r\n10000\r\n");
     }
 }
