@@ -392,7 +392,7 @@ fn framing(head: &mut ResponseHead, head_request: bool) -> Result<(Framing, bool
 }
 
 /// Whether the backend keeps the connection open after this response.
-pub(crate) fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     let mut close = false;
     let mut keep_alive = false;
     for value in headers.get_all(header::CONNECTION) {

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::body::{ClientBody, ResponseBody};
 use crate::conn::{ClientIo, ConnectionActivity};
 use crate::error::Refusal;
-use crate::h1client::{FieldSpans, MAX_HEADERS, keeps_alive};
+use crate::h1client::{FieldSpans, MAX_HEADERS};
 use crate::listener::Lifecycle;
 use crate::metrics::ListenerMetrics;
 use crate::pipeline::{ConnectionContext, handle};
@@ -275,22 +275,43 @@ fn parse_request(buffer: &mut BytesMut) -> Parsed {
     } else {
         Version::HTTP_11
     };
+    // Framing, upgrades and `Expect` are hyper's: this server takes no body. They are looked for
+    // among the parsed fields, with what keep-alive and trailers depend on, in one pass.
+    let (mut close, mut keep_alive, mut trailers) = (false, false, false);
+    for field in parsed.headers.iter() {
+        let name = field.name.as_bytes();
+        let is = |expected: &[u8]| name.eq_ignore_ascii_case(expected);
+        match name.len() {
+            2 if is(b"te") => trailers |= lists_token(field.value, b"trailers"),
+            6 if is(b"expect") => return Parsed::NotLean,
+            7 if is(b"upgrade") => return Parsed::NotLean,
+            10 if is(b"connection") => {
+                close |= lists_token(field.value, b"close");
+                keep_alive |= lists_token(field.value, b"keep-alive");
+            }
+            14 if is(b"content-length") => return Parsed::NotLean,
+            17 if is(b"transfer-encoding") => return Parsed::NotLean,
+            _ => {}
+        }
+    }
+    let facts = RequestFacts {
+        http10: version == Version::HTTP_10,
+        head: method == Method::HEAD,
+        keep_alive: if version == Version::HTTP_10 {
+            keep_alive && !close
+        } else {
+            !close
+        },
+        trailers,
+    };
     let base = buffer.as_ptr() as usize;
     let target_start = target.as_ptr() as usize - base;
     let target_end = target_start + target.len();
     let spans = FieldSpans::of(buffer, parsed.headers);
     let head = buffer.split_to(length).freeze();
-    // Framing, upgrades and `Expect` are hyper's: this server takes no body.
-    let framed = [
-        header::CONTENT_LENGTH,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::EXPECT,
-    ];
     // Room for the forwarding fields the pipeline adds, so that the map grows once at most.
     let taken = spans
         .header_map(&head, 6)
-        .filter(|headers| !framed.iter().any(|name| headers.contains_key(name)))
         .zip(http::Uri::from_maybe_shared(head.slice(target_start..target_end)).ok());
     let Some((headers, uri)) = taken else {
         // The head goes back in front of what follows it, for hyper to read (a copy, made once
@@ -301,12 +322,6 @@ fn parse_request(buffer: &mut BytesMut) -> Parsed {
         *buffer = whole;
         return Parsed::NotLean;
     };
-    let facts = RequestFacts {
-        http10: version == Version::HTTP_10,
-        head: method == Method::HEAD,
-        keep_alive: keeps_alive(version, &headers),
-        trailers: lists_token(&headers, &header::TE, b"trailers"),
-    };
     let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -315,14 +330,11 @@ fn parse_request(buffer: &mut BytesMut) -> Parsed {
     Parsed::Request(request, facts)
 }
 
-/// Whether a comma-separated list field has `token` (case-insensitively) in any of its lines.
-fn lists_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|value| {
-        value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
-    })
+/// Whether a comma-separated list value has `token`, case-insensitively.
+fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Writes the answer to a request. Says whether the connection may carry another request.

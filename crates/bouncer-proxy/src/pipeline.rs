@@ -25,7 +25,7 @@ use crate::listener::{Lifecycle, ListenerRuntime};
 use crate::pool::Lease;
 use crate::protection::RateSubject;
 use crate::routing::Route;
-use crate::upstream::{InFlight, Picked, bit};
+use crate::upstream::{InFlight, Picked, SendFailure, Sent, bit};
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -423,7 +423,10 @@ async fn forward(
     } else {
         (RequestBody::empty(), None, true)
     };
-    let replay = (replayable && keep).then(|| Replay {
+    // A request that goes on a lean connection is only read there, and comes back for a retry
+    // as it is: no copy is kept.
+    let lean = !websocket && progress.is_none() && upstream.plain_http1();
+    let replay = (replayable && keep && !lean).then(|| Replay {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),
@@ -441,6 +444,7 @@ async fn forward(
         key_hash,
         sticky,
         replay,
+        resend: replayable && keep,
         progress,
         host_missing,
     };
@@ -514,9 +518,28 @@ pub(crate) struct Dispatch<'a> {
     pub key_hash: Option<u64>,
     pub sticky: Option<(&'a crate::sticky::StickyCookie, Option<u64>)>,
     pub replay: Option<Replay>,
+    /// The request may be sent again after a failure that may have reached the backend (see
+    /// `replay`), as it is when it comes back from a lean exchange.
+    pub resend: bool,
     pub progress: Option<Arc<BodyProgress>>,
     /// The request had no host: each backend gets its own name.
     pub host_missing: bool,
+}
+
+impl Dispatch<'_> {
+    /// The request to send again after a failure that may have reached the backend: the one that
+    /// came back from a lean exchange, or one made from the kept copy; none when it may not be
+    /// sent twice.
+    fn again(
+        &self,
+        returned: Option<Request<RequestBody>>,
+        progress: Option<&BodyProgress>,
+    ) -> Option<Request<RequestBody>> {
+        if !self.resend {
+            return None;
+        }
+        returned.or_else(|| self.replay.as_ref()?.request(progress))
+    }
 }
 
 /// Sends a prepared request to a backend of the route's upstream, with the retries its upstream
@@ -527,12 +550,7 @@ pub(crate) async fn send_to_backend(
     mut request: Request<RequestBody>,
 ) -> Result<(Response<UpstreamBody>, Lease), ProxyError> {
     let upstream = &dispatch.route.upstream;
-    let (key_hash, sticky, replay, progress) = (
-        dispatch.key_hash,
-        dispatch.sticky,
-        dispatch.replay.as_ref(),
-        &dispatch.progress,
-    );
+    let (key_hash, sticky, progress) = (dispatch.key_hash, dispatch.sticky, &dispatch.progress);
     let set = upstream.current();
     let mut tried = 0u64;
     let mut attempt_number = 0u32;
@@ -562,13 +580,18 @@ pub(crate) async fn send_to_backend(
             .send(&set, &backend, request, progress.clone())
             .await
         {
-            Ok((mut response, lease, upstream_time)) => {
+            Ok(Sent {
+                mut response,
+                lease,
+                elapsed: upstream_time,
+                request: returned,
+            }) => {
                 let status = response.status().as_u16();
                 // The backend's own answer is kept when there is no other backend to ask.
                 let again = (may_retry
                     && upstream.retry_on.retries_status(status)
                     && upstream.any_available(&set, tried | bit(backend_index)))
-                .then(|| replay.and_then(|copy| copy.request(progress.as_deref())))
+                .then(|| dispatch.again(returned, progress.as_deref()))
                 .flatten();
                 match again {
                     Some(again) if upstream.take_retry(&backend) => {
@@ -604,7 +627,11 @@ pub(crate) async fn send_to_backend(
             }
             Err(failure) => failure,
         };
-        let (error, unsent) = failure;
+        let SendFailure {
+            error,
+            request: returned,
+            unsent,
+        } = failure;
         if let ProxyError::ResponseTimeout { timeout, .. } = &error {
             // A backend too slow to answer at all is the slowest answer of all.
             dispatch
@@ -612,7 +639,10 @@ pub(crate) async fn send_to_backend(
                 .protection
                 .observe_backend_latency(*timeout);
         }
-        if may_retry && let Some(unsent) = unsent {
+        if may_retry
+            && unsent
+            && let Some(unsent) = returned
+        {
             // It reached no backend, so any request may go to another, and doing so adds no load
             // to the fleet: such retries are not counted against the budget.
             tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "sending to another backend");
@@ -632,9 +662,9 @@ pub(crate) async fn send_to_backend(
                 ProxyError::ResponseTimeout { .. } => upstream.retry_on.timeout,
                 _ => false,
             };
-            replay
-                .filter(|_| retryable)
-                .and_then(|copy| copy.request(progress.as_deref()))
+            retryable
+                .then(|| dispatch.again(returned, progress.as_deref()))
+                .flatten()
         };
         match next {
             Some(again) if upstream.take_retry(&backend) => {

@@ -194,12 +194,6 @@ impl ConnectionPool {
         if self.http2 && !request.headers().contains_key(header::UPGRADE) {
             return self.send_multiplexed(request).await;
         }
-        if self.tls.is_none()
-            && request.body().is_end_stream()
-            && !request.headers().contains_key(header::UPGRADE)
-        {
-            return self.send_lean(request).await;
-        }
         loop {
             let (mut sender, reused) = match self.take_idle().await {
                 Some(sender) => (sender, true),
@@ -258,22 +252,32 @@ impl ConnectionPool {
         }
     }
 
-    /// Sends a request without a body on a lean connection of its own task (see `h1client`),
-    /// pooled or new. A reused connection that turns out closed before any of the request was
-    /// written is replaced, as for hyper's connections.
-    async fn send_lean(
+    /// Whether `request` goes on a lean connection ([`Self::send_lean`]) rather than hyper's: a
+    /// request without a body, not an upgrade, to a plain HTTP/1 backend.
+    pub fn takes_lean(&self, request: &Request<RequestBody>) -> bool {
+        self.tls.is_none()
+            && !self.http2
+            && request.body().is_end_stream()
+            && !request.headers().contains_key(header::UPGRADE)
+    }
+
+    /// Sends a request that [`Self::takes_lean`] on a lean connection of its own task (see
+    /// `h1client`), pooled or new. A reused connection that turns out closed before any of the
+    /// request was written is replaced, as for hyper's connections. The request is only read, so
+    /// that it can be sent again as it is; a failure says whether none of it was sent.
+    pub async fn send_lean(
         self: &Arc<Self>,
-        request: Request<RequestBody>,
-    ) -> Result<(Response<UpstreamBody>, Lease), (SendError, Option<Request<RequestBody>>)> {
+        request: &Request<RequestBody>,
+    ) -> Result<(Response<UpstreamBody>, Lease), (SendError, bool)> {
         loop {
             let (connection, reused) = match self.pop_lean() {
                 Some(connection) => (connection, true),
                 None => match Box::pin(self.connect_lean()).await {
                     Ok(connection) => (connection, false),
-                    Err(error) => return Err((error, Some(request))),
+                    Err(error) => return Err((error, true)),
                 },
             };
-            match connection.exchange(&request, self).await {
+            match connection.exchange(request, self).await {
                 Ok((head, body)) => {
                     let mut response = Response::new(UpstreamBody::Lean(body));
                     *response.status_mut() = head.status;
@@ -282,12 +286,7 @@ impl ConnectionPool {
                     return Ok((response, Lease { returning: None }));
                 }
                 Err(failure) if failure.unsent && reused => {}
-                Err(failure) => {
-                    return Err((
-                        SendError::Lean(failure.error),
-                        failure.unsent.then_some(request),
-                    ));
-                }
+                Err(failure) => return Err((SendError::Lean(failure.error), failure.unsent)),
             }
         }
     }

@@ -71,6 +71,25 @@ pub struct Picked {
     pub guard: InFlight,
 }
 
+/// A backend's answer to a request, with the connection it came on.
+pub struct Sent {
+    pub response: Response<UpstreamBody>,
+    pub lease: Lease,
+    /// How long the backend took to answer.
+    pub elapsed: Duration,
+    /// The request, when it was only read (a lean exchange): it can be sent again as it is.
+    pub request: Option<Request<RequestBody>>,
+}
+
+/// Why a request got no answer from a backend.
+pub struct SendFailure {
+    pub error: ProxyError,
+    /// The request, when it was only read or none of it was sent.
+    pub request: Option<Request<RequestBody>>,
+    /// None of the request reached the backend: it may go to another, whatever its method.
+    pub unsent: bool,
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     pub config: UpstreamConfig,
@@ -501,17 +520,22 @@ impl Upstream {
         None
     }
 
+    /// Whether its backends are plain HTTP/1 servers, which take requests without a body on lean
+    /// connections (see `ConnectionPool::takes_lean`).
+    pub fn plain_http1(&self) -> bool {
+        self.tls.is_none() && !self.config.protocol.is_http2()
+    }
+
     /// Sends `request` to `backend` and waits for its response headers. The response clock starts
     /// once the request body has been sent, so that a slow upload is not mistaken for a slow backend.
-    /// On failure, the request comes back when none of it was sent.
+    /// The request comes back when it was only read (a lean exchange), or when none of it was sent.
     pub async fn send(
         &self,
         set: &BackendSet,
         backend: &Backend,
         request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
-    ) -> Result<(Response<UpstreamBody>, Lease, Duration), (ProxyError, Option<Request<RequestBody>>)>
-    {
+    ) -> Result<Sent, SendFailure> {
         backend.metrics.requests.inc();
         let started = Instant::now();
         let response_timeout = self.response_timeout;
@@ -521,15 +545,35 @@ impl Upstream {
             }
             tokio::time::sleep(response_timeout).await;
         };
-        let result = tokio::select! {
-            biased;
-            result = backend.pool.send(request) => {
-                result.map_err(|(error, unsent)| (classify(error, backend), unsent))
+        let timed_out = || ProxyError::ResponseTimeout {
+            backend: backend.label.to_string(),
+            timeout: response_timeout,
+        };
+        // The lean client only reads the request: it stays here, to come back whatever happens.
+        let (result, request) = if backend.pool.takes_lean(&request) {
+            let result = tokio::select! {
+                biased;
+                result = backend.pool.send_lean(&request) => {
+                    result.map_err(|(error, unsent)| (classify(error, backend), unsent))
+                }
+                () = response_clock => Err((timed_out(), false)),
+            };
+            (result, Some(request))
+        } else {
+            // Boxed: hyper's exchange is large, and every request's future would otherwise carry
+            // its size, lean ones too.
+            let sending = Box::pin(backend.pool.send(request));
+            let result = tokio::select! {
+                biased;
+                result = sending => result.map_err(|(error, unsent)| {
+                    (classify(error, backend), unsent)
+                }),
+                () = response_clock => Err((timed_out(), None)),
+            };
+            match result {
+                Ok(sent) => (Ok(sent), None),
+                Err((error, unsent)) => (Err((error, unsent.is_some())), unsent),
             }
-            () = response_clock => Err((ProxyError::ResponseTimeout {
-                backend: backend.label.to_string(),
-                timeout: response_timeout,
-            }, None)),
         };
         let elapsed = started.elapsed();
         if self.tracks_latency {
@@ -551,14 +595,23 @@ impl Upstream {
                 } else {
                     backend.health.record_success();
                 }
-                Ok((response, lease, elapsed))
+                Ok(Sent {
+                    response,
+                    lease,
+                    elapsed,
+                    request,
+                })
             }
             Err((error, unsent)) => {
                 if error.side() == Side::Upstream {
                     backend.metrics.failures.inc();
                     self.record_failure(set, backend);
                 }
-                Err((error, unsent))
+                Err(SendFailure {
+                    error,
+                    request,
+                    unsent,
+                })
             }
         }
     }

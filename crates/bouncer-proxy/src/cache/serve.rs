@@ -587,6 +587,7 @@ fn refresh_in_background(
             key_hash: None,
             sticky: None,
             replay: None,
+            resend: false,
             progress: None,
             host_missing,
         };

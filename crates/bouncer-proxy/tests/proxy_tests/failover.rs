@@ -120,6 +120,35 @@ async fn a_post_whose_body_reached_a_backend_is_never_sent_twice() {
 }
 
 #[tokio::test]
+async fn a_bodiless_post_that_reached_a_backend_is_never_sent_twice_but_a_delete_is_retried() {
+    // Both go on lean backend connections, which give the request back after a failure; only
+    // the idempotent one may use it.
+    let dying = Backend::start_with(0, Behaviour::Reset).await;
+    let good = Backend::start(1).await;
+    let proxy = TestProxy::start(&config(&[&dying, &good], "")).await;
+    let clients = Clients::new();
+    let post = Request::post(proxy.url("/"))
+        .body(bouncer_testkit::empty())
+        .expect("request");
+    let answer = clients.send(post).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(
+        (dying.count(), good.count()),
+        (1, 0),
+        "the POST must not be sent again"
+    );
+
+    // A new proxy, whose round robin starts at the dying backend again.
+    let proxy = TestProxy::start(&config(&[&dying, &good], "")).await;
+    let delete = Request::delete(proxy.url("/"))
+        .body(bouncer_testkit::empty())
+        .expect("request");
+    let answer = clients.send(delete).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!((dying.count(), good.count()), (2, 1));
+}
+
+#[tokio::test]
 async fn a_get_after_a_reset_is_retried_on_another_backend() {
     let dying = Backend::start_with(0, Behaviour::Reset).await;
     let good = Backend::start(1).await;
