@@ -32,8 +32,11 @@ use crate::pool::ConnectionPool;
 pub(crate) const MAX_HEADERS: usize = 100;
 /// The most a response head may take, as hyper's default read buffer limit.
 const MAX_HEAD_BYTES: usize = 400 * 1024;
-/// What a read asks for at least.
+/// What a read of a response head asks room for at least.
 const READ_CHUNK: usize = 16 * 1024;
+/// What a read of a response body asks room for at least: a large body then takes fewer reads,
+/// each a system call. The room goes when the connection is idle (see `LeanBody::release`).
+const BODY_READ_CHUNK: usize = 64 * 1024;
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 /// The most a chunked body's trailer section may take.
@@ -198,16 +201,17 @@ fn encode_head<B>(request: &Request<B>, out: &mut Vec<u8>) {
 
 /// Reads once into `buffer`'s spare room, growing it first when little is left.
 async fn read_more(stream: &mut TcpStream, buffer: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| poll_read_more(stream, buffer, cx)).await
+    std::future::poll_fn(|cx| poll_read_more(stream, buffer, READ_CHUNK, cx)).await
 }
 
 fn poll_read_more(
     stream: &mut TcpStream,
     buffer: &mut BytesMut,
+    chunk: usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    if buffer.capacity() - buffer.len() < READ_CHUNK / 4 {
-        buffer.reserve(READ_CHUNK);
+    if buffer.capacity() - buffer.len() < chunk / 4 {
+        buffer.reserve(chunk);
     }
     // Through `AsyncRead`, which takes a read that leaves room in the buffer as the socket
     // drained: the next read then waits for the poller instead of trying a read that finds nothing
@@ -429,10 +433,14 @@ impl LeanBody {
     }
 
     fn release(&mut self) {
-        if let (Some(connection), Some(pool)) = (self.connection.take(), self.pool.take())
+        if let (Some(mut connection), Some(pool)) = (self.connection.take(), self.pool.take())
             && self.reusable
             && connection.buffer.is_empty()
         {
+            // An idle connection keeps no large buffer (nor the block its frames were cut from).
+            if connection.buffer.capacity() > READ_CHUNK {
+                connection.buffer = BytesMut::new();
+            }
             pool.give_back_lean(connection);
         }
     }
@@ -458,6 +466,7 @@ impl LeanBody {
         let count = ready!(poll_read_more(
             &mut connection.stream,
             &mut connection.buffer,
+            BODY_READ_CHUNK,
             cx
         ))?;
         Poll::Ready(Ok(count))
