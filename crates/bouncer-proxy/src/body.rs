@@ -415,7 +415,9 @@ pin_project! {
         lease: Option<Lease>,
         fixed: Option<Bytes>,
         read_timeout: Duration,
-        last_progress: Instant,
+        // Since when the body has waited on the backend; read only when it has to wait, so that a
+        // body whose frames are ready costs no clock reading.
+        waiting_since: Option<Instant>,
         #[pin]
         silence: Option<Sleep>,
         // On HTTP/2: whether data handed over waits on the client (see `conn`).
@@ -434,7 +436,7 @@ impl ResponseBody {
             lease: None,
             fixed: None,
             read_timeout: Duration::ZERO,
-            last_progress: Instant::now(),
+            waiting_since: None,
             silence: None,
             send_watch: None,
             shared: None,
@@ -542,7 +544,7 @@ impl Body for ResponseBody {
                 {
                     lease.release();
                 }
-                *this.last_progress = Instant::now();
+                *this.waiting_since = None;
                 if let (Some(data), Some(exchange)) = (frame.data_ref(), this.exchange.as_mut()) {
                     exchange.bytes_out += data.len() as u64;
                 }
@@ -563,8 +565,10 @@ impl Body for ResponseBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                // The clock is checked lazily: it is set once, and only moved when it fires early.
-                let deadline = *this.last_progress + *this.read_timeout;
+                // The timer is set once, and only moved when it fires early (its deadline may be
+                // an earlier wait's).
+                let since = *this.waiting_since.get_or_insert_with(Instant::now);
+                let deadline = since + *this.read_timeout;
                 if this.silence.is_none() {
                     this.silence.set(Some(tokio::time::sleep_until(deadline)));
                 }
@@ -573,7 +577,6 @@ impl Body for ResponseBody {
                 };
                 loop {
                     ready!(silence.as_mut().poll(cx));
-                    let deadline = *this.last_progress + *this.read_timeout;
                     if Instant::now() >= deadline {
                         *this.upstream = None;
                         if let Some(exchange) = this.exchange.as_mut() {

@@ -339,6 +339,15 @@ impl ClientIo {
         (io, activity)
     }
 
+    /// Resolves when the socket may have something to read (or bytes wait to be replayed),
+    /// without reading and without running any clock.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.replay.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.io.poll_read_ready(cx)
+    }
+
     /// Puts bytes already read back in front of what is still to come, for the next reader.
     pub fn unread(&mut self, bytes: bytes::Bytes) {
         if self.replay.is_empty() {

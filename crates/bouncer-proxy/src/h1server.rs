@@ -125,7 +125,12 @@ pub(crate) async fn serve(
                 response = &mut responding => break response,
                 // Bytes the client sends meanwhile (a pipelined request) wait in the buffer. An end
                 // means that the client left: its request is dropped, and counted as such.
-                read = io.read_buf(&mut buffer), if buffer.len() < max_header_bytes => match read {
+                // Readiness is waited for first: it costs less than a read, and usually nothing
+                // comes before the answer.
+                read = async {
+                    std::future::poll_fn(|cx| io.poll_read_ready(cx)).await?;
+                    io.read_buf(&mut buffer).await
+                }, if buffer.len() < max_header_bytes => match read {
                     Ok(0) => return None,
                     Ok(_) => {}
                     Err(error) => {

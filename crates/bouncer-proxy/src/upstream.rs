@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
@@ -537,13 +537,18 @@ impl Upstream {
         body_progress: Option<Arc<BodyProgress>>,
     ) -> Result<Sent, SendFailure> {
         backend.metrics.requests.inc();
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let response_timeout = self.response_timeout;
         let response_clock = async move {
-            if let Some(progress) = body_progress {
-                progress.wait_finished().await;
-            }
-            tokio::time::sleep(response_timeout).await;
+            let deadline = match body_progress {
+                Some(progress) => {
+                    progress.wait_finished().await;
+                    tokio::time::Instant::now() + response_timeout
+                }
+                // Without a body, from the start: no second reading of the clock.
+                None => started + response_timeout,
+            };
+            tokio::time::sleep_until(deadline).await;
         };
         let timed_out = || ProxyError::ResponseTimeout {
             backend: backend.label.to_string(),
@@ -578,7 +583,9 @@ impl Upstream {
         let elapsed = started.elapsed();
         if self.tracks_latency {
             // A failure counts as slow as it took, so that a failing backend is not preferred.
-            backend.load.observe_latency(elapsed, started + elapsed);
+            backend
+                .load
+                .observe_latency(elapsed, (started + elapsed).into_std());
         }
         match result {
             Ok((response, lease)) => {
@@ -835,7 +842,7 @@ mod tests {
             panic!("no backend picked");
         };
         assert_eq!(picked.guard.backend().address.port(), 1002);
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         picked
             .guard
             .backend()
