@@ -348,6 +348,15 @@ impl ClientIo {
         self.io.poll_read_ready(cx)
     }
 
+    /// Part of a request head has been read, though not through this reader's clocks (while the
+    /// previous request was in flight): the header clock runs, and its end earns a 408.
+    pub fn head_pending(&mut self) {
+        if !self.activity.busy() {
+            self.head_bytes_seen = true;
+            self.activity.head_started();
+        }
+    }
+
     /// Puts bytes already read back in front of what is still to come, for the next reader.
     pub fn unread(&mut self, bytes: bytes::Bytes) {
         if self.replay.is_empty() {

@@ -66,7 +66,9 @@ pub(crate) async fn serve(
             if !buffer.is_empty() {
                 match parse_request(&mut buffer) {
                     Parsed::Request(request, facts) => break (request, facts),
-                    Parsed::Partial if buffer.len() < max_header_bytes => {}
+                    // Part of a head, perhaps read while the last answer was in flight: the
+                    // header clock runs (a no-op when it already does).
+                    Parsed::Partial if buffer.len() < max_header_bytes => io.head_pending(),
                     Parsed::Partial | Parsed::NotLean => {
                         io.unread(buffer.freeze());
                         return Some((io, handover));

@@ -212,3 +212,30 @@ async fn a_malformed_first_request_gets_400_and_never_reaches_a_backend() {
     }
     assert!(backends[0].requests().is_empty());
 }
+
+#[tokio::test]
+async fn part_of_a_head_pipelined_behind_a_request_in_flight_runs_the_header_clock() {
+    let backends = Backend::start_many(1).await;
+    // The idle clock is far longer than the test's deadline: only the header clock can end it.
+    let proxy = TestProxy::for_backends(
+        &backends,
+        "[server]\nheader_timeout = \"200ms\"\nidle_timeout = \"60s\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    stream
+        .write_all(b"GET /delay/100 HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let length = content_length(&head);
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the header clock closed the connection")
+        .ok();
+    let rest = String::from_utf8_lossy(&rest[length..]).into_owned();
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest:?}");
+    assert_eq!(backends[0].count(), 1);
+}
