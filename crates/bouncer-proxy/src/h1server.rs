@@ -64,7 +64,7 @@ pub(crate) async fn serve(
     loop {
         let (request, facts) = loop {
             if !buffer.is_empty() {
-                match parse_request(&mut buffer) {
+                match parse_request(&mut buffer, max_header_bytes) {
                     Parsed::Request(request, facts) => break (request, facts),
                     // Part of a head, perhaps read while the last answer was in flight: the
                     // header clock runs (a no-op when it already does).
@@ -117,6 +117,8 @@ pub(crate) async fn serve(
         };
         // Boxed: the pipeline's future is large, and the connection's task, which lives as long
         // as the connection, would otherwise be as large for the whole life of an idle one.
+        // Draining: this answer is the connection's last, whatever its head says.
+        let mut draining = false;
         let mut responding = Box::pin(handle(context, request));
         let response = loop {
             if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
@@ -142,6 +144,7 @@ pub(crate) async fn serve(
                 },
                 (signal, lifecycle, activity) = &mut signals => {
                     signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                    draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
                     if busy_signal(signal, &activity) {
                         return None;
                     }
@@ -150,7 +153,7 @@ pub(crate) async fn serve(
         };
         drop(responding);
         let answered = {
-            let closing = activity.closing();
+            let closing = activity.closing() || draining;
             let mut answering = std::pin::pin!(write_answer(
                 &mut io,
                 &mut outgoing,
@@ -164,6 +167,7 @@ pub(crate) async fn serve(
                     answered = &mut answering => break answered,
                     (signal, lifecycle, activity) = &mut signals => {
                         signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                        draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
                         if busy_signal(signal, &activity) {
                             return None;
                         }
@@ -171,8 +175,14 @@ pub(crate) async fn serve(
                 }
             }
         };
+        // A connection that grew a large write buffer for one answer does not keep it idle.
+        if outgoing.bytes.capacity() > READ_SIZE * 4 {
+            outgoing.bytes = BytesMut::new();
+        }
         match answered {
-            Ok(true) if !activity.closing() => {}
+            // The head said keep-alive. A handover that began while it was written closes the
+            // connection after the next answer, which says so; draining closes it now.
+            Ok(true) if !draining => {}
             Ok(_) => {
                 // Best effort: the connection closes whether or not the client hears the FIN.
                 let _ = io.shutdown().await;
@@ -190,11 +200,13 @@ pub(crate) async fn serve(
 fn busy_signal(signal: Signal, activity: &ConnectionActivity) -> bool {
     match signal {
         Signal::Lifecycle(Lifecycle::Running) => false,
-        // This answer is the connection's last (and says so if its head is still to be written).
-        Signal::Lifecycle(Lifecycle::HandingOver | Lifecycle::Draining) => {
+        // The next answer whose head is still to be written is the connection's last, and says so.
+        Signal::Lifecycle(Lifecycle::HandingOver) => {
             activity.close_after_answer();
             false
         }
+        // The caller closes the connection after this answer.
+        Signal::Lifecycle(Lifecycle::Draining) => false,
         Signal::Lifecycle(Lifecycle::Closing) => true,
         // Busy: it carries on.
         Signal::Reaped => {
@@ -248,7 +260,7 @@ enum Parsed {
 
 /// Parses a whole request head off the front of `buffer`, if it is one this server takes. The
 /// field values keep pointing into the bytes read, without a copy.
-fn parse_request(buffer: &mut BytesMut) -> Parsed {
+fn parse_request(buffer: &mut BytesMut, max_header_bytes: usize) -> Parsed {
     // Left uninitialised: zeroing kilobytes for every request would cost more than parsing it.
     let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
         [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -259,7 +271,9 @@ fn parse_request(buffer: &mut BytesMut) -> Parsed {
         buffer,
         &mut slots,
     ) {
-        Ok(httparse::Status::Complete(length)) => length,
+        // A head over the limit is hyper's to refuse (431), even when it came whole in one read.
+        Ok(httparse::Status::Complete(length)) if length <= max_header_bytes => length,
+        Ok(httparse::Status::Complete(_)) => return Parsed::NotLean,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::NotLean,
     };
@@ -414,6 +428,10 @@ fn encode_head(
                 if exact.is_none() && declared.is_none() {
                     declared = value.to_str().ok().and_then(|text| text.parse().ok());
                 }
+                continue;
+            }
+            // Never on 1xx and 204 (RFC 9110 section 8.6), whatever a backend sent.
+            if !facts.head && (status.is_informational() || status == StatusCode::NO_CONTENT) {
                 continue;
             }
         } else if *name == header::TRANSFER_ENCODING {
@@ -708,7 +726,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Parsed {
-        parse_request(&mut BytesMut::from(text.as_bytes()))
+        parse_request(&mut BytesMut::from(text.as_bytes()), 65536)
     }
 
     #[test]
@@ -717,7 +735,7 @@ mod tests {
             &b"GET /a?b=c HTTP/1.1\r\nHost: example\r\nTE: trailers\r\nX-Thing: 1\r\n\r\nGET /next"
                 [..],
         );
-        let Parsed::Request(request, facts) = parse_request(&mut buffer) else {
+        let Parsed::Request(request, facts) = parse_request(&mut buffer, 65536) else {
             panic!("not taken");
         };
         assert_eq!(request.method(), Method::GET);
@@ -727,7 +745,7 @@ mod tests {
         assert_eq!(request.headers()["x-thing"], "1");
         assert!(facts.keep_alive && facts.trailers && !facts.head && !facts.http10);
         assert_eq!(&buffer[..], b"GET /next");
-        assert!(matches!(parse_request(&mut buffer), Parsed::Partial));
+        assert!(matches!(parse_request(&mut buffer, 65536), Parsed::Partial));
     }
 
     #[test]
@@ -746,8 +764,23 @@ mod tests {
     fn a_request_left_to_hyper_stays_whole_in_the_buffer() {
         let text = "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\n";
         let mut buffer = BytesMut::from(text.as_bytes());
-        assert!(matches!(parse_request(&mut buffer), Parsed::NotLean));
+        assert!(matches!(parse_request(&mut buffer, 65536), Parsed::NotLean));
         assert_eq!(&buffer[..], text.as_bytes());
+    }
+
+    #[test]
+    fn a_whole_head_over_the_limit_is_left_to_hyper() {
+        let text = "GET / HTTP/1.1\r\nHost: a\r\nX-Long: 0123456789\r\n\r\n";
+        let mut buffer = BytesMut::from(text.as_bytes());
+        assert!(matches!(
+            parse_request(&mut buffer, text.len() - 1),
+            Parsed::NotLean
+        ));
+        assert_eq!(&buffer[..], text.as_bytes());
+        assert!(matches!(
+            parse_request(&mut buffer, text.len()),
+            Parsed::Request(..)
+        ));
     }
 
     #[test]
@@ -823,6 +856,23 @@ mod tests {
             (
                 "HTTP/1.0 200 OK\r\ncontent-length: 42\r\nconnection: keep-alive\r\ndate: *\r\n\r\n"
                     .to_string(),
+                Framing::None,
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn a_204_never_carries_a_length() {
+        let mut empty = Response::new(ResponseBody::fixed("", None));
+        *empty.status_mut() = StatusCode::NO_CONTENT;
+        empty
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, "10".parse().expect("valid"));
+        assert_eq!(
+            head_of(empty, GET11),
+            (
+                "HTTP/1.1 204 No Content\r\ndate: *\r\n\r\n".to_string(),
                 Framing::None,
                 true
             )

@@ -239,3 +239,18 @@ async fn part_of_a_head_pipelined_behind_a_request_in_flight_runs_the_header_clo
     assert!(rest.starts_with("HTTP/1.1 408"), "{rest:?}");
     assert_eq!(backends[0].count(), 1);
 }
+
+#[tokio::test]
+async fn a_head_over_the_limit_gets_431() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "[server]\nmax_header_bytes = 8192").await;
+    for size in [9_000, 12_000, 20_000] {
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(size)
+        );
+        let answer = raw_exchange(proxy.address, request.as_bytes(), DEADLINE).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{size}: {answer}");
+    }
+    assert!(backends[0].requests().is_empty());
+}
