@@ -115,10 +115,10 @@ pub(crate) async fn serve(
                 }
             }
         };
-        // Boxed: the pipeline's future is large, and the connection's task, which lives as long
-        // as the connection, would otherwise be as large for the whole life of an idle one.
         // Draining: this answer is the connection's last, whatever its head says.
         let mut draining = false;
+        // Boxed: the pipeline's future is large, and the connection's task, which lives as long
+        // as the connection, would otherwise be as large for the whole life of an idle one.
         let mut responding = Box::pin(handle(context, request));
         let response = loop {
             if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
