@@ -20,6 +20,15 @@ async fn read_body(stream: &mut TcpStream, length: usize) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// The paths a backend was asked for, in order.
+fn paths_seen(backend: &Backend) -> Vec<String> {
+    backend
+        .requests()
+        .iter()
+        .map(|request| request.uri.path().to_string())
+        .collect()
+}
+
 fn content_length(head: &str) -> usize {
     head.lines()
         .find_map(|line| line.strip_prefix("content-length: "))
@@ -46,12 +55,7 @@ async fn pipelined_requests_are_answered_in_order_and_the_last_closes() {
     let third = &answers[starts[2].0..];
     assert!(third.contains("connection: close\r\n"), "{third}");
     assert!(third.ends_with("\r\n\r\nbackend 0\n"), "{third}");
-    let paths: Vec<_> = backends[0]
-        .requests()
-        .iter()
-        .map(|request| request.uri.path().to_string())
-        .collect();
-    assert_eq!(paths, ["/first", "/second", "/third"]);
+    assert_eq!(paths_seen(&backends[0]), ["/first", "/second", "/third"]);
 }
 
 #[tokio::test]
@@ -187,12 +191,7 @@ async fn a_connection_goes_on_after_a_request_with_a_body_and_a_malformed_one_ge
         .ok();
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{rest}");
-    let paths: Vec<_> = backends[0]
-        .requests()
-        .iter()
-        .map(|request| request.uri.path().to_string())
-        .collect();
-    assert_eq!(paths, ["/before", "/echo", "/after"]);
+    assert_eq!(paths_seen(&backends[0]), ["/before", "/echo", "/after"]);
 }
 
 #[tokio::test]
