@@ -23,8 +23,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use std::time::Duration;
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::pool::ConnectionPool;
 
@@ -49,6 +52,8 @@ pub enum LeanError {
     Io(#[from] io::Error),
     #[error("the backend's response is malformed: {0}")]
     Malformed(&'static str),
+    #[error("the backend did not answer before the response deadline")]
+    ResponseTimeout,
 }
 
 fn closed_early() -> LeanError {
@@ -65,6 +70,10 @@ pub struct LeanConnection {
     buffer: BytesMut,
     /// The request head being written, kept for its capacity.
     out: Vec<u8>,
+    /// The response clock, kept from one exchange to the next: moving a registered timer to a
+    /// later deadline costs no lock and no timer-wheel work, where a new timer for every exchange
+    /// costs both, twice.
+    response_clock: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// A failed exchange, and whether none of the request was written (it may then go elsewhere).
@@ -77,7 +86,48 @@ pub struct ExchangeFailure {
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
+    /// The fields, but for `Keep-Alive` and a `Connection` that only says `close` or `keep-alive`
+    /// (or names `upgrade` or `te`, whose fields go anyway): those concern this connection alone,
+    /// are read into `connection` and never reach the client. A `Connection` naming other fields
+    /// stays, so that the fields it names are removed with it.
     pub headers: HeaderMap,
+    connection: ConnectionOptions,
+}
+
+/// What the backend's `Connection` fields say about the connection.
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnectionOptions {
+    close: bool,
+    keep_alive: bool,
+}
+
+impl ConnectionOptions {
+    /// Notes one `Connection` value; says whether it names anything else, and must then be kept.
+    fn note(&mut self, value: &[u8]) -> bool {
+        let mut names_others = false;
+        for token in value.split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else {
+                names_others |= !(token.is_empty()
+                    || token.eq_ignore_ascii_case(b"upgrade")
+                    || token.eq_ignore_ascii_case(b"te"));
+            }
+        }
+        names_others
+    }
+
+    /// Whether the backend keeps the connection open after this response.
+    fn keeps_alive(self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.keep_alive && !self.close
+        } else {
+            !self.close
+        }
+    }
 }
 
 impl LeanConnection {
@@ -86,6 +136,8 @@ impl LeanConnection {
             stream,
             buffer: BytesMut::new(),
             out: Vec::new(),
+            // Not registered until first polled; every exchange sets its own deadline.
+            response_clock: Box::pin(tokio::time::sleep(Duration::ZERO)),
         })
     }
 
@@ -99,63 +151,40 @@ impl LeanConnection {
         matches!(self.stream.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends `request` (which has no body) and reads the response head; the body is read through
-    /// the returned [`LeanBody`], which gives the connection back to `pool` when it ends.
+    /// Sends `request` (which has no body) and reads the response head, which must come by
+    /// `deadline`; the body is read through the returned [`LeanBody`], which gives the connection
+    /// back to `pool` when it ends.
     pub async fn exchange<B>(
         mut self: Box<Self>,
         request: &Request<B>,
         pool: &Arc<ConnectionPool>,
+        deadline: Instant,
     ) -> Result<(ResponseHead, LeanBody), ExchangeFailure> {
-        self.out.clear();
-        encode_head(request, &mut self.out);
-        let mut written = 0;
-        while written < self.out.len() {
-            match self.stream.write(&self.out[written..]).await {
-                Ok(0) => {
-                    return Err(ExchangeFailure {
-                        error: closed_early(),
-                        unsent: written == 0,
-                    });
-                }
-                Ok(count) => written += count,
-                Err(error) => {
-                    return Err(ExchangeFailure {
-                        error: LeanError::Io(error),
-                        unsent: written == 0,
-                    });
-                }
-            }
-        }
-        let sent = |error| ExchangeFailure {
-            error,
-            unsent: false,
-        };
-        let head = loop {
-            // Between exchanges the buffer is empty: the answer has to be read first.
-            if !self.buffer.is_empty()
-                && let Some(head) = parse_head(&mut self.buffer).map_err(sent)?
-            {
-                match head.status.as_u16() {
-                    // Interim answers (100 Continue, 103 Early Hints) are not passed on.
-                    100 | 102..=199 => continue,
-                    101 => return Err(sent(LeanError::Malformed("101 without an upgrade"))),
-                    _ => break head,
-                }
-            }
-            if self.buffer.len() > MAX_HEAD_BYTES {
-                return Err(sent(LeanError::Malformed("response head too large")));
-            }
-            if read_more(&mut self.stream, &mut self.buffer)
-                .await
-                .map_err(|error| sent(LeanError::Io(error)))?
-                == 0
-            {
-                return Err(sent(closed_early()));
+        self.response_clock.as_mut().reset(deadline);
+        let LeanConnection {
+            stream,
+            buffer,
+            out,
+            response_clock,
+        } = &mut *self;
+        let head = tokio::select! {
+            biased;
+            head = send_and_read_head(stream, buffer, out, request) => head?,
+            () = response_clock.as_mut() => {
+                return Err(ExchangeFailure {
+                    error: LeanError::ResponseTimeout,
+                    unsent: false,
+                });
             }
         };
         let mut head = head;
         let (framing, reusable) =
-            framing(&mut head, *request.method() == Method::HEAD).map_err(sent)?;
+            framing(&mut head, *request.method() == Method::HEAD).map_err(|error| {
+                ExchangeFailure {
+                    error,
+                    unsent: false,
+                }
+            })?;
         let body = LeanBody {
             connection: Some(self),
             framing,
@@ -163,6 +192,62 @@ impl LeanConnection {
             pool: Some(Arc::clone(pool)),
         };
         Ok((head, body.finish_if_done()))
+    }
+}
+
+/// Writes the request head in `out` and reads the response head into `buffer`.
+async fn send_and_read_head<B>(
+    stream: &mut TcpStream,
+    buffer: &mut BytesMut,
+    out: &mut Vec<u8>,
+    request: &Request<B>,
+) -> Result<ResponseHead, ExchangeFailure> {
+    out.clear();
+    encode_head(request, out);
+    let mut written = 0;
+    while written < out.len() {
+        match stream.write(&out[written..]).await {
+            Ok(0) => {
+                return Err(ExchangeFailure {
+                    error: closed_early(),
+                    unsent: written == 0,
+                });
+            }
+            Ok(count) => written += count,
+            Err(error) => {
+                return Err(ExchangeFailure {
+                    error: LeanError::Io(error),
+                    unsent: written == 0,
+                });
+            }
+        }
+    }
+    let sent = |error| ExchangeFailure {
+        error,
+        unsent: false,
+    };
+    loop {
+        // Between exchanges the buffer is empty: the answer has to be read first.
+        if !buffer.is_empty()
+            && let Some(head) = parse_head(buffer).map_err(sent)?
+        {
+            match head.status.as_u16() {
+                // Interim answers (100 Continue, 103 Early Hints) are not passed on.
+                100 | 102..=199 => continue,
+                101 => return Err(sent(LeanError::Malformed("101 without an upgrade"))),
+                _ => return Ok(head),
+            }
+        }
+        if buffer.len() > MAX_HEAD_BYTES {
+            return Err(sent(LeanError::Malformed("response head too large")));
+        }
+        if read_more(stream, buffer)
+            .await
+            .map_err(|error| sent(LeanError::Io(error)))?
+            == 0
+        {
+            return Err(sent(closed_early()));
+        }
     }
 }
 
@@ -251,14 +336,23 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>, LeanError> 
     };
     let spans = FieldSpans::of(buffer, parsed.headers);
     let head = buffer.split_to(length).freeze();
-    // Room for what the proxy adds to an answer, so that the map grows once at most.
+    let mut connection = ConnectionOptions::default();
+    // Room for what the proxy adds to an answer, so that the map grows once at most. The fields
+    // about this connection alone are read here rather than put in the map and taken out again.
     let headers = spans
-        .header_map(&head, 4)
+        .header_map_keeping(&head, 4, |name, value| {
+            if *name == header::CONNECTION {
+                connection.note(value)
+            } else {
+                *name != crate::headers::KEEP_ALIVE
+            }
+        })
         .ok_or(LeanError::Malformed("invalid header field"))?;
     Ok(Some(ResponseHead {
         status,
         version,
         headers,
+        connection,
     }))
 }
 
@@ -307,15 +401,27 @@ impl FieldSpans {
     /// The fields as a map over `head` (the bytes the spans were taken from), with room for
     /// `spare` more; `None` when a name or value is not a valid field.
     pub(crate) fn header_map(&self, head: &Bytes, spare: usize) -> Option<HeaderMap> {
+        self.header_map_keeping(head, spare, |_, _| true)
+    }
+
+    /// As `header_map`, with only the fields for which `keep` (given the name and the raw value)
+    /// says yes.
+    fn header_map_keeping(
+        &self,
+        head: &Bytes,
+        spare: usize,
+        mut keep: impl FnMut(&HeaderName, &[u8]) -> bool,
+    ) -> Option<HeaderMap> {
         let mut headers = HeaderMap::with_capacity(self.count + spare);
         let inline = &self.inline[..self.count.min(INLINE_SPANS)];
         for &[name_start, name_end, value_start, value_end] in inline.iter().chain(&self.more) {
             let name =
                 HeaderName::from_bytes(&head[name_start as usize..name_end as usize]).ok()?;
-            let value = HeaderValue::from_maybe_shared(
-                head.slice(value_start as usize..value_end as usize),
-            )
-            .ok()?;
+            let value_span = value_start as usize..value_end as usize;
+            if !keep(&name, &head[value_span.clone()]) {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(value_span)).ok()?;
             headers.append(name, value);
         }
         Some(headers)
@@ -347,7 +453,7 @@ enum Chunk {
 /// The body's framing and whether the connection may carry another exchange after it.
 fn framing(head: &mut ResponseHead, head_request: bool) -> Result<(Framing, bool), LeanError> {
     let headers = &mut head.headers;
-    let mut reusable = keeps_alive(head.version, headers);
+    let mut reusable = head.connection.keeps_alive(head.version);
     let status = head.status;
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, reusable));
@@ -393,24 +499,6 @@ fn framing(head: &mut ResponseHead, head_request: bool) -> Result<(Framing, bool
         Some(length) => (Framing::Length(length), reusable),
         None => (Framing::UntilClose, false),
     })
-}
-
-/// Whether the backend keeps the connection open after this response.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let mut close = false;
-    let mut keep_alive = false;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
-    if version == Version::HTTP_10 {
-        keep_alive && !close
-    } else {
-        !close
-    }
 }
 
 /// A response body read from a lean connection as the client takes it.
@@ -710,6 +798,102 @@ mod tests {
         let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Len");
         assert!(parse_head(&mut partial).expect("valid so far").is_none());
         let mut bad = BytesMut::from("HTTP/1.1 2x0 OK\r\n\r\n");
+        assert!(parse_head(&mut bad).is_err());
+    }
+
+    /// Reads from `socket` until `heads` request heads have arrived in all.
+    async fn read_heads(socket: &mut TcpStream, seen: &mut Vec<u8>, heads: usize) {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 1024];
+        while seen
+            .windows(4)
+            .filter(|window| *window == b"\r\n\r\n")
+            .count()
+            < heads
+        {
+            let read = socket.read(&mut chunk).await.expect("read from the proxy");
+            assert!(read > 0, "the proxy closed the connection");
+            seen.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// The response clock stays with the connection and moves to each exchange's deadline: a
+    /// reused connection times out at its own exchange's deadline, not at an earlier one's.
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_connection_times_out_at_its_own_exchanges_deadline() {
+        use crate::body::RequestBody;
+        use crate::pool::{ConnectionPool, PoolSettings, SendError};
+        use http_body_util::BodyExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        // Answers the first request, then reads the second and stays silent.
+        let backend = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            read_heads(&mut socket, &mut seen, 1).await;
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .expect("answer");
+            read_heads(&mut socket, &mut seen, 2).await;
+            socket
+        });
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(3600),
+        };
+        let pool = ConnectionPool::new(address, "backend".into(), settings, None, false);
+        let request = || {
+            Request::get("/")
+                .header(header::HOST, "backend")
+                .body(RequestBody::empty())
+                .expect("request")
+        };
+
+        let start = Instant::now();
+        let (response, _lease) = pool
+            .send_lean(&request(), start + Duration::from_secs(1))
+            .await
+            .map_err(|(error, _)| error)
+            .expect("the first exchange is answered");
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes(), "ok");
+
+        // The same connection, back from the pool, with a later deadline.
+        let second = start + Duration::from_secs(10);
+        let failure = pool.send_lean(&request(), second).await;
+        assert!(matches!(failure, Err((SendError::ResponseTimeout, false))));
+        assert_eq!(Instant::now(), second, "timed out at the second deadline");
+        let socket = backend.await.expect("the backend saw both requests");
+        drop(socket);
+    }
+
+    #[test]
+    fn fields_about_this_connection_alone_stay_out_of_the_map() {
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Connection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(!parsed.headers.contains_key(header::CONNECTION));
+        assert!(!parsed.headers.contains_key("keep-alive"));
+        // Removed later with the other hop-by-hop fields, by name.
+        assert_eq!(parsed.headers[header::UPGRADE], "h2c");
+        // A `Connection` that names another field stays, so that the field goes with it.
+        let naming = head(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive, x-trace\r\nX-Trace: 1\r\n\
+             Content-Length: 0\r\n\r\n",
+        );
+        assert_eq!(naming.headers[header::CONNECTION], "keep-alive, x-trace");
+        assert!(naming.connection.keeps_alive(Version::HTTP_10));
+        let mut map = naming.headers;
+        crate::headers::remove_hop_by_hop(&mut map, false);
+        assert!(!map.contains_key("x-trace") && !map.contains_key(header::CONNECTION));
+        // A field the head cannot carry is refused, as before.
+        let mut bad = BytesMut::from("HTTP/1.1 200 OK\r\nConnection: close\r\nX: \x7f\r\n\r\n");
         assert!(parse_head(&mut bad).is_err());
     }
 

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::{RequestBody, UpstreamBody};
-use crate::h1client::{LeanConnection, LeanError};
+use crate::h1client::{ExchangeFailure, LeanConnection, LeanError};
 use crate::tls::UpstreamTls;
 
 /// TCP keep-alive probes on backend connections, so that a backend that vanished without closing
@@ -55,6 +55,8 @@ pub enum SendError {
     Exchange(#[source] hyper::Error),
     #[error("the exchange with the backend failed")]
     Lean(#[source] LeanError),
+    #[error("the backend did not answer before the response deadline")]
+    ResponseTimeout,
 }
 
 impl SendError {
@@ -268,16 +270,21 @@ impl ConnectionPool {
     pub async fn send_lean(
         self: &Arc<Self>,
         request: &Request<RequestBody>,
+        response_deadline: Instant,
     ) -> Result<(Response<UpstreamBody>, Lease), (SendError, bool)> {
         loop {
             let (connection, reused) = match self.pop_lean() {
                 Some(connection) => (connection, true),
-                None => match Box::pin(self.connect_lean()).await {
+                None => match Box::pin(self.connect_lean(response_deadline)).await {
                     Ok(connection) => (connection, false),
+                    // Nothing was sent; but the deadline is the request's, not this backend's.
+                    Err(SendError::ResponseTimeout) => {
+                        return Err((SendError::ResponseTimeout, false));
+                    }
                     Err(error) => return Err((error, true)),
                 },
             };
-            match connection.exchange(request, self).await {
+            match connection.exchange(request, self, response_deadline).await {
                 Ok((head, body)) => {
                     let mut response = Response::new(UpstreamBody::Lean(body));
                     *response.status_mut() = head.status;
@@ -286,16 +293,31 @@ impl ConnectionPool {
                     return Ok((response, Lease { returning: None }));
                 }
                 Err(failure) if failure.unsent && reused => {}
+                Err(ExchangeFailure {
+                    error: LeanError::ResponseTimeout,
+                    unsent,
+                }) => return Err((SendError::ResponseTimeout, unsent)),
                 Err(failure) => return Err((SendError::Lean(failure.error), failure.unsent)),
             }
         }
     }
 
-    async fn connect_lean(&self) -> Result<Box<LeanConnection>, SendError> {
-        let connect_timeout = self.settings().connect_timeout;
-        tokio::time::timeout(connect_timeout, self.open_stream())
+    /// Connects within the connect timeout, or by the response deadline when that comes first.
+    async fn connect_lean(
+        &self,
+        response_deadline: Instant,
+    ) -> Result<Box<LeanConnection>, SendError> {
+        let connect_deadline = Instant::now() + self.settings().connect_timeout;
+        let deadline = connect_deadline.min(response_deadline);
+        tokio::time::timeout_at(deadline, self.open_stream())
             .await
-            .map_err(|_| SendError::ConnectTimeout)?
+            .map_err(|_| {
+                if deadline < connect_deadline {
+                    SendError::ResponseTimeout
+                } else {
+                    SendError::ConnectTimeout
+                }
+            })?
             .map(LeanConnection::new)
     }
 

@@ -539,46 +539,31 @@ impl Upstream {
         backend.metrics.requests.inc();
         let started = tokio::time::Instant::now();
         let response_timeout = self.response_timeout;
-        let response_clock = async move {
-            let deadline = match body_progress {
-                Some(progress) => {
-                    progress.wait_finished().await;
-                    tokio::time::Instant::now() + response_timeout
-                }
-                // Without a body, from the start: no second reading of the clock.
-                None => started + response_timeout,
-            };
-            tokio::time::sleep_until(deadline).await;
-        };
-        let timed_out = || ProxyError::ResponseTimeout {
-            backend: backend.label.to_string(),
-            timeout: response_timeout,
-        };
         // The lean client only reads the request: it stays here, to come back whatever happens.
         let (result, request) = if backend.pool.takes_lean(&request) {
-            let result = tokio::select! {
-                biased;
-                result = backend.pool.send_lean(&request) => {
-                    result.map_err(|(error, unsent)| (classify(error, backend), unsent))
-                }
-                () = response_clock => Err((timed_out(), false)),
-            };
+            // Without a body the deadline is known now; the lean connection keeps its own clock.
+            let result = backend
+                .pool
+                .send_lean(&request, started + response_timeout)
+                .await
+                .map_err(|(error, unsent)| match error {
+                    SendError::ResponseTimeout => {
+                        (response_timed_out(backend, response_timeout), unsent)
+                    }
+                    error => (classify(error, backend), unsent),
+                });
             (result, Some(request))
         } else {
-            // Boxed: hyper's exchange is large, and every request's future would otherwise carry
-            // its size, lean ones too.
-            let sending = Box::pin(backend.pool.send(request));
-            let result = tokio::select! {
-                biased;
-                result = sending => result.map_err(|(error, unsent)| {
-                    (classify(error, backend), unsent)
-                }),
-                () = response_clock => Err((timed_out(), None)),
-            };
-            match result {
-                Ok(sent) => (Ok(sent), None),
-                Err((error, unsent)) => (Err((error, unsent.is_some())), unsent),
-            }
+            // Boxed: hyper's exchange and its clock are large, and every request's future would
+            // otherwise carry their size, lean ones too.
+            Box::pin(send_with_hyper(
+                backend,
+                request,
+                body_progress,
+                started,
+                response_timeout,
+            ))
+            .await
         };
         let elapsed = started.elapsed();
         if self.tracks_latency {
@@ -735,6 +720,53 @@ impl RetryBudget {
 }
 
 /// Sorts an error of the pooled client into our kinds, once, where it arrives.
+/// What a request answered, or why not (and whether none of it was sent), from hyper's client; the
+/// request comes back only when none of it was sent.
+type HyperOutcome = (
+    Result<(Response<UpstreamBody>, Lease), (ProxyError, bool)>,
+    Option<Request<RequestBody>>,
+);
+
+/// Sends `request` through hyper's client. The response clock starts once the request body has
+/// been sent (from `started` when there is none).
+async fn send_with_hyper(
+    backend: &Backend,
+    request: Request<RequestBody>,
+    body_progress: Option<Arc<BodyProgress>>,
+    started: tokio::time::Instant,
+    response_timeout: Duration,
+) -> HyperOutcome {
+    let response_clock = async move {
+        let deadline = match body_progress {
+            Some(progress) => {
+                progress.wait_finished().await;
+                tokio::time::Instant::now() + response_timeout
+            }
+            // Without a body, from the start: no second reading of the clock.
+            None => started + response_timeout,
+        };
+        tokio::time::sleep_until(deadline).await;
+    };
+    let result = tokio::select! {
+        biased;
+        result = backend.pool.send(request) => result.map_err(|(error, unsent)| {
+            (classify(error, backend), unsent)
+        }),
+        () = response_clock => Err((response_timed_out(backend, response_timeout), None)),
+    };
+    match result {
+        Ok(sent) => (Ok(sent), None),
+        Err((error, unsent)) => (Err((error, unsent.is_some())), unsent),
+    }
+}
+
+fn response_timed_out(backend: &Backend, timeout: Duration) -> ProxyError {
+    ProxyError::ResponseTimeout {
+        backend: backend.label.to_string(),
+        timeout,
+    }
+}
+
 fn classify(error: SendError, backend: &Backend) -> ProxyError {
     let backend_label = || backend.label.to_string();
     if let Some(body_error) = find_cause::<RequestBodyError>(&error) {
