@@ -10,6 +10,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+/// A request allocates a few blocks of a kilobyte or two (header maps above all), past the sizes
+/// that glibc's malloc serves from its per-thread caches; mimalloc serves them from per-size pages.
+/// `bench/instructions` and `bench/run` measure the difference (see bench/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Bouncer: a reverse proxy with load balancing, TLS termination, DDoS mitigation and caching.
 #[derive(Parser, Debug)]
 #[command(
