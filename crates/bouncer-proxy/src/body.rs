@@ -418,8 +418,8 @@ pin_project! {
         // Since when the body has waited on the backend; read only when it has to wait, so that a
         // body whose frames are ready costs no clock reading.
         waiting_since: Option<Instant>,
-        #[pin]
-        silence: Option<Sleep>,
+        // Boxed: most bodies never wait, and a response is moved several times on its way.
+        silence: Option<Pin<Box<Sleep>>>,
         // On HTTP/2: whether data handed over waits on the client (see `conn`).
         send_watch: Option<crate::conn::SendWatch>,
         // A response read from a cache fill in progress.
@@ -494,7 +494,7 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         if let Some(text) = this.fixed.take() {
             if let Some(exchange) = this.exchange.as_mut() {
                 exchange.bytes_out += text.len() as u64;
@@ -569,12 +569,9 @@ impl Body for ResponseBody {
                 // an earlier wait's).
                 let since = *this.waiting_since.get_or_insert_with(Instant::now);
                 let deadline = since + *this.read_timeout;
-                if this.silence.is_none() {
-                    this.silence.set(Some(tokio::time::sleep_until(deadline)));
-                }
-                let Some(mut silence) = this.silence.as_mut().as_pin_mut() else {
-                    return Poll::Pending;
-                };
+                let silence = this
+                    .silence
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 loop {
                     ready!(silence.as_mut().poll(cx));
                     if Instant::now() >= deadline {
