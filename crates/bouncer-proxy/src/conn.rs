@@ -144,6 +144,11 @@ impl ConnectionActivity {
         self.reap.notify_one();
     }
 
+    /// Whether the connection was asked to close to make room, and has not answered yet.
+    pub fn reap_asked(&self) -> bool {
+        self.reaping.load(Ordering::Acquire)
+    }
+
     /// The connection was busy when it heard, and carries on.
     pub fn spared(&self) {
         self.reaping.store(false, Ordering::Release);

@@ -12,10 +12,12 @@
 //! on, as it serves TLS connections. So malformed requests still get hyper's answers, counted as
 //! before, and only well-formed, bodiless requests take the short way.
 
+use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
@@ -58,6 +60,11 @@ pub(crate) async fn serve(
     let handover = lifecycle.clone();
     // One wait for the proxy's signals that lives across requests, so that it is registered once
     // per signal rather than once per request.
+    let mut gate = SignalGate {
+        lifecycle: lifecycle.clone(),
+        activity: Arc::clone(activity),
+        registered: false,
+    };
     let mut signals = std::pin::pin!(next_signal(lifecycle, Arc::clone(activity)));
     let mut buffer = BytesMut::new();
     let mut outgoing = Outgoing::default();
@@ -97,7 +104,8 @@ pub(crate) async fn serve(
                         return None;
                     }
                 },
-                (signal, lifecycle, activity) = &mut signals => {
+                (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
+                    gate.rearm();
                     signals.set(next_signal(lifecycle, Arc::clone(&activity)));
                     match signal {
                         Signal::Lifecycle(Lifecycle::Running) => {}
@@ -142,7 +150,8 @@ pub(crate) async fn serve(
                         return None;
                     }
                 },
-                (signal, lifecycle, activity) = &mut signals => {
+                (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
+                    gate.rearm();
                     signals.set(next_signal(lifecycle, Arc::clone(&activity)));
                     draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
                     if busy_signal(signal, &activity) {
@@ -165,7 +174,8 @@ pub(crate) async fn serve(
                 tokio::select! {
                     biased;
                     answered = &mut answering => break answered,
-                    (signal, lifecycle, activity) = &mut signals => {
+                    (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
+                        gate.rearm();
                         signals.set(next_signal(lifecycle, Arc::clone(&activity)));
                         draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
                         if busy_signal(signal, &activity) {
@@ -221,6 +231,36 @@ enum Signal {
     Lifecycle(Lifecycle),
     /// Asked to close, if idle, to make room at the connection cap.
     Reaped,
+}
+
+/// Whether the wait for signals needs polling: once after it is made, so that it registers the
+/// task, and then only when a signal may have come. Its own futures (a watch and a notification)
+/// cost a few hundred instructions a poll, and a connection's task is polled a few times for every
+/// request; these checks are two atomic loads.
+struct SignalGate {
+    /// A copy of the wait's receiver, kept level with it, for `has_changed`.
+    lifecycle: watch::Receiver<Lifecycle>,
+    activity: Arc<ConnectionActivity>,
+    registered: bool,
+}
+
+impl SignalGate {
+    fn poll<F: Future>(&mut self, wait: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let may_have_come = !self.registered
+            || self.lifecycle.has_changed().unwrap_or(true)
+            || self.activity.reap_asked();
+        if !may_have_come {
+            return Poll::Pending;
+        }
+        self.registered = true;
+        wait.poll(cx)
+    }
+
+    /// A wait ended and the next begins: it registers afresh, and what the last one saw is seen.
+    fn rearm(&mut self) {
+        self.registered = false;
+        self.lifecycle.mark_unchanged();
+    }
 }
 
 /// Waits for the next signal; hands back what it waited with, to wait again.
