@@ -67,7 +67,7 @@ pub struct ConnectionActivity {
 }
 
 impl ConnectionActivity {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             started: Instant::now(),
             phase: AtomicU8::new(PHASE_IDLE),

@@ -70,9 +70,11 @@ pub struct LeanConnection {
     buffer: BytesMut,
     /// The request head being written, kept for its capacity.
     out: Vec<u8>,
-    /// The response clock, kept from one exchange to the next: moving a registered timer to a
-    /// later deadline costs no lock and no timer-wheel work, where a new timer for every exchange
-    /// costs both, twice.
+    /// The response clock, kept from one exchange to the next. Moving a registered timer to a
+    /// later deadline takes no lock; the timer wheel meets it again only when its older deadline
+    /// comes, and moves it on then, about once per response timeout. A new timer for every
+    /// exchange would take the lock and work the wheel twice per request. Between exchanges the
+    /// timer keeps the last task's waker, which it may wake once, for nothing.
     response_clock: Pin<Box<tokio::time::Sleep>>,
 }
 

@@ -65,7 +65,7 @@ pub(crate) async fn serve(
         activity: Arc::clone(activity),
         registered: false,
     };
-    let mut signals = std::pin::pin!(next_signal(lifecycle, Arc::clone(activity)));
+    let mut signals = std::pin::pin!(signal_wait(lifecycle, Arc::clone(activity)));
     let mut buffer = BytesMut::new();
     let mut outgoing = Outgoing::default();
     loop {
@@ -106,7 +106,7 @@ pub(crate) async fn serve(
                 },
                 (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
                     gate.rearm();
-                    signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                    signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
                     match signal {
                         Signal::Lifecycle(Lifecycle::Running) => {}
                         // Between requests: the next answer is the last.
@@ -152,7 +152,7 @@ pub(crate) async fn serve(
                 },
                 (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
                     gate.rearm();
-                    signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                    signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
                     draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
                     if busy_signal(signal, &activity) {
                         return None;
@@ -176,7 +176,7 @@ pub(crate) async fn serve(
                     answered = &mut answering => break answered,
                     (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
                         gate.rearm();
-                        signals.set(next_signal(lifecycle, Arc::clone(&activity)));
+                        signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
                         draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
                         if busy_signal(signal, &activity) {
                             return None;
@@ -261,6 +261,16 @@ impl SignalGate {
         self.registered = false;
         self.lifecycle.mark_unchanged();
     }
+}
+
+/// The wait for the next signal, exempt from the task's budget: the gate polls it once to register
+/// the task, then only when a flag says that a signal came, and a first poll that a spent budget
+/// made a no-op would leave nothing registered, and the signal unheard.
+fn signal_wait(
+    lifecycle: watch::Receiver<Lifecycle>,
+    activity: Arc<ConnectionActivity>,
+) -> impl Future<Output = (Signal, watch::Receiver<Lifecycle>, Arc<ConnectionActivity>)> {
+    tokio::task::unconstrained(next_signal(lifecycle, activity))
 }
 
 /// Waits for the next signal; hands back what it waited with, to wait again.
@@ -764,6 +774,45 @@ fn write_trailers(out: &mut BytesMut, names: &[HeaderName], fields: &HeaderMap) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long answer written in one poll can spend the task's budget before the gate first polls a
+    /// new wait; the wait must register the task all the same, or the signal is never heard.
+    #[tokio::test(start_paused = true)]
+    async fn a_signal_wait_first_polled_without_budget_still_hears_its_signal() {
+        let (sender, lifecycle) = watch::channel(Lifecycle::Running);
+        let activity = ConnectionActivity::new();
+        let mut gate = SignalGate {
+            lifecycle: lifecycle.clone(),
+            activity: Arc::clone(&activity),
+            registered: false,
+        };
+        let (spend, mut budget) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..1000 {
+            spend.send(()).expect("the receiver is alive");
+        }
+        let waiting = tokio::spawn(async move {
+            let mut signals = std::pin::pin!(signal_wait(lifecycle, activity));
+            poll_fn(|cx| {
+                while let Poll::Ready(Some(())) = budget.poll_recv(cx) {}
+                assert!(gate.poll(signals.as_mut(), cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            poll_fn(|cx| gate.poll(signals.as_mut(), cx)).await.0
+        });
+        // The waiting task runs until it waits.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        sender
+            .send(Lifecycle::Draining)
+            .expect("the wait holds a receiver");
+        let signal = tokio::time::timeout(std::time::Duration::from_secs(60), waiting)
+            .await
+            .expect("the waiting task was woken by the signal")
+            .expect("the waiting task did not panic");
+        assert!(matches!(signal, Signal::Lifecycle(Lifecycle::Draining)));
+    }
 
     fn parse(text: &str) -> Parsed {
         parse_request(&mut BytesMut::from(text.as_bytes()), 65536)
