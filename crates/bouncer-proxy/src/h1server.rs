@@ -154,8 +154,7 @@ pub(crate) async fn serve(
                 (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
                     gate.rearm();
                     signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
-                    draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
-                    if busy_signal(signal, &activity) {
+                    if busy_signal(signal, &activity, &mut draining) {
                         return None;
                     }
                 }
@@ -178,8 +177,7 @@ pub(crate) async fn serve(
                     (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
                         gate.rearm();
                         signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
-                        draining |= matches!(signal, Signal::Lifecycle(Lifecycle::Draining));
-                        if busy_signal(signal, &activity) {
+                        if busy_signal(signal, &activity, &mut draining) {
                             return None;
                         }
                     }
@@ -207,8 +205,9 @@ pub(crate) async fn serve(
     }
 }
 
-/// Acts on a signal that comes while a request is in flight; says whether to close at once.
-fn busy_signal(signal: Signal, activity: &ConnectionActivity) -> bool {
+/// Acts on a signal that comes while a request is in flight or its answer is written; notes a
+/// drain in `draining`, and says whether to close at once.
+fn busy_signal(signal: Signal, activity: &ConnectionActivity, draining: &mut bool) -> bool {
     match signal {
         Signal::Lifecycle(Lifecycle::Running) => false,
         // The next answer whose head is still to be written is the connection's last, and says so.
@@ -216,8 +215,11 @@ fn busy_signal(signal: Signal, activity: &ConnectionActivity) -> bool {
             activity.close_after_answer();
             false
         }
-        // The caller closes the connection after this answer.
-        Signal::Lifecycle(Lifecycle::Draining) => false,
+        // The connection closes after this answer.
+        Signal::Lifecycle(Lifecycle::Draining) => {
+            *draining = true;
+            false
+        }
         Signal::Lifecycle(Lifecycle::Closing) => true,
         // Busy: it carries on.
         Signal::Reaped => {
