@@ -719,7 +719,6 @@ impl RetryBudget {
     }
 }
 
-/// Sorts an error of the pooled client into our kinds, once, where it arrives.
 /// What a request answered, or why not (and whether none of it was sent), from hyper's client; the
 /// request comes back only when none of it was sent.
 type HyperOutcome = (
@@ -760,6 +759,7 @@ async fn send_with_hyper(
     }
 }
 
+/// The answer for a backend whose response head did not come within `timeout`.
 fn response_timed_out(backend: &Backend, timeout: Duration) -> ProxyError {
     ProxyError::ResponseTimeout {
         backend: backend.label.to_string(),
@@ -767,6 +767,7 @@ fn response_timed_out(backend: &Backend, timeout: Duration) -> ProxyError {
     }
 }
 
+/// Sorts an error of the pooled client into our kinds, once, where it arrives.
 fn classify(error: SendError, backend: &Backend) -> ProxyError {
     let backend_label = || backend.label.to_string();
     if let Some(body_error) = find_cause::<RequestBodyError>(&error) {
