@@ -288,6 +288,9 @@ impl Protection {
     }
 
     /// Bans `ip` for `ban_for` from now (on every instance of a cluster), replacing any ban it has.
+    /// A ban made again (through the admin API, in practice: a banned address is refused before
+    /// anything could ban it again) is shared again, so that the other instances extend theirs;
+    /// they never shorten one.
     pub fn ban_for(&self, ip: IpAddr, ban_for: Duration, reason: &str) {
         let until = self
             .now_nanos()
@@ -301,14 +304,16 @@ impl Protection {
             was
         });
         self.any_ban.store(true, Ordering::Relaxed);
-        if !was_banned {
+        if was_banned {
+            tracing::info!(%ip, reason, ?ban_for, "ban made again");
+        } else {
             if let Some(counter) = &self.bans_made {
                 counter.inc();
             }
             tracing::warn!(%ip, reason, ?ban_for, "address banned");
-            if let Some(cluster) = &self.cluster {
-                cluster.share_ban(ip, ban_for);
-            }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.share_ban(ip, ban_for);
         }
     }
 

@@ -7,8 +7,9 @@ use bouncer_testkit::{Backend, Clients, TestProxy, empty, full};
 use http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
-/// An admin call: `method` on `path` with `headers`, a JSON `body` when given.
-async fn call(
+/// An admin call: `method` on `path` with `headers`, a JSON `body` when given (the cluster tests
+/// use it too).
+pub async fn call(
     admin: SocketAddr,
     method: Method,
     path: &str,

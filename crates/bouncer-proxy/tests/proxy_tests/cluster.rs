@@ -223,6 +223,58 @@ async fn a_ban_reaches_every_instance_within_a_second_and_so_does_its_lifting() 
 }
 
 #[tokio::test]
+async fn a_ban_made_again_through_the_admin_api_is_extended_on_every_instance() {
+    let redis = RedisServer::start("renewed").await;
+    let backend = Backend::start(0).await;
+    let [first, second] = two_instances(&backend, &redis, "").await;
+    let banned: IpAddr = "127.0.4.9".parse().unwrap();
+    let ban = |duration: &str| {
+        super::admin::call(
+            first.admin(),
+            http::Method::POST,
+            "/api/v1/bans",
+            &[],
+            Some(serde_json::json!({ "ip": "127.0.4.9", "duration": duration })),
+        )
+    };
+    let left_on_second = || {
+        second
+            .proxy
+            .bans()
+            .iter()
+            .find(|(ip, _)| *ip == banned)
+            .map(|(_, left)| *left)
+    };
+    assert_eq!(ban("1m").await.0, http::StatusCode::CREATED);
+    eventually(
+        Duration::from_secs(5),
+        "the ban reaches the second instance",
+        || async { left_on_second().is_some() },
+    )
+    .await;
+    assert!(left_on_second() <= Some(Duration::from_secs(60)));
+
+    assert_eq!(ban("1h").await.0, http::StatusCode::CREATED);
+    eventually(
+        Duration::from_secs(5),
+        "the longer ban reaches the second instance",
+        || async { left_on_second() > Some(Duration::from_secs(59 * 60)) },
+    )
+    .await;
+    let stored = redis
+        .command(&["PTTL", "bouncer:ban:127.0.4.9"])
+        .await
+        .and_then(|reply| reply.trim_start_matches(':').parse::<u64>().ok())
+        .expect("the ban is stored with a time to live");
+    assert!(stored > 59 * 60 * 1000, "{stored} ms left in Redis");
+    let text = first.scrape().await;
+    assert_eq!(
+        metric(&text, "bouncer_cluster_bans_total{direction=\"sent\"}"),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
 async fn both_instances_keep_serving_when_redis_dies_and_share_again_when_it_returns() {
     let mut redis = RedisServer::start("outage").await;
     let backend = Backend::start(0).await;
