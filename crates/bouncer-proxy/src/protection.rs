@@ -151,6 +151,7 @@ impl Protection {
         rules: &[RuleConfig],
         cluster: Option<&ClusterConfig>,
         metrics: Option<ProtectionMetrics>,
+        replacing: Option<&Protection>,
     ) -> Result<Arc<Self>, ProtectionError> {
         let cluster = cluster
             .map(|cluster| {
@@ -175,16 +176,28 @@ impl Protection {
         {
             runtime.spawn(watch_lists(Arc::downgrade(lists), config.ip.clone()));
         }
+        // A layer that replaces another on a reload hashes and keeps time as it did, so that the
+        // per-key state it takes over (`take_state_from`) means the same here.
+        let (hasher, epoch) = match replacing {
+            Some(previous) => (previous.hasher.clone(), previous.epoch),
+            None => (std::hash::RandomState::new(), tokio::time::Instant::now()),
+        };
         let protection = Arc::new(Protection {
             lists,
             connections: ConnectionCaps::new(config),
             limits: rate_limits
                 .iter()
-                .map(|limit| RateLimit::new(limit, config.adaptive.as_ref()))
+                .map(|limit| {
+                    RateLimit::new(
+                        limit,
+                        config.adaptive.as_ref(),
+                        hasher.hash_one(limit.name.as_str()),
+                    )
+                })
                 .collect(),
             keys: BoundedMap::new(config.max_tracked_keys),
-            hasher: std::hash::RandomState::new(),
-            epoch: tokio::time::Instant::now(),
+            hasher,
+            epoch,
             refusal_log: LogThrottle::default(),
             rules: rule_set,
             rule_info: rules
@@ -317,9 +330,18 @@ impl Protection {
         }
     }
 
-    /// Takes over the bans of the protection layer this one replaces on a reload, quietly: they
-    /// were counted, logged and shared when they were made.
-    pub(crate) fn take_bans_from(&self, previous: &Protection) {
+    /// Takes over the state of the protection layer this one replaces on a reload (made with it
+    /// as `replacing`): the per-key rate-limit and violation counts, so that a reload is no way
+    /// around a limit, and the bans, quietly (they were counted, logged and shared when made).
+    /// A limit's count goes on under its name, whatever its place in the file and its new rate.
+    pub(crate) fn take_state_from(&self, previous: &Protection) {
+        previous.keys.for_each(|key, state| {
+            self.keys.update(key, |mine| *mine = *state);
+        });
+        self.take_bans_from(previous);
+    }
+
+    fn take_bans_from(&self, previous: &Protection) {
         let now = self.now_nanos();
         for (ip, left) in previous.bans() {
             let until = now.saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX));
@@ -481,11 +503,11 @@ impl Protection {
     /// limit and when to retry; with `delay`, it may first wait (up to the limit's `max_delay`).
     /// In a cluster the limits are shared through Redis while it answers, and local otherwise.
     pub async fn check_rate_limits(&self, request: &RateSubject<'_>) -> Result<(), RateLimited> {
-        for (index, limit) in self.limits.iter().enumerate() {
+        for limit in &self.limits {
             if !limit.applies_to(request.route) {
                 continue;
             }
-            let key = self.key_of(index, limit, request);
+            let key = self.key_of(limit, request);
             // Under attack the tightened limit applies, to the same per-key state.
             let gcra = match (&limit.tight, &self.adaptive) {
                 (Some(tight), Some(adaptive)) if adaptive.active.load(Ordering::Relaxed) => tight,
@@ -669,9 +691,9 @@ impl Protection {
         })
     }
 
-    fn key_of(&self, index: usize, limit: &RateLimit, request: &RateSubject<'_>) -> u64 {
+    fn key_of(&self, limit: &RateLimit, request: &RateSubject<'_>) -> u64 {
         let mut hasher = self.hasher.build_hasher();
-        hasher.write_usize(index);
+        hasher.write_u64(limit.seed);
         write_key_parts(&mut hasher, limit, request);
         hasher.finish()
     }
@@ -932,6 +954,9 @@ pub struct RateLimited {
 
 struct RateLimit {
     name: Arc<str>,
+    /// The name, hashed: what sets this limit's keys apart from other limits', kept across a
+    /// reload that rebuilds the protection layer.
+    seed: u64,
     key: Vec<RateKeyPart>,
     gcra: Gcra,
     /// The limit while adaptive mode is on.
@@ -941,10 +966,11 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    fn new(config: &RateLimitConfig, adaptive: Option<&AdaptiveConfig>) -> Self {
+    fn new(config: &RateLimitConfig, adaptive: Option<&AdaptiveConfig>, seed: u64) -> Self {
         let gcra = Gcra::new(config.count, config.period, config.burst);
         RateLimit {
             name: config.name.as_str().into(),
+            seed,
             key: config.key.clone(),
             gcra,
             tight: adaptive.map(|adaptive| gcra.scaled(adaptive.tighten_to)),

@@ -65,6 +65,7 @@ pub(crate) async fn build(
                 &config.rules,
                 config.cluster.as_ref(),
                 Some(metrics.protection()),
+                previous.map(|previous| &*previous.protection),
             )
             .map_err(StartError::Protection)?;
             // A Redis that answers is used from the first request; one that does not is tried
@@ -72,8 +73,8 @@ pub(crate) async fn build(
             if let (Some(cluster), Some(cluster_config)) = (protection.cluster(), &config.cluster) {
                 cluster.wait_until_up(cluster_config.timeout).await;
             }
-            // Bans carry over in `Reloader::reload`, right before the swap, so that none made
-            // while the rest is built is lost.
+            // Bans and rate-limit counts carry over in `Reloader::reload`, right before the swap,
+            // so that none made while the rest is built is lost.
             protection
         }
     };
@@ -342,8 +343,9 @@ impl Reloader {
             protection_rebuilt: !Arc::ptr_eq(&previous.protection, &snapshot.protection),
         };
         if report.protection_rebuilt {
-            // No await from here to the swap: every ban made (or lifted) until now is taken.
-            snapshot.protection.take_bans_from(&previous.protection);
+            // No await from here to the swap: every ban made (or lifted) and every request
+            // counted until now is taken.
+            snapshot.protection.take_state_from(&previous.protection);
         }
         for (slot, runtime) in self.slots.iter().zip(&snapshot.runtimes) {
             slot.store(Arc::clone(runtime));

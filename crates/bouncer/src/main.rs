@@ -212,6 +212,7 @@ fn check(path: &Path) -> ExitCode {
                 &config.rules,
                 config.cluster.as_ref(),
                 None,
+                None,
             ) {
                 broken += 1;
                 eprintln!("{}: protection: {}", path.display(), error_chain(&error));

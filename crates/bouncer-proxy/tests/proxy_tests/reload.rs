@@ -330,6 +330,43 @@ async fn bans_and_a_drained_backend_survive_a_reload_that_rebuilds_them() {
 }
 
 #[tokio::test]
+async fn rate_limit_counts_go_on_through_a_reload_that_rebuilds_the_protection_layer() {
+    let backends = Backend::start_many(1).await;
+    let limits = |names: [&str; 2]| {
+        names
+            .iter()
+            .map(|name| {
+                let rate = if *name == "per-ip" { "2/m" } else { "1000/s" };
+                format!("[[rate_limits]]\nname = \"{name}\"\nrate = \"{rate}\"\nburst = 2\n")
+            })
+            .collect::<String>()
+    };
+    let before = config(&backends, &limits(["per-ip", "other"]));
+    let proxy = FileProxy::start("limits", &before).await;
+    let clients = Clients::new();
+    let url = format!("http://{}/", proxy.address);
+    assert_eq!(clients.get(&url).await.status, StatusCode::OK);
+    assert_eq!(clients.get(&url).await.status, StatusCode::OK);
+    assert_eq!(
+        clients.get(&url).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // The limits change places in the file and a rule comes: the layer is rebuilt, and the
+    // address's count under "per-ip" goes on.
+    let rule =
+        "[[rules]]\nname = \"secrets\"\nwhen = { path_regex = \"^/secrets\" }\naction = \"deny\"\n";
+    let after = config(&backends, &(limits(["other", "per-ip"]) + rule));
+    let (status, body) = proxy.reload_through_api(&after).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["protection_rebuilt"], true);
+    assert_eq!(
+        clients.get(&url).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
 async fn with_watch_config_a_changed_file_is_reloaded_by_itself() {
     let backends = Backend::start_many(2).await;
     let watching = "[server]\nwatch_config = true";
