@@ -20,6 +20,13 @@ async fn read_body(stream: &mut TcpStream, length: usize) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// Reads one `200 OK` answer to an HTTP/1.1 request, and gives its body.
+async fn read_ok(stream: &mut TcpStream) -> String {
+    let head = read_head(stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    read_body(stream, content_length(&head)).await
+}
+
 /// The paths a backend was asked for, in order.
 fn paths_seen(backend: &Backend) -> Vec<String> {
     backend
@@ -140,12 +147,7 @@ async fn a_head_that_arrives_in_pieces_is_answered() {
         // be the same however they are read.
         tokio::task::yield_now().await;
     }
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert_eq!(
-        read_body(&mut stream, content_length(&head)).await,
-        "backend 0\n"
-    );
+    assert_eq!(read_ok(&mut stream).await, "backend 0\n");
     assert_eq!(backends[0].last_request().uri.path(), "/pieces");
 }
 
@@ -158,27 +160,15 @@ async fn a_connection_goes_on_after_a_request_with_a_body_and_a_malformed_one_ge
         .write_all(b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert_eq!(
-        read_body(&mut stream, content_length(&head)).await,
-        "backend 0\n"
-    );
+    assert_eq!(read_ok(&mut stream).await, "backend 0\n");
 
     // A body, then a bodiless request in the same write: both are answered, in order.
     stream
         .write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /after HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert_eq!(read_body(&mut stream, content_length(&head)).await, "hello");
-    let head = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert_eq!(
-        read_body(&mut stream, content_length(&head)).await,
-        "backend 0\n"
-    );
+    assert_eq!(read_ok(&mut stream).await, "hello");
+    assert_eq!(read_ok(&mut stream).await, "backend 0\n");
 
     stream
         .write_all(b"GET /bad HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n")
