@@ -374,6 +374,23 @@ pub enum UpstreamBody {
     Lean(crate::h1client::LeanBody),
 }
 
+impl UpstreamBody {
+    /// The response's fields as the bytes read, when a lean exchange kept them so.
+    pub fn raw_fields(&self) -> Option<&crate::raw_fields::RawFields> {
+        match self {
+            UpstreamBody::Lean(body) => body.raw_fields(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
+
+    pub fn raw_fields_mut(&mut self) -> Option<&mut crate::raw_fields::RawFields> {
+        match self {
+            UpstreamBody::Lean(body) => body.raw_fields_mut(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = ResponseBodyError;
@@ -474,6 +491,20 @@ impl ResponseBody {
         Self {
             shared: Some(reader),
             ..Self::nothing(Some(exchange))
+        }
+    }
+
+    /// The response's fields as the bytes read, when a lean exchange kept them so: the lean
+    /// server writes them with those of the response's map.
+    pub fn raw_fields(&self) -> Option<&crate::raw_fields::RawFields> {
+        self.upstream.as_ref()?.raw_fields()
+    }
+
+    /// Takes the fields kept as the bytes read, for a writer that knows only the map.
+    pub fn take_raw_fields(&mut self) -> Option<Box<crate::raw_fields::RawFields>> {
+        match self.upstream.as_mut()? {
+            UpstreamBody::Lean(body) => body.take_raw_fields(),
+            UpstreamBody::Hyper(_) => None,
         }
     }
 

@@ -472,6 +472,12 @@ fn encode_head(
     let mut has_length = false;
     let mut declared: Option<u64> = None;
     let mut trailer_names: Option<Vec<HeaderName>> = None;
+    if let Some(raw) = response.body().raw_fields() {
+        // The backend's fields, less those the lean client read (framing, `Connection`): written
+        // as they came, before those the proxy added to the map.
+        raw.write_to(out);
+        has_date = raw.has_date;
+    }
     for (name, value) in response.headers() {
         if *name == header::CONTENT_LENGTH {
             has_length = true;

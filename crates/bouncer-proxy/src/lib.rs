@@ -24,6 +24,7 @@ mod metrics;
 mod pipeline;
 mod pool;
 pub mod protection;
+mod raw_fields;
 mod reload;
 mod resolve;
 mod routing;

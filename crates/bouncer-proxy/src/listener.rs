@@ -360,6 +360,11 @@ async fn serve_http<I>(
         // connection, busy or idle, and moving a large future costs a copy of all of it.
         Box::pin(async move {
             let mut response = handle(&context, request.map(ClientBody::Hyper)).await;
+            // hyper writes only the map. The fields are kept as the bytes read only for answers
+            // the lean server writes, so this finds none unless that changes.
+            if let Some(raw) = response.body_mut().take_raw_fields() {
+                raw.append_to(response.headers_mut());
+            }
             // Handing over to another process: this answer is the connection's last, and says
             // so, so that the client opens its next connection (to the new process) at once. A
             // protocol switch keeps its `Connection: upgrade`: its tunnel ends on its own.

@@ -346,6 +346,8 @@ async fn forward(
         websocket.then(|| (hyper::upgrade::on(&mut request), ctx.lifecycle.clone()));
 
     let upstream = &route.upstream;
+    // The lean HTTP/1 server took the request (it takes only bodiless ones) and writes the answer.
+    let lean_server = matches!(request.body(), ClientBody::Empty);
     let (mut parts, incoming) = request.into_parts();
     // Room for the headers added below, so that the map grows once rather than step by step.
     parts.headers.reserve(6);
@@ -447,6 +449,7 @@ async fn forward(
         resend: replayable && keep,
         progress,
         host_missing,
+        raw_answer: lean_server && route.cache.is_none(),
     };
     if let (Some(route_cache), Some(target)) = (&route.cache, cache_target) {
         // Boxed: the cache's state machine is larger than the plain path's, which would
@@ -524,6 +527,9 @@ pub(crate) struct Dispatch<'a> {
     pub progress: Option<Arc<BodyProgress>>,
     /// The request had no host: each backend gets its own name.
     pub host_missing: bool,
+    /// Nothing reads the answer's fields on its way to the client, which the lean HTTP/1 server
+    /// writes: they may stay the bytes read (see `raw_fields`).
+    pub raw_answer: bool,
 }
 
 impl Dispatch<'_> {
@@ -577,7 +583,13 @@ pub(crate) async fn send_to_backend(
         }
         let may_retry = attempt_number < upstream.retries;
         let failure = match upstream
-            .send(&set, &backend, request, progress.clone())
+            .send(
+                &set,
+                &backend,
+                request,
+                progress.clone(),
+                dispatch.raw_answer,
+            )
             .await
         {
             Ok(Sent {
@@ -770,7 +782,7 @@ fn respond(mut exchange: Box<Exchange>, forwarded: Forwarded) -> Response<Respon
         let (client_upgrade, lifecycle) = client_upgrade;
         tokio::spawn(tunnel(client_upgrade, backend_upgrade, backend, lifecycle));
     }
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, mut incoming) = response.into_parts();
     // A connection that switched protocols belongs to the tunnel now.
     let lease = if switching {
         None
@@ -783,7 +795,7 @@ fn respond(mut exchange: Box<Exchange>, forwarded: Forwarded) -> Response<Respon
     remove_hop_by_hop(&mut parts.headers, switching);
     // An HTTP/2 backend's answer goes to the client in the client's own version.
     parts.version = Version::HTTP_11;
-    add_proxy_headers(&mut parts.headers, &exchange);
+    add_proxy_headers(&mut parts.headers, &exchange, incoming.raw_fields_mut());
     if let Some(cache_status) = cache_status {
         parts.headers.insert(CACHE_STATUS.clone(), cache_status);
     }
@@ -797,14 +809,30 @@ fn respond(mut exchange: Box<Exchange>, forwarded: Forwarded) -> Response<Respon
 static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
 
 /// What this proxy adds to every answer it passes on: the request id, and HSTS on a TLS listener
-/// that sets it (unless the answer has its own).
-fn add_proxy_headers(headers: &mut http::HeaderMap, exchange: &Exchange) {
-    headers.insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+/// that sets it (unless the answer has its own). An answer whose fields are kept as the bytes read
+/// (`raw`) carries the request id with them.
+fn add_proxy_headers(
+    headers: &mut http::HeaderMap,
+    exchange: &Exchange,
+    raw: Option<&mut crate::raw_fields::RawFields>,
+) {
+    let request_id = exchange.request_id.clone();
+    let raw_hsts = match raw {
+        Some(raw) => {
+            raw.request_id = Some(request_id);
+            raw.has_hsts
+        }
+        None => {
+            headers.insert(X_REQUEST_ID.clone(), request_id);
+            false
+        }
+    };
     if let Some(hsts) = exchange
         .runtime
         .tls
         .as_ref()
         .and_then(|tls| tls.hsts.as_ref())
+        && !raw_hsts
     {
         headers
             .entry(header::STRICT_TRANSPORT_SECURITY)
@@ -818,7 +846,7 @@ fn respond_cached(
     answer: crate::cache::CacheAnswer,
 ) -> Response<ResponseBody> {
     let crate::cache::CacheAnswer { mut parts, body } = answer;
-    add_proxy_headers(&mut parts.headers, &exchange);
+    add_proxy_headers(&mut parts.headers, &exchange, None);
     exchange.status = parts.status.as_u16();
     let body = match body {
         crate::cache::CacheBody::Bytes(bytes) => ResponseBody::fixed(bytes, Some(exchange)),

@@ -266,11 +266,13 @@ impl ConnectionPool {
     /// Sends a request that [`Self::takes_lean`] on a lean connection of its own task (see
     /// `h1client`), pooled or new. A reused connection that turns out closed before any of the
     /// request was written is replaced, as for hyper's connections. The request is only read, so
-    /// that it can be sent again as it is; a failure says whether none of it was sent.
+    /// that it can be sent again as it is; a failure says whether none of it was sent. With
+    /// `raw_answer`, the response's fields may stay the bytes read (see `raw_fields`).
     pub async fn send_lean(
         self: &Arc<Self>,
         request: &Request<RequestBody>,
         response_deadline: Instant,
+        raw_answer: bool,
     ) -> Result<(Response<UpstreamBody>, Lease), (SendError, bool)> {
         loop {
             let (connection, reused) = match self.pop_lean() {
@@ -284,7 +286,10 @@ impl ConnectionPool {
                     Err(error) => return Err((error, true)),
                 },
             };
-            match connection.exchange(request, self, response_deadline).await {
+            match connection
+                .exchange(request, self, response_deadline, raw_answer)
+                .await
+            {
                 Ok((head, body)) => {
                     let mut response = Response::new(UpstreamBody::Lean(body));
                     *response.status_mut() = head.status;

@@ -529,12 +529,15 @@ impl Upstream {
     /// Sends `request` to `backend` and waits for its response headers. The response clock starts
     /// once the request body has been sent, so that a slow upload is not mistaken for a slow backend.
     /// The request comes back when it was only read (a lean exchange), or when none of it was sent.
+    /// With `raw_answer`, a lean exchange may keep the response's fields as the bytes read (see
+    /// `raw_fields`), for an answer that nothing reads on its way to an HTTP/1.1 client.
     pub async fn send(
         &self,
         set: &BackendSet,
         backend: &Backend,
         request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
+        raw_answer: bool,
     ) -> Result<Sent, SendFailure> {
         backend.metrics.requests.inc();
         let started = tokio::time::Instant::now();
@@ -544,7 +547,7 @@ impl Upstream {
             // Without a body the deadline is known now; the lean connection keeps its own clock.
             let result = backend
                 .pool
-                .send_lean(&request, started + response_timeout)
+                .send_lean(&request, started + response_timeout, raw_answer)
                 .await
                 .map_err(|(error, unsent)| match error {
                     SendError::ResponseTimeout => {

@@ -590,6 +590,7 @@ fn refresh_in_background(
             resend: false,
             progress: None,
             host_missing,
+            raw_answer: false,
         };
         let mut attempt = Attempt::default();
         // Whatever the refresh brings is stored by the fill, or dropped.

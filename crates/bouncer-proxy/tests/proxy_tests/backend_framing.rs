@@ -48,6 +48,17 @@ fn script(path: &str) -> (&'static [u8], bool) {
             b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
             false,
         ),
+        // Fields that the proxy reads, drops or replaces among those it passes on, each line in
+        // the form the proxy writes: kept as the bytes read on the way to an HTTP/1.1 client.
+        "/fields" => (
+            b"HTTP/1.1 200 OK\r\nServer: scripted\r\nDate: Mon, 07 Dec 2026 00:00:00 GMT\r\nX-Request-Id: from-the-backend\r\nSet-Cookie: a=1\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nX-Empty: \r\n\r\nfields",
+            false,
+        ),
+        // The same with a line in another form and a `Connection` naming a field: a map.
+        "/fields-odd" => (
+            b"HTTP/1.1 200 OK\r\nServer:scripted\r\nDate: Mon, 07 Dec 2026 00:00:00 GMT\r\nX-Request-Id: from-the-backend\r\nSet-Cookie: a=1\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nSet-Cookie: b=2\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nX-Empty: \r\n\r\nfields",
+            false,
+        ),
         "/cut-short" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", true),
         _ => (b"NOT HTTP AT ALL\r\n\r\n", true),
     }
@@ -236,4 +247,74 @@ async fn a_response_framed_both_ways_loses_its_length_on_the_path_for_requests_w
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.text(), "ok");
     assert_eq!(answer.header("content-length"), None);
+}
+
+/// The fields of `answer` but the request id, whose value is each request's own, as sorted
+/// name-value pairs.
+fn fields_but_the_request_id(answer: &bouncer_testkit::Answer) -> Vec<(String, String)> {
+    let ids: Vec<_> = answer.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "one request id: {:?}", answer.headers);
+    assert_ne!(ids[0], "from-the-backend", "the proxy sets its own");
+    let mut fields: Vec<(String, String)> = answer
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != "x-request-id")
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    fields.sort();
+    fields
+}
+
+#[tokio::test]
+async fn an_http1_client_gets_the_same_fields_whether_or_not_they_stay_the_bytes_read() {
+    let backend = ScriptedBackend::start().await;
+    let proxy = proxy_for(&backend).await;
+    let clients = Clients::new();
+    let expected: Vec<(String, String)> = [
+        ("content-length", "6"),
+        ("content-type", "text/plain"),
+        ("date", "Mon, 07 Dec 2026 00:00:00 GMT"),
+        ("server", "scripted"),
+        ("set-cookie", "a=1"),
+        ("set-cookie", "b=2"),
+        ("x-empty", ""),
+    ]
+    .iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .collect();
+    for path in ["/fields", "/fields-odd"] {
+        // HTTP/1.1 goes through the lean server; HTTP/2 through hyper's, which writes a map.
+        let http1 = clients.get(&proxy.url(path)).await;
+        let request = http::Request::get(proxy.url(path))
+            .version(http::Version::HTTP_2)
+            .body(bouncer_testkit::empty())
+            .unwrap();
+        let http2 = clients.send(request).await;
+        for answer in [&http1, &http2] {
+            assert_eq!(answer.status, StatusCode::OK, "{path}");
+            assert_eq!(answer.text(), "fields", "{path}");
+            assert_eq!(fields_but_the_request_id(answer), expected, "{path}");
+        }
+        let cookies: Vec<_> = http1.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"], "in the order sent");
+    }
+    // The first answer's lines were written as they came (names in their own case), the second's
+    // from a map: both ways were taken above.
+    for (path, server_line) in [
+        ("/fields", "\r\nServer: scripted\r\n"),
+        ("/fields-odd", "\r\nserver: scripted\r\n"),
+    ] {
+        let answer = bouncer_testkit::raw_exchange(
+            proxy.address,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+        assert!(answer.contains(server_line), "{path}: {answer:?}");
+    }
 }
