@@ -29,8 +29,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::headers::DeferredFields;
 use crate::pool::ConnectionPool;
 use crate::raw_fields::{Fate, FieldRuns, RawFields};
+use crate::upstream::Wire;
 
 /// Header fields a head may have, as hyper allows.
 pub(crate) const MAX_HEADERS: usize = 100;
@@ -267,14 +269,15 @@ impl LeanConnection {
     /// `deadline`; the body is read through the returned [`LeanBody`], which gives the connection
     /// back to `pool` when it ends.
     ///
-    /// With `raw_answer`, the response's fields may be kept as the bytes read, in the body (see
-    /// [`LeanBody::raw_fields`]), for an answer that nothing reads on its way to an HTTP/1.1 client.
+    ///
+    /// `wire` brings fields to write beside the request's map, and says whether the response's
+    /// fields may be kept as the bytes read, in the body (see [`LeanBody::raw_fields`]).
     pub async fn exchange<B>(
         mut self: Box<Self>,
         request: &Request<B>,
         pool: &Arc<ConnectionPool>,
         deadline: Instant,
-        raw_answer: bool,
+        wire: Wire<'_>,
     ) -> Result<(ResponseHead, LeanBody), ExchangeFailure> {
         self.response_clock.as_mut().reset(deadline);
         let LeanConnection {
@@ -285,10 +288,10 @@ impl LeanConnection {
         } = &mut *self;
         let head_request = *request.method() == Method::HEAD;
         // A HEAD answer's length is passed on as the backend sent it, which the map does.
-        let raw = raw_answer && !head_request;
+        let raw = wire.raw_answer && !head_request;
         let head = tokio::select! {
             biased;
-            head = send_and_read_head(stream, buffer, out, request, raw) => head?,
+            head = send_and_read_head(stream, buffer, out, request, wire.deferred, raw) => head?,
             () = response_clock.as_mut() => {
                 return Err(ExchangeFailure {
                     error: LeanError::ResponseTimeout,
@@ -319,10 +322,11 @@ async fn send_and_read_head<B>(
     buffer: &mut BytesMut,
     out: &mut Vec<u8>,
     request: &Request<B>,
+    deferred: Option<&DeferredFields<'_>>,
     raw: bool,
 ) -> Result<ResponseHead, ExchangeFailure> {
     out.clear();
-    encode_head(request, out);
+    encode_head(request, deferred, out);
     let mut written = 0;
     while written < out.len() {
         match stream.write(&out[written..]).await {
@@ -370,9 +374,10 @@ async fn send_and_read_head<B>(
     }
 }
 
-/// The request line and fields, as HTTP/1.1. The request has no body: methods that expect one
-/// say `Content-Length: 0` unless the fields already frame it.
-fn encode_head<B>(request: &Request<B>, out: &mut Vec<u8>) {
+/// The request line and fields, as HTTP/1.1, with the `deferred` fields after the map's. The
+/// request has no body: methods that expect one say `Content-Length: 0` unless the fields already
+/// frame it.
+fn encode_head<B>(request: &Request<B>, deferred: Option<&DeferredFields<'_>>, out: &mut Vec<u8>) {
     let method = request.method();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -392,6 +397,9 @@ fn encode_head<B>(request: &Request<B>, out: &mut Vec<u8>) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(deferred) = deferred {
+        deferred.write_to(out);
     }
     let expects_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
     if expects_body
@@ -1015,7 +1023,7 @@ mod tests {
 
         let start = Instant::now();
         let (response, _lease) = pool
-            .send_lean(&request(), start + Duration::from_secs(1), false)
+            .send_lean(&request(), start + Duration::from_secs(1), Wire::default())
             .await
             .map_err(|(error, _)| error)
             .expect("the first exchange is answered");
@@ -1024,7 +1032,7 @@ mod tests {
 
         // The same connection, back from the pool, with a later deadline.
         let second = start + Duration::from_secs(10);
-        let failure = pool.send_lean(&request(), second, false).await;
+        let failure = pool.send_lean(&request(), second, Wire::default()).await;
         assert!(matches!(failure, Err((SendError::ResponseTimeout, false))));
         assert_eq!(Instant::now(), second, "timed out at the second deadline");
         let socket = backend.await.expect("the backend saw both requests");
@@ -1274,11 +1282,69 @@ mod tests {
             .body(())
             .expect("valid");
         let mut out = Vec::new();
-        encode_head(&request, &mut out);
+        encode_head(&request, None, &mut out);
         assert_eq!(out, b"GET /a/b?c=d HTTP/1.1\r\nhost: app\r\n\r\n");
         let request = Request::post("/form").body(()).expect("valid");
         out.clear();
-        encode_head(&request, &mut out);
+        encode_head(&request, None, &mut out);
         assert_eq!(out, b"POST /form HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+    }
+
+    /// Deferred forwarding fields are written as the map would have them, for every host form.
+    #[test]
+    fn deferred_fields_are_written_as_the_map_would_carry_them() {
+        use crate::headers::{ClientAddress, ForwardingFacts, peer_header};
+        let peer: std::net::SocketAddr = "[::1]:4000".parse().expect("an address");
+        let client = ClientAddress {
+            ip: peer.ip(),
+            peer,
+            peer_trusted: false,
+        };
+        let peer_value = peer_header(peer);
+        let forwarded_for = crate::headers::forwarded_for(peer);
+        let request_id = HeaderValue::from_static("id-7");
+        for (host, version) in [
+            ("app.example:8080", Version::HTTP_11),
+            ("[::1]:8080", Version::HTTP_10),
+        ] {
+            let host = HeaderValue::from_static(host);
+            let deferred = DeferredFields {
+                facts: ForwardingFacts {
+                    client: &client,
+                    peer: &peer_value,
+                    forwarded_for: &forwarded_for,
+                    host: &host,
+                    scheme: "http",
+                    version,
+                },
+                request_id: &request_id,
+            };
+            let request = Request::get("/")
+                .header("host", &host)
+                .body(())
+                .expect("valid");
+            assert!(DeferredFields::possible(&client, request.headers()));
+            let mut written = Vec::new();
+            encode_head(&request, Some(&deferred), &mut written);
+            let mut mapped = request.map(|()| ());
+            deferred.put_in(mapped.headers_mut());
+            let mut from_map = Vec::new();
+            encode_head(&mapped, None, &mut from_map);
+            assert_eq!(
+                String::from_utf8_lossy(&written),
+                String::from_utf8_lossy(&from_map)
+            );
+        }
+        // Fields a client sent that the proxy would replace or extend keep the map's way.
+        for name in ["via", "forwarded", "x-forwarded-for", "x-request-id"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
+            assert!(!DeferredFields::possible(&client, &headers), "{name}");
+        }
+        let trusted = ClientAddress {
+            peer_trusted: true,
+            ..client
+        };
+        assert!(!DeferredFields::possible(&trusted, &HeaderMap::new()));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use bouncer_config::{ListenerConfig, canonical_ip};
@@ -227,19 +227,8 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
         headers.insert(X_FORWARDED_HOST.clone(), facts.host.clone());
     }
 
-    let host = facts.host.as_bytes();
-    let mut forwarded = BytesMut::with_capacity(facts.forwarded_for.len() + host.len() + 24);
-    forwarded.extend_from_slice(facts.forwarded_for);
-    if is_token(host) {
-        forwarded.extend_from_slice(b";host=");
-        forwarded.extend_from_slice(host);
-    } else {
-        forwarded.extend_from_slice(b";host=\"");
-        forwarded.extend_from_slice(host);
-        forwarded.extend_from_slice(b"\"");
-    }
-    forwarded.extend_from_slice(b";proto=");
-    forwarded.extend_from_slice(facts.scheme.as_bytes());
+    let mut forwarded = BytesMut::with_capacity(facts.forwarded_for.len() + facts.host.len() + 24);
+    write_forwarded(&mut forwarded, facts);
     if let Ok(value) = HeaderValue::from_maybe_shared(forwarded.freeze()) {
         if facts.client.peer_trusted {
             append_comma_separated(headers, &header::FORWARDED, &value);
@@ -248,13 +237,90 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ForwardingFacts<'
             headers.insert(header::FORWARDED, value);
         }
     }
+    append_comma_separated(
+        headers,
+        &header::VIA,
+        &HeaderValue::from_static(via(facts.version)),
+    );
+}
 
-    let via = match facts.version {
-        http::Version::HTTP_2 => HeaderValue::from_static("2 bouncer"),
-        http::Version::HTTP_10 => HeaderValue::from_static("1.0 bouncer"),
-        _ => HeaderValue::from_static("1.1 bouncer"),
-    };
-    append_comma_separated(headers, &header::VIA, &via);
+/// This hop's `Forwarded` element: `for=...;host=...;proto=...`.
+fn write_forwarded(out: &mut impl BufMut, facts: &ForwardingFacts<'_>) {
+    let host = facts.host.as_bytes();
+    out.put_slice(facts.forwarded_for);
+    if is_token(host) {
+        out.put_slice(b";host=");
+        out.put_slice(host);
+    } else {
+        out.put_slice(b";host=\"");
+        out.put_slice(host);
+        out.put_slice(b"\"");
+    }
+    out.put_slice(b";proto=");
+    out.put_slice(facts.scheme.as_bytes());
+}
+
+/// This hop's `Via` element.
+fn via(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "2 bouncer",
+        http::Version::HTTP_10 => "1.0 bouncer",
+        _ => "1.1 bouncer",
+    }
+}
+
+/// The forwarding fields and the request id of a request from a peer that is not trusted, kept
+/// out of its map: whoever writes the request writes them too. Five insertions into the map, each
+/// a hash and a probe, are then spared. Only for a request whose map has none of these fields, so
+/// that nothing the client sent needs replacing or extending.
+pub struct DeferredFields<'a> {
+    pub facts: ForwardingFacts<'a>,
+    pub request_id: &'a HeaderValue,
+}
+
+impl DeferredFields<'_> {
+    /// Whether the fields of a request from `client` can be deferred: `headers` holds none of
+    /// them (one pass over the names, with no hashing).
+    pub fn possible(client: &ClientAddress, headers: &HeaderMap) -> bool {
+        !client.peer_trusted
+            && !headers.keys().any(|name| {
+                name == header::FORWARDED
+                    || name == header::VIA
+                    || name == X_FORWARDED_FOR
+                    || name == X_FORWARDED_PROTO
+                    || name == X_FORWARDED_HOST
+                    || name == X_REQUEST_ID
+            })
+    }
+
+    /// Writes the fields as request field lines, as `put_in` would put them in the map.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let facts = &self.facts;
+        let scheme = facts.scheme.as_bytes();
+        for (name, value) in [
+            (&X_FORWARDED_FOR, facts.peer.as_bytes()),
+            (&X_FORWARDED_PROTO, scheme),
+            (&X_FORWARDED_HOST, facts.host.as_bytes()),
+        ] {
+            out.put_slice(name.as_str().as_bytes());
+            out.put_slice(b": ");
+            out.put_slice(value);
+            out.put_slice(b"\r\n");
+        }
+        out.put_slice(b"forwarded: ");
+        write_forwarded(out, facts);
+        out.put_slice(b"\r\nvia: ");
+        out.put_slice(via(facts.version).as_bytes());
+        out.put_slice(b"\r\nx-request-id: ");
+        out.put_slice(self.request_id.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+
+    /// Puts the fields in `headers`, for a writer that knows only the map.
+    pub fn put_in(&self, headers: &mut HeaderMap) {
+        set_forwarding_headers(headers, &self.facts);
+        headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+    }
 }
 
 /// Joins every existing value of `name` and `addition` into one comma-separated value; when

@@ -18,14 +18,14 @@ use crate::body::{BodyPace, BodyProgress, ClientBody, RequestBody, ResponseBody,
 use crate::conn::{ConnectionActivity, RequestGuard, request_started};
 use crate::error::{ProxyError, Refusal, Side};
 use crate::headers::{
-    ClientAddress, ForwardingFacts, X_REQUEST_ID, remove_hop_by_hop, request_id,
+    ClientAddress, DeferredFields, ForwardingFacts, X_REQUEST_ID, remove_hop_by_hop, request_id,
     set_forwarding_headers,
 };
 use crate::listener::{Lifecycle, ListenerRuntime};
 use crate::pool::Lease;
 use crate::protection::RateSubject;
 use crate::routing::Route;
-use crate::upstream::{InFlight, Picked, SendFailure, Sent, bit};
+use crate::upstream::{InFlight, Picked, SendFailure, Sent, Wire, bit};
 
 /// What a connection knows that every request on it needs.
 pub struct ConnectionContext {
@@ -366,20 +366,29 @@ async fn forward(
             value
         }
     };
-    set_forwarding_headers(
-        &mut parts.headers,
-        &ForwardingFacts {
-            client,
-            peer: &ctx.peer_header,
-            forwarded_for: &ctx.forwarded_for,
-            host: &host_header,
-            scheme: ctx.scheme,
-            version,
-        },
-    );
-    parts
-        .headers
-        .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+    let forwarding = ForwardingFacts {
+        client,
+        peer: &ctx.peer_header,
+        forwarded_for: &ctx.forwarded_for,
+        host: &host_header,
+        scheme: ctx.scheme,
+        version,
+    };
+    // Nothing reads the forwarding fields of a request that no cache keeps: the lean client
+    // writes them, and the map is spared them.
+    let raw_answer = lean_server && route.cache.is_none();
+    let deferred = if raw_answer && DeferredFields::possible(client, &parts.headers) {
+        Some(DeferredFields {
+            facts: forwarding,
+            request_id: &exchange.request_id,
+        })
+    } else {
+        set_forwarding_headers(&mut parts.headers, &forwarding);
+        parts
+            .headers
+            .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+        None
+    };
     if let Some(name) = runtime
         .tls
         .as_ref()
@@ -449,7 +458,8 @@ async fn forward(
         resend: replayable && keep,
         progress,
         host_missing,
-        raw_answer: lean_server && route.cache.is_none(),
+        deferred,
+        raw_answer,
     };
     if let (Some(route_cache), Some(target)) = (&route.cache, cache_target) {
         // Boxed: the cache's state machine is larger than the plain path's, which would
@@ -527,12 +537,22 @@ pub(crate) struct Dispatch<'a> {
     pub progress: Option<Arc<BodyProgress>>,
     /// The request had no host: each backend gets its own name.
     pub host_missing: bool,
+    /// Fields kept out of the request's map, which the code that writes the request adds.
+    pub deferred: Option<DeferredFields<'a>>,
     /// Nothing reads the answer's fields on its way to the client, which the lean HTTP/1 server
     /// writes: they may stay the bytes read (see `raw_fields`).
     pub raw_answer: bool,
 }
 
 impl Dispatch<'_> {
+    /// What is left to the code that writes the request and reads the answer.
+    fn wire(&self) -> Wire<'_> {
+        Wire {
+            deferred: self.deferred.as_ref(),
+            raw_answer: self.raw_answer,
+        }
+    }
+
     /// The request to send again after a failure that may have reached the backend: the one that
     /// came back from a lean exchange, or one made from the kept copy; none when it may not be
     /// sent twice.
@@ -583,13 +603,7 @@ pub(crate) async fn send_to_backend(
         }
         let may_retry = attempt_number < upstream.retries;
         let failure = match upstream
-            .send(
-                &set,
-                &backend,
-                request,
-                progress.clone(),
-                dispatch.raw_answer,
-            )
+            .send(&set, &backend, request, progress.clone(), dispatch.wire())
             .await
         {
             Ok(Sent {

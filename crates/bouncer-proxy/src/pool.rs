@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use crate::body::{RequestBody, UpstreamBody};
 use crate::h1client::{ExchangeFailure, LeanConnection, LeanError};
 use crate::tls::UpstreamTls;
+use crate::upstream::Wire;
 
 /// TCP keep-alive probes on backend connections, so that a backend that vanished without closing
 /// its sockets is noticed even on an idle pooled connection.
@@ -266,13 +267,13 @@ impl ConnectionPool {
     /// Sends a request that [`Self::takes_lean`] on a lean connection of its own task (see
     /// `h1client`), pooled or new. A reused connection that turns out closed before any of the
     /// request was written is replaced, as for hyper's connections. The request is only read, so
-    /// that it can be sent again as it is; a failure says whether none of it was sent. With
-    /// `raw_answer`, the response's fields may stay the bytes read (see `raw_fields`).
+    /// that it can be sent again as it is; a failure says whether none of it was sent. `wire` says
+    /// what the exchange adds to the request and whether the answer's fields may stay as read.
     pub async fn send_lean(
         self: &Arc<Self>,
         request: &Request<RequestBody>,
         response_deadline: Instant,
-        raw_answer: bool,
+        wire: Wire<'_>,
     ) -> Result<(Response<UpstreamBody>, Lease), (SendError, bool)> {
         loop {
             let (connection, reused) = match self.pop_lean() {
@@ -287,7 +288,7 @@ impl ConnectionPool {
                 },
             };
             match connection
-                .exchange(request, self, response_deadline, raw_answer)
+                .exchange(request, self, response_deadline, wire)
                 .await
             {
                 Ok((head, body)) => {

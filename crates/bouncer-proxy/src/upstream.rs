@@ -17,6 +17,7 @@ use bouncer_config::{HashKey, RetryOn, UpstreamConfig};
 use crate::balance::{BackendLoad, Balancer, HasLoad, PickInput};
 use crate::body::{BodyProgress, RequestBody, RequestBodyError, UpstreamBody};
 use crate::error::{BoxError, ProxyError, Side, find_cause};
+use crate::headers::DeferredFields;
 use crate::health::{self, BackendHealth, Verdict};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::pool::{ConnectionPool, Lease, PoolSettings, SendError};
@@ -79,6 +80,16 @@ pub struct Sent {
     pub elapsed: Duration,
     /// The request, when it was only read (a lean exchange): it can be sent again as it is.
     pub request: Option<Request<RequestBody>>,
+}
+
+/// What is left to the code that writes a request and reads its answer.
+#[derive(Clone, Copy, Default)]
+pub struct Wire<'a> {
+    /// Fields kept out of the request's map, which the writer adds.
+    pub deferred: Option<&'a DeferredFields<'a>>,
+    /// The answer's fields may stay the bytes read (see `raw_fields`): nothing reads them on
+    /// their way to the lean HTTP/1 server, which writes them.
+    pub raw_answer: bool,
 }
 
 /// Why a request got no answer from a backend.
@@ -529,15 +540,14 @@ impl Upstream {
     /// Sends `request` to `backend` and waits for its response headers. The response clock starts
     /// once the request body has been sent, so that a slow upload is not mistaken for a slow backend.
     /// The request comes back when it was only read (a lean exchange), or when none of it was sent.
-    /// With `raw_answer`, a lean exchange may keep the response's fields as the bytes read (see
-    /// `raw_fields`), for an answer that nothing reads on its way to an HTTP/1.1 client.
+    /// `wire` says what is left to the code that writes the request and reads the answer.
     pub async fn send(
         &self,
         set: &BackendSet,
         backend: &Backend,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
-        raw_answer: bool,
+        wire: Wire<'_>,
     ) -> Result<Sent, SendFailure> {
         backend.metrics.requests.inc();
         let started = tokio::time::Instant::now();
@@ -547,7 +557,7 @@ impl Upstream {
             // Without a body the deadline is known now; the lean connection keeps its own clock.
             let result = backend
                 .pool
-                .send_lean(&request, started + response_timeout, raw_answer)
+                .send_lean(&request, started + response_timeout, wire)
                 .await
                 .map_err(|(error, unsent)| match error {
                     SendError::ResponseTimeout => {
@@ -557,6 +567,10 @@ impl Upstream {
                 });
             (result, Some(request))
         } else {
+            // hyper writes only the map.
+            if let Some(deferred) = wire.deferred {
+                deferred.put_in(request.headers_mut());
+            }
             // Boxed: hyper's exchange and its clock are large, and every request's future would
             // otherwise carry their size, lean ones too.
             Box::pin(send_with_hyper(

@@ -590,6 +590,7 @@ fn refresh_in_background(
             resend: false,
             progress: None,
             host_missing,
+            deferred: None,
             raw_answer: false,
         };
         let mut attempt = Attempt::default();

@@ -32,6 +32,40 @@ async fn an_untrusted_client_cannot_forge_forwarding_headers() {
     assert_eq!(seen["x-request-id"], request_id);
 }
 
+/// A request that carries none of the forwarding fields gets them written beside its map by the
+/// lean client (see `DeferredFields`): each once, as the map would carry them.
+#[tokio::test]
+async fn a_request_without_forwarding_fields_gets_each_once() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "").await;
+    for (version, via) in [
+        (http::Version::HTTP_11, "1.1 bouncer"),
+        (http::Version::HTTP_2, "2 bouncer"),
+    ] {
+        // The host is the URL's (`Host`, or `:authority` over HTTP/2); with a colon, it is quoted
+        // in `Forwarded`.
+        let request = Request::get(proxy.url("/"))
+            .version(version)
+            .body(bouncer_testkit::empty())
+            .unwrap();
+        let answer = Clients::new().send(request).await;
+        let seen = backends[0].last_request().headers;
+        let host = proxy.address.to_string();
+        let forwarded = format!("for=127.0.0.1;host=\"{host}\";proto=http");
+        for (name, value) in [
+            ("x-forwarded-for", "127.0.0.1"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", host.as_str()),
+            ("forwarded", forwarded.as_str()),
+            ("via", via),
+            ("x-request-id", answer.header("x-request-id").unwrap()),
+        ] {
+            let values: Vec<_> = seen.get_all(name).iter().collect();
+            assert_eq!(values, [value], "{name} over {version:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_trusted_proxy_extends_the_chain_and_keeps_its_request_id() {
     let backends = Backend::start_many(1).await;
