@@ -10,11 +10,14 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// A request allocates a few blocks of a kilobyte or two (header maps above all), past the sizes
-/// that glibc's malloc serves from its per-thread caches; mimalloc serves them from per-size pages.
-/// `bench/instructions` and `bench/run` measure the difference (see bench/README.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// A request allocates a few blocks of a kilobyte or two (header maps above all), past the sizes
+// that glibc's malloc serves from its per-thread caches; mimalloc serves them from per-size pages.
+// It replaces `malloc` and `free` themselves (its `override` feature), so that Rust's system
+// allocator reaches its plain `mi_malloc`: the crate's `GlobalAlloc` asks for every block through
+// `mi_malloc_aligned`, which takes a slower path, about 150 instructions more, whenever a page's
+// free list needs refilling or a block is over a kilobyte. `bench/instructions` and `bench/run`
+// measure the difference (see bench/README.md).
+extern crate mimalloc;
 
 /// Bouncer: a reverse proxy with load balancing, TLS termination, DDoS mitigation and caching.
 #[derive(Parser, Debug)]
