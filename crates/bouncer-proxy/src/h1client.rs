@@ -1306,6 +1306,7 @@ mod tests {
         for (host, version) in [
             ("app.example:8080", Version::HTTP_11),
             ("[::1]:8080", Version::HTTP_10),
+            ("app.example", Version::HTTP_2),
         ] {
             let host = HeaderValue::from_static(host);
             let deferred = DeferredFields {

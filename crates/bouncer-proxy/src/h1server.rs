@@ -383,9 +383,10 @@ fn parse_request(buffer: &mut BytesMut, max_header_bytes: usize) -> Parsed {
     let target_end = target_start + target.len();
     let spans = FieldSpans::of(buffer, parsed.headers);
     let head = buffer.split_to(length).freeze();
-    // Room for the forwarding fields the pipeline adds, so that the map grows once at most.
+    // No room kept for the forwarding fields: most requests get them written beside the map
+    // (see `DeferredFields`), and a map of a handful of fields stays a small block.
     let taken = spans
-        .header_map(&head, 6)
+        .header_map(&head, 0)
         .zip(http::Uri::from_maybe_shared(head.slice(target_start..target_end)).ok());
     let Some((headers, uri)) = taken else {
         // The head goes back in front of what follows it, for hyper to read (a copy, made once

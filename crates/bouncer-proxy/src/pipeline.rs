@@ -349,8 +349,6 @@ async fn forward(
     // The lean HTTP/1 server took the request (it takes only bodiless ones) and writes the answer.
     let lean_server = matches!(request.body(), ClientBody::Empty);
     let (mut parts, incoming) = request.into_parts();
-    // Room for the headers added below, so that the map grows once rather than step by step.
-    parts.headers.reserve(6);
     let version = parts.version;
     remove_hop_by_hop(&mut parts.headers, websocket);
     // This proxy answers `Expect: 100-continue` itself when it starts reading the body.
@@ -383,6 +381,8 @@ async fn forward(
             request_id: &exchange.request_id,
         })
     } else {
+        // Room for the fields added here, so that the map grows once rather than step by step.
+        parts.headers.reserve(6);
         set_forwarding_headers(&mut parts.headers, &forwarding);
         parts
             .headers
