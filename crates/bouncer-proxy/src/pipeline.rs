@@ -351,8 +351,11 @@ async fn forward(
     let (mut parts, incoming) = request.into_parts();
     let version = parts.version;
     remove_hop_by_hop(&mut parts.headers, websocket);
-    // This proxy answers `Expect: 100-continue` itself when it starts reading the body.
-    parts.headers.remove(header::EXPECT);
+    // This proxy answers `Expect: 100-continue` itself when it starts reading the body. (The lean
+    // server leaves every request with an `Expect` to hyper.)
+    if !lean_server {
+        parts.headers.remove(header::EXPECT);
+    }
     // The host as the client sent it; an absolute-form target (or HTTP/2's :authority) names the
     // host, and Host must agree with it.
     let host_header = match &host_source {
@@ -1101,30 +1104,34 @@ fn request_host(request: &Request<ClientBody>) -> Result<HostSource, ProxyError>
 
 /// Lower-cases the host and strips its port and any trailing dot; borrows when nothing changes.
 fn normalise_host(raw: &str) -> Result<Cow<'_, str>, ProxyError> {
-    let without_port = if let Some(rest) = raw.strip_prefix('[') {
-        let end = rest
-            .find(']')
-            .ok_or(ProxyError::BadRequest("invalid Host header"))?;
-        &raw[..end + 2]
+    let invalid = ProxyError::BadRequest("invalid Host header");
+    let bytes = raw.as_bytes();
+    let without_port = if bytes.first() == Some(&b'[') {
+        match bytes.iter().position(|&b| b == b']') {
+            Some(end) => &raw[..=end],
+            None => return Err(invalid),
+        }
     } else {
-        match raw.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            Some(_) => return Err(ProxyError::BadRequest("invalid Host header")),
+        match bytes.iter().rposition(|&b| b == b':') {
+            Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &raw[..colon],
+            Some(_) => return Err(invalid),
             None => raw,
         }
     };
     let name = without_port.strip_suffix('.').unwrap_or(without_port);
-    let valid = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'));
-    if !valid {
-        return Err(ProxyError::BadRequest("invalid Host header"));
+    // One pass checks the characters and looks for capitals.
+    let mut upper = false;
+    for &b in name.as_bytes() {
+        upper |= b.is_ascii_uppercase();
+        if !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')) {
+            return Err(invalid);
+        }
     }
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        Ok(Cow::Owned(name.to_ascii_lowercase()))
+    Ok(if upper {
+        Cow::Owned(name.to_ascii_lowercase())
     } else {
-        Ok(Cow::Borrowed(name))
-    }
+        Cow::Borrowed(name)
+    })
 }
 
 /// One request's record: filled in as the request goes, then counted and logged when it is
@@ -1228,5 +1235,8 @@ mod tests {
         ));
         assert!(normalise_host("bad host").is_err());
         assert!(normalise_host("a:b").is_err());
+        assert!(normalise_host("[::1").is_err());
+        assert_eq!(normalise_host("app:").ok().as_deref(), Some("app"));
+        assert_eq!(normalise_host("[::1]").ok().as_deref(), Some("[::1]"));
     }
 }
