@@ -163,17 +163,25 @@ pub(crate) async fn serve(
         drop(responding);
         let answered = {
             let closing = activity.closing() || draining;
-            let mut answering = std::pin::pin!(write_answer(
+            // The head is encoded here and only the body's writing is a future: a future is
+            // copied whole when it is made, and one layer fewer is one copy fewer per request.
+            let (framing, keep_alive, trailers) =
+                encode_head(&response, &facts, closing, &mut outgoing.bytes);
+            let mut answering = std::pin::pin!(write_body(
                 &mut io,
                 &mut outgoing,
-                response,
-                facts,
-                closing
+                response.into_body(),
+                framing,
+                trailers
             ));
             loop {
                 tokio::select! {
                     biased;
-                    answered = &mut answering => break answered,
+                    // Another request may follow when the head said keep-alive and the body
+                    // was whole.
+                    answered = &mut answering => {
+                        break answered.map(|complete| keep_alive && complete);
+                    }
                     (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
                         gate.rearm();
                         signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
@@ -410,21 +418,6 @@ fn lists_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-/// Writes the answer to a request. Says whether the connection may carry another request.
-async fn write_answer(
-    io: &mut ClientIo,
-    outgoing: &mut Outgoing,
-    response: Response<ResponseBody>,
-    facts: RequestFacts,
-    closing: bool,
-) -> io::Result<bool> {
-    let (framing, keep_alive, trailers) =
-        encode_head(&response, &facts, closing, &mut outgoing.bytes);
-    let body = response.into_body();
-    let complete = write_body(io, outgoing, body, framing, trailers).await?;
-    Ok(keep_alive && complete)
 }
 
 /// How an answer's body is delimited on the wire.
