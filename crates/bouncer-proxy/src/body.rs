@@ -309,13 +309,39 @@ impl Body for RequestBody {
 }
 
 /// A request's body as the client sends it: read by hyper, or none at all for a request that the
-/// lean HTTP/1 server took (it takes only requests without a body, see `h1server`).
+/// lean HTTP/1 server took (it takes only requests without a body, see `h1server`), which says
+/// what it saw among the fields.
 pub enum ClientBody {
     Hyper(Incoming),
-    Empty,
+    Lean(LeanFacts),
+}
+
+/// What the lean HTTP/1 server saw among a request's fields while it parsed the head, so that the
+/// pipeline need not look for them in the map, a hash and a probe each. That server takes no
+/// request with `Content-Length`, `Transfer-Encoding`, `Upgrade` or `Expect`, and none whose
+/// target is not a path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeanFacts {
+    /// A `Host` is among the fields.
+    pub host: bool,
+    /// Hop-by-hop fields are: `Connection`, `Keep-Alive`, `TE` or `Proxy-*`.
+    pub hop_by_hop: bool,
+    /// Forwarding fields or a request id are: `X-Forwarded-*`, `Forwarded`, `Via` or
+    /// `X-Request-Id`.
+    pub forwarding: bool,
+    /// The first `Content-Type` names gRPC.
+    pub grpc: bool,
 }
 
 impl ClientBody {
+    /// What the lean server saw among the fields, when it took the request.
+    pub fn lean_facts(&self) -> Option<LeanFacts> {
+        match self {
+            ClientBody::Lean(facts) => Some(*facts),
+            ClientBody::Hyper(_) => None,
+        }
+    }
+
     /// The body to read, if the request has one.
     pub fn into_incoming(self) -> Option<Incoming> {
         match self {
@@ -335,21 +361,21 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ClientBody::Hyper(incoming) => Pin::new(incoming).poll_frame(cx),
-            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Lean(_) => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Hyper(incoming) => incoming.is_end_stream(),
-            ClientBody::Empty => true,
+            ClientBody::Lean(_) => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Hyper(incoming) => incoming.size_hint(),
-            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Lean(_) => SizeHint::with_exact(0),
         }
     }
 }

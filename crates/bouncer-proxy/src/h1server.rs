@@ -26,7 +26,7 @@ use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::body::{ClientBody, ResponseBody};
+use crate::body::{ClientBody, LeanFacts, ResponseBody};
 use crate::conn::{ClientIo, ConnectionActivity};
 use crate::error::Refusal;
 use crate::h1client::{FieldSpans, MAX_HEADERS};
@@ -359,20 +359,42 @@ fn parse_request(buffer: &mut BytesMut, max_header_bytes: usize) -> Parsed {
     };
     // Framing, upgrades and `Expect` are hyper's: this server takes no body. They are looked for
     // among the parsed fields, with what keep-alive and trailers depend on, in one pass.
+    // The same pass notes what the pipeline would otherwise look up in the map (`LeanFacts`).
     let (mut close, mut keep_alive, mut trailers) = (false, false, false);
+    let mut lean = LeanFacts::default();
+    let mut content_type_seen = false;
     for field in parsed.headers.iter() {
         let name = field.name.as_bytes();
         let is = |expected: &[u8]| name.eq_ignore_ascii_case(expected);
         match name.len() {
-            2 if is(b"te") => trailers |= lists_token(field.value, b"trailers"),
+            2 if is(b"te") => {
+                trailers |= lists_token(field.value, b"trailers");
+                lean.hop_by_hop = true;
+            }
+            3 if is(b"via") => lean.forwarding = true,
+            4 if is(b"host") => lean.host = true,
             6 if is(b"expect") => return Parsed::NotLean,
             7 if is(b"upgrade") => return Parsed::NotLean,
+            9 if is(b"forwarded") => lean.forwarding = true,
             10 if is(b"connection") => {
                 close |= lists_token(field.value, b"close");
                 keep_alive |= lists_token(field.value, b"keep-alive");
+                lean.hop_by_hop = true;
+            }
+            10 if is(b"keep-alive") => lean.hop_by_hop = true,
+            12 if is(b"x-request-id") => lean.forwarding = true,
+            12 if is(b"content-type") && !content_type_seen => {
+                content_type_seen = true;
+                lean.grpc = bouncer_rules::is_grpc_content_type(field.value);
             }
             14 if is(b"content-length") => return Parsed::NotLean,
             17 if is(b"transfer-encoding") => return Parsed::NotLean,
+            15 if is(b"x-forwarded-for") => lean.forwarding = true,
+            16 if is(b"x-forwarded-host") => lean.forwarding = true,
+            17 if is(b"x-forwarded-proto") => lean.forwarding = true,
+            length if length >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-") => {
+                lean.hop_by_hop = true;
+            }
             _ => {}
         }
     }
@@ -405,7 +427,7 @@ fn parse_request(buffer: &mut BytesMut, max_header_bytes: usize) -> Parsed {
         *buffer = whole;
         return Parsed::NotLean;
     };
-    let mut request = Request::new(ClientBody::Empty);
+    let mut request = Request::new(ClientBody::Lean(lean));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
@@ -819,6 +841,51 @@ mod tests {
 
     fn parse(text: &str) -> Parsed {
         parse_request(&mut BytesMut::from(text.as_bytes()), 65536)
+    }
+
+    /// What the pipeline would look up in the map is noted while the head is parsed.
+    #[test]
+    fn the_fields_the_pipeline_asks_about_are_noted_while_parsing() {
+        let facts_of = |fields: &str| {
+            let text = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+            match parse(&text) {
+                Parsed::Request(request, _) => request.body().lean_facts().expect("lean"),
+                _ => panic!("not taken: {fields:?}"),
+            }
+        };
+        assert_eq!(
+            facts_of("Host: a\r\nAccept: */*\r\n"),
+            LeanFacts {
+                host: true,
+                ..LeanFacts::default()
+            }
+        );
+        assert_eq!(facts_of("Accept: */*\r\n"), LeanFacts::default());
+        for hop in [
+            "Connection: close",
+            "Keep-Alive: 5",
+            "TE: trailers",
+            "Proxy-Authorization: x",
+        ] {
+            assert!(
+                facts_of(&format!("Host: a\r\n{hop}\r\n")).hop_by_hop,
+                "{hop}"
+            );
+        }
+        for forwarding in [
+            "X-Forwarded-For: 1.2.3.4",
+            "X-Forwarded-Proto: https",
+            "X-Forwarded-Host: b",
+            "Forwarded: for=1.2.3.4",
+            "Via: 1.1 other",
+            "X-Request-Id: 7",
+        ] {
+            let facts = facts_of(&format!("Host: a\r\n{forwarding}\r\n"));
+            assert!(facts.forwarding && !facts.hop_by_hop, "{forwarding}");
+        }
+        assert!(facts_of("Content-Type: application/grpc+proto\r\n").grpc);
+        // As `HeaderMap::get`, the first `Content-Type` counts.
+        assert!(!facts_of("Content-Type: text/plain\r\nContent-Type: application/grpc\r\n").grpc);
     }
 
     #[test]

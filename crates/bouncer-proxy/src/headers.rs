@@ -272,27 +272,14 @@ fn via(version: http::Version) -> &'static str {
 /// The forwarding fields and the request id of a request from a peer that is not trusted, kept
 /// out of its map: whoever writes the request writes them too. Five insertions into the map, each
 /// a hash and a probe, are then spared. Only for a request whose map has none of these fields, so
-/// that nothing the client sent needs replacing or extending.
+/// that nothing the client sent needs replacing or extending (the lean server says so, see
+/// `LeanFacts`).
 pub struct DeferredFields<'a> {
     pub facts: ForwardingFacts<'a>,
     pub request_id: &'a HeaderValue,
 }
 
 impl DeferredFields<'_> {
-    /// Whether the fields of a request from `client` can be deferred: `headers` holds none of
-    /// them (one pass over the names, with no hashing).
-    pub fn possible(client: &ClientAddress, headers: &HeaderMap) -> bool {
-        !client.peer_trusted
-            && !headers.keys().any(|name| {
-                name == header::FORWARDED
-                    || name == header::VIA
-                    || name == X_FORWARDED_FOR
-                    || name == X_FORWARDED_PROTO
-                    || name == X_FORWARDED_HOST
-                    || name == X_REQUEST_ID
-            })
-    }
-
     /// Writes the fields as request field lines, as `put_in` would put them in the map. The
     /// fixed parts go in few pieces: each piece is a call to `memcpy`.
     pub fn write_to(&self, out: &mut Vec<u8>) {

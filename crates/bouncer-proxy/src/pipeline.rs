@@ -99,10 +99,13 @@ pub async fn handle(
         route: None,
         attempt: Attempt::default(),
         upstream_body_failed: false,
-        grpc: request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
+        grpc: match request.body().lean_facts() {
+            Some(facts) => facts.grpc,
+            None => request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
+        },
         _pressure: runtime.protection.track_in_flight(),
         runtime,
     });
@@ -346,14 +349,17 @@ async fn forward(
         websocket.then(|| (hyper::upgrade::on(&mut request), ctx.lifecycle.clone()));
 
     let upstream = &route.upstream;
-    // The lean HTTP/1 server took the request (it takes only bodiless ones) and writes the answer.
-    let lean_server = matches!(request.body(), ClientBody::Empty);
+    // The lean HTTP/1 server took the request (it takes only bodiless ones) and writes the answer;
+    // it says what the fields hold.
+    let lean = request.body().lean_facts();
     let (mut parts, incoming) = request.into_parts();
     let version = parts.version;
-    remove_hop_by_hop(&mut parts.headers, websocket);
+    if lean.is_none_or(|facts| facts.hop_by_hop) {
+        remove_hop_by_hop(&mut parts.headers, websocket);
+    }
     // This proxy answers `Expect: 100-continue` itself when it starts reading the body. (The lean
     // server leaves every request with an `Expect` to hyper.)
-    if !lean_server {
+    if lean.is_none() {
         parts.headers.remove(header::EXPECT);
     }
     // The host as the client sent it; an absolute-form target (or HTTP/2's :authority) names the
@@ -377,8 +383,10 @@ async fn forward(
     };
     // Nothing reads the forwarding fields of a request that no cache keeps: the lean client
     // writes them, and the map is spared them.
-    let raw_answer = lean_server && route.cache.is_none();
-    let deferred = if raw_answer && DeferredFields::possible(client, &parts.headers) {
+    let raw_answer = lean.is_some() && route.cache.is_none();
+    // Only when nothing the client sent is to be replaced or extended.
+    let deferrable = !client.peer_trusted && lean.is_some_and(|facts| !facts.forwarding);
+    let deferred = if raw_answer && deferrable {
         Some(DeferredFields {
             facts: forwarding,
             request_id: &exchange.request_id,
@@ -404,7 +412,10 @@ async fn forward(
         }
     }
     // An HTTP/1.0 request may come without a host; the backend's own name is sent then.
-    let host_missing = !parts.headers.contains_key(header::HOST);
+    let host_missing = match lean {
+        Some(facts) => !facts.host,
+        None => !parts.headers.contains_key(header::HOST),
+    };
     // Backends get the origin form (`/path?query`); the host travels in `Host`.
     parts.uri = http::Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
@@ -1024,7 +1035,11 @@ fn check_framing(request: &Request<ClientBody>) -> Result<(), ProxyError> {
     }
     // A request with both Content-Length and Transfer-Encoding never gets here with both: hyper
     // drops the length, reads the chunked framing and closes the connection after the response
-    // (RFC 9112 section 6.3), and Transfer-Encoding itself is not forwarded.
+    // (RFC 9112 section 6.3), and Transfer-Encoding itself is not forwarded. The lean server
+    // takes no request with a length.
+    if request.body().lean_facts().is_some() {
+        return Ok(());
+    }
     let mut lengths = request.headers().get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next()
         && (lengths.any(|other| other != first) || parse_length(first).is_none())
@@ -1043,7 +1058,11 @@ fn parse_length(value: &HeaderValue) -> Option<u64> {
 }
 
 fn declared_length(request: &Request<ClientBody>) -> Option<u64> {
-    declared_length_of(request.headers())
+    // The lean server takes no request with a length.
+    match request.body() {
+        ClientBody::Lean(_) => None,
+        ClientBody::Hyper(_) => declared_length_of(request.headers()),
+    }
 }
 
 fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
@@ -1051,7 +1070,9 @@ fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 fn is_websocket_upgrade(request: &Request<ClientBody>) -> bool {
-    request.version() == Version::HTTP_11
+    // The lean server takes no request with an `Upgrade`.
+    request.body().lean_facts().is_none()
+        && request.version() == Version::HTTP_11
         && request.method() == Method::GET
         && request
             .headers()
