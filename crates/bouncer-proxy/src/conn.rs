@@ -183,6 +183,16 @@ impl ConnectionActivity {
         }
     }
 
+    /// As `request_finished`, with a reading of the clock already taken.
+    fn request_finished_at(&self, now: Instant) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let since = u64::try_from(now.saturating_duration_since(self.started).as_millis())
+                .unwrap_or(u64::MAX);
+            self.phase_since_ms.store(since, Ordering::Relaxed);
+            self.phase.store(PHASE_IDLE, Ordering::Release);
+        }
+    }
+
     fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
     }
@@ -231,6 +241,14 @@ pub struct RequestGuard {
 }
 
 impl RequestGuard {
+    /// Ends the request now, a reading of the clock its owner took anyway (the guard's drop would
+    /// take another).
+    pub fn finish_at(&mut self, now: Instant) {
+        if let Some(activity) = self.activity.take() {
+            activity.request_finished_at(now);
+        }
+    }
+
     /// The connection's activity when it is HTTP/2, whose answers are watched for a client that
     /// leaves its flow-control window shut.
     pub fn http2_activity(&self) -> Option<&Arc<ConnectionActivity>> {

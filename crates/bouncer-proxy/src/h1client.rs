@@ -1023,7 +1023,12 @@ mod tests {
 
         let start = Instant::now();
         let (response, _lease) = pool
-            .send_lean(&request(), start + Duration::from_secs(1), Wire::default())
+            .send_lean(
+                &request(),
+                start,
+                start + Duration::from_secs(1),
+                Wire::default(),
+            )
             .await
             .map_err(|(error, _)| error)
             .expect("the first exchange is answered");
@@ -1032,7 +1037,9 @@ mod tests {
 
         // The same connection, back from the pool, with a later deadline.
         let second = start + Duration::from_secs(10);
-        let failure = pool.send_lean(&request(), second, Wire::default()).await;
+        let failure = pool
+            .send_lean(&request(), Instant::now(), second, Wire::default())
+            .await;
         assert!(matches!(failure, Err((SendError::ResponseTimeout, false))));
         assert_eq!(Instant::now(), second, "timed out at the second deadline");
         let socket = backend.await.expect("the backend saw both requests");

@@ -3,13 +3,14 @@
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Body as _;
 use hyper::upgrade::OnUpgrade;
+use tokio::time::Instant;
 
 use bouncer_rules::normalise_path;
 
@@ -602,6 +603,7 @@ pub(crate) async fn send_to_backend(
         let Picked {
             index: backend_index,
             guard,
+            at: picked_at,
         } = match picked {
             Ok(picked) => picked,
             // No other backend to try: the client learns what went wrong with the last one.
@@ -617,7 +619,14 @@ pub(crate) async fn send_to_backend(
         }
         let may_retry = attempt_number < upstream.retries;
         let failure = match upstream
-            .send(&set, &backend, request, progress.clone(), dispatch.wire())
+            .send(
+                &set,
+                &backend,
+                request,
+                progress.clone(),
+                dispatch.wire(),
+                picked_at,
+            )
             .await
         {
             Ok(Sent {
@@ -1198,7 +1207,10 @@ impl Drop for Exchange {
         if self.status == 0 {
             self.status = CLIENT_CLOSED_REQUEST;
         }
-        let total = self.started.elapsed();
+        // One reading of the clock serves the request's duration and the connection's idle clock.
+        let now = Instant::now();
+        let total = now.saturating_duration_since(self.started);
+        self._in_flight.finish_at(now);
         let runtime = &self.runtime;
         runtime.metrics.requests_in_flight.dec();
         match &self.route {

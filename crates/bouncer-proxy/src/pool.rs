@@ -268,15 +268,17 @@ impl ConnectionPool {
     /// `h1client`), pooled or new. A reused connection that turns out closed before any of the
     /// request was written is replaced, as for hyper's connections. The request is only read, so
     /// that it can be sent again as it is; a failure says whether none of it was sent. `wire` says
-    /// what the exchange adds to the request and whether the answer's fields may stay as read.
+    /// what the exchange adds to the request and whether the answer's fields may stay as read;
+    /// `now` is a fresh reading of the clock, to judge how long pooled connections were idle.
     pub async fn send_lean(
         self: &Arc<Self>,
         request: &Request<RequestBody>,
+        now: Instant,
         response_deadline: Instant,
         wire: Wire<'_>,
     ) -> Result<(Response<UpstreamBody>, Lease), (SendError, bool)> {
         loop {
-            let (connection, reused) = match self.pop_lean() {
+            let (connection, reused) = match self.pop_lean(now) {
                 Some(connection) => (connection, true),
                 None => match Box::pin(self.connect_lean(response_deadline)).await {
                     Ok(connection) => (connection, false),
@@ -327,9 +329,8 @@ impl ConnectionPool {
             .map(LeanConnection::new)
     }
 
-    /// The most recently returned lean connection that is still usable.
-    fn pop_lean(&self) -> Option<Box<LeanConnection>> {
-        let now = Instant::now();
+    /// The most recently returned lean connection that is still usable, `now`.
+    fn pop_lean(&self, now: Instant) -> Option<Box<LeanConnection>> {
         let mut idle = self.lock();
         let idle_timeout = idle.settings.idle_timeout;
         while let Some(entry) = idle.lean.pop_back() {

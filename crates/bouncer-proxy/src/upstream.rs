@@ -70,6 +70,8 @@ pub type Placement = (usize, SocketAddr);
 pub struct Picked {
     pub index: usize,
     pub guard: InFlight,
+    /// When it was picked: the send that follows at once starts its clock from this reading.
+    pub at: tokio::time::Instant,
 }
 
 /// A backend's answer to a request, with the connection it came on.
@@ -526,6 +528,7 @@ impl Upstream {
                     backend: Arc::clone(backend),
                     queue: self.queue.clone(),
                 },
+                at: now,
             });
         }
         None
@@ -541,6 +544,7 @@ impl Upstream {
     /// once the request body has been sent, so that a slow upload is not mistaken for a slow backend.
     /// The request comes back when it was only read (a lean exchange), or when none of it was sent.
     /// `wire` says what is left to the code that writes the request and reads the answer.
+    /// `started` is a reading of the clock taken just before (when the backend was picked).
     pub async fn send(
         &self,
         set: &BackendSet,
@@ -548,16 +552,16 @@ impl Upstream {
         mut request: Request<RequestBody>,
         body_progress: Option<Arc<BodyProgress>>,
         wire: Wire<'_>,
+        started: tokio::time::Instant,
     ) -> Result<Sent, SendFailure> {
         backend.metrics.requests.inc();
-        let started = tokio::time::Instant::now();
         let response_timeout = self.response_timeout;
         // The lean client only reads the request: it stays here, to come back whatever happens.
         let (result, request) = if backend.pool.takes_lean(&request) {
             // Without a body the deadline is known now; the lean connection keeps its own clock.
             let result = backend
                 .pool
-                .send_lean(&request, started + response_timeout, wire)
+                .send_lean(&request, started, started + response_timeout, wire)
                 .await
                 .map_err(|(error, unsent)| match error {
                     SendError::ResponseTimeout => {
