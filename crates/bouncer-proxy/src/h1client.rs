@@ -269,7 +269,6 @@ impl LeanConnection {
     /// `deadline`; the body is read through the returned [`LeanBody`], which gives the connection
     /// back to `pool` when it ends.
     ///
-    ///
     /// `wire` brings fields to write beside the request's map, and says whether the response's
     /// fields may be kept as the bytes read, in the body (see [`LeanBody::raw_fields`]).
     pub async fn exchange<B>(

@@ -303,8 +303,12 @@ impl DeferredFields<'_> {
         out.extend_from_slice(b"\r\n");
     }
 
-    /// Puts the fields in `headers`, for a writer that knows only the map.
+    /// Puts the fields in `headers`, for a writer that knows only the map. Once: a request that
+    /// comes back unsent, to go elsewhere, keeps them (and `Via` would otherwise grow).
     pub fn put_in(&self, headers: &mut HeaderMap) {
+        if headers.contains_key(&X_REQUEST_ID) {
+            return;
+        }
         set_forwarding_headers(headers, &self.facts);
         headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
     }

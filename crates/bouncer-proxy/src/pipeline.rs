@@ -352,15 +352,15 @@ async fn forward(
     let upstream = &route.upstream;
     // The lean HTTP/1 server took the request (it takes only bodiless ones) and writes the answer;
     // it says what the fields hold.
-    let lean = request.body().lean_facts();
+    let lean_facts = request.body().lean_facts();
     let (mut parts, incoming) = request.into_parts();
     let version = parts.version;
-    if lean.is_none_or(|facts| facts.hop_by_hop) {
+    if lean_facts.is_none_or(|facts| facts.hop_by_hop) {
         remove_hop_by_hop(&mut parts.headers, websocket);
     }
     // This proxy answers `Expect: 100-continue` itself when it starts reading the body. (The lean
     // server leaves every request with an `Expect` to hyper.)
-    if lean.is_none() {
+    if lean_facts.is_none() {
         parts.headers.remove(header::EXPECT);
     }
     // The host as the client sent it; an absolute-form target (or HTTP/2's :authority) names the
@@ -382,11 +382,12 @@ async fn forward(
         scheme: ctx.scheme,
         version,
     };
-    // Nothing reads the forwarding fields of a request that no cache keeps: the lean client
-    // writes them, and the map is spared them.
-    let raw_answer = lean.is_some() && route.cache.is_none();
+    // Nothing reads the forwarding fields of a request that no cache keeps, nor its answer's
+    // fields, when the lean client sends it (a plain HTTP/1 upstream) and the lean server answers:
+    // the lean client writes the forwarding fields, and the map is spared them.
+    let raw_answer = lean_facts.is_some() && route.cache.is_none() && route.upstream.plain_http1();
     // Only when nothing the client sent is to be replaced or extended.
-    let deferrable = !client.peer_trusted && lean.is_some_and(|facts| !facts.forwarding);
+    let deferrable = !client.peer_trusted && lean_facts.is_some_and(|facts| !facts.forwarding);
     let deferred = if raw_answer && deferrable {
         Some(DeferredFields {
             facts: forwarding,
@@ -413,9 +414,10 @@ async fn forward(
         }
     }
     // An HTTP/1.0 request may come without a host; the backend's own name is sent then.
-    let host_missing = match lean {
-        Some(facts) => !facts.host,
-        None => !parts.headers.contains_key(header::HOST),
+    // (A `Connection` naming `Host` has had it removed with the hop-by-hop fields.)
+    let host_missing = match lean_facts {
+        Some(facts) if !facts.hop_by_hop => !facts.host,
+        _ => !parts.headers.contains_key(header::HOST),
     };
     // Backends get the origin form (`/path?query`); the host travels in `Host`.
     parts.uri = http::Uri::from(path_and_query);

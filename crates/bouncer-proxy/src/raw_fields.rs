@@ -5,9 +5,9 @@
 //! proxy's work per proxied request (`bench/instructions`): for every field a name lookup, a
 //! hash, a value check and a slot, all undone when the answer is written. When the answer goes
 //! from a lean backend connection to the lean HTTP/1 server and no cache keeps it, nothing needs
-//! the map. The fields the proxy acts on (the framing, `Connection`, the request id, `Date`, HSTS)
-//! are read while the head is parsed and left out, and the other lines are written out as they
-//! came. Only lines already in the form this proxy writes are kept so (`name: value` and CRLF,
+//! the map. The fields the proxy acts on are read while the head is parsed: the framing,
+//! `Connection` and the request id are left out (the proxy writes its own), `Date` and HSTS are
+//! noted and kept. The lines kept are written out as they came. Only lines already in the form this proxy writes are kept so (`name: value` and CRLF,
 //! each byte validated by `httparse` as the map's types would); a head with a line in any other
 //! form, or with a field that needs the map's work (see `h1client`), gets a map as before.
 

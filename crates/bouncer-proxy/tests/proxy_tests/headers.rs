@@ -66,6 +66,66 @@ async fn a_request_without_forwarding_fields_gets_each_once() {
     }
 }
 
+/// A request sent again after a backend refused it unsent carries its forwarding fields once,
+/// also to an upstream that hyper's client speaks to (HTTP/2 here).
+#[tokio::test]
+async fn a_request_sent_again_after_a_refusal_carries_each_forwarding_field_once() {
+    let refusing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused_address = refusing.local_addr().unwrap();
+    drop(refusing);
+    let backend = Backend::start(0).await;
+    for protocol in ["http1", "h2c"] {
+        let proxy = TestProxy::start(&format!(
+            r#"
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+[[routes]]
+upstream = "app"
+[upstreams.app]
+servers = ["{refused_address}", "{}"]
+protocol = "{protocol}"
+retries = 2
+[access_log]
+format = "off"
+"#,
+            backend.address
+        ))
+        .await;
+        // Round robin starts at either backend: two requests meet the refusing one.
+        for _ in 0..2 {
+            let answer = Clients::new().get(&proxy.url("/")).await;
+            assert_eq!(answer.status, 200, "{protocol}");
+            let seen = backend.last_request().headers;
+            for name in ["via", "x-forwarded-for", "forwarded", "x-request-id"] {
+                assert_eq!(
+                    seen.get_all(name).iter().count(),
+                    1,
+                    "{name} over {protocol}"
+                );
+            }
+            assert_eq!(seen["via"], "1.1 bouncer", "{protocol}");
+        }
+    }
+}
+
+/// A `Connection` that names `Host` takes it away with the hop-by-hop fields; the backend then
+/// gets its own name, as for an HTTP/1.0 request without one.
+#[tokio::test]
+async fn a_host_named_in_connection_is_replaced_by_the_backends_name() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "").await;
+    let answer = raw_exchange(
+        proxy.address,
+        b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: host, close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = backends[0].last_request().headers;
+    assert_eq!(seen["host"], backends[0].address.to_string());
+}
+
 #[tokio::test]
 async fn a_trusted_proxy_extends_the_chain_and_keeps_its_request_id() {
     let backends = Backend::start_many(1).await;
