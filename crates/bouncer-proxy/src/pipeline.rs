@@ -71,60 +71,71 @@ impl ConnectionContext {
     }
 }
 
+// `handle`, `forward` and `send_to_backend` return an `async move` block rather than being
+// `async fn`s: an `async fn` keeps each argument twice in its future (as the argument, and as the
+// local it is moved into), and a future is copied whole whenever it is moved. The request alone is
+// a few hundred bytes at each level.
+
 /// Handles one request from a client and produces the response to send back.
-pub async fn handle(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub fn handle(
     ctx: &ConnectionContext,
     request: Request<ClientBody>,
-) -> Response<ResponseBody> {
-    let in_flight = request_started(&ctx.activity);
-    if request.version() == Version::HTTP_2 {
-        ctx.activity.mark_http2();
-    }
-    let runtime = ctx.slot.load_full();
-    // Counted down when the exchange is dropped, with the answer's end.
-    runtime.metrics.requests_in_flight.inc();
-    let client = ClientAddress::resolve(ctx.peer, &runtime.config, request.headers());
-    // Boxed: it travels with the response body, which stays small to move.
-    let mut exchange = Box::new(Exchange {
-        _in_flight: in_flight,
-        started: Instant::now(),
-        request_id: request_id(request.headers(), client.peer_trusted),
-        client: client.ip,
-        method: request.method().clone(),
-        host: None,
-        uri: request.uri().clone(),
-        normalised_path: None,
-        status: 0,
-        body_progress: None,
-        bytes_out: 0,
-        route: None,
-        attempt: Attempt::default(),
-        upstream_body_failed: false,
-        grpc: match request.body().lean_facts() {
-            Some(facts) => facts.grpc,
-            None => request
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
-        },
-        _pressure: runtime.protection.track_in_flight(),
-        runtime,
-    });
-    if let Some(challenges) = &exchange.runtime.acme_challenges
-        && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)
-        && let Some(answer) = challenges.http_answer(token)
-    {
-        return answer_acme_challenge(answer, exchange);
-    }
-    if let Some(port) = exchange.runtime.redirect_https_port
-        && !request.uri().path().starts_with(ACME_CHALLENGE_PREFIX)
-    {
-        return redirect_to_https(&request, port, exchange);
-    }
-    match forward(ctx, &client, &mut exchange, request).await {
-        Ok(Outcome::Forwarded(forwarded)) => respond(exchange, forwarded),
-        Ok(Outcome::Cached(answer)) => respond_cached(exchange, answer),
-        Err(error) => answer_error(&error, exchange),
+) -> impl Future<Output = Response<ResponseBody>> {
+    async move {
+        let in_flight = request_started(&ctx.activity);
+        if request.version() == Version::HTTP_2 {
+            ctx.activity.mark_http2();
+        }
+        let runtime = ctx.slot.load_full();
+        // Counted down when the exchange is dropped, with the answer's end.
+        runtime.metrics.requests_in_flight.inc();
+        let client = ClientAddress::resolve(ctx.peer, &runtime.config, request.headers());
+        // Boxed: it travels with the response body, which stays small to move.
+        let mut exchange = Box::new(Exchange {
+            _in_flight: in_flight,
+            started: Instant::now(),
+            request_id: request_id(request.headers(), client.peer_trusted),
+            client: client.ip,
+            method: request.method().clone(),
+            host: None,
+            uri: request.uri().clone(),
+            normalised_path: None,
+            status: 0,
+            body_progress: None,
+            bytes_out: 0,
+            route: None,
+            attempt: Attempt::default(),
+            upstream_body_failed: false,
+            grpc: match request.body().lean_facts() {
+                Some(facts) => facts.grpc,
+                None => request
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|value| bouncer_rules::is_grpc_content_type(value.as_bytes())),
+            },
+            _pressure: runtime.protection.track_in_flight(),
+            runtime,
+        });
+        if let Some(challenges) = &exchange.runtime.acme_challenges
+            && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)
+            && let Some(answer) = challenges.http_answer(token)
+        {
+            return answer_acme_challenge(answer, exchange);
+        }
+        if let Some(port) = exchange.runtime.redirect_https_port
+            && !request.uri().path().starts_with(ACME_CHALLENGE_PREFIX)
+        {
+            return redirect_to_https(&request, port, exchange);
+        }
+        match forward(ctx, &client, &mut exchange, request).await {
+            Ok(Outcome::Forwarded(forwarded)) => respond(exchange, forwarded),
+            Ok(Outcome::Cached(answer)) => respond_cached(exchange, answer),
+            Err(error) => answer_error(&error, exchange),
+        }
     }
 }
 
@@ -200,328 +211,335 @@ struct Forwarded {
     cache_status: Option<HeaderValue>,
 }
 
-async fn forward(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn forward(
     ctx: &ConnectionContext,
     client: &ClientAddress,
     exchange: &mut Exchange,
     mut request: Request<ClientBody>,
-) -> Result<Outcome, ProxyError> {
-    // The request's own reference: `exchange` is changed as the request goes on.
-    let runtime = Arc::clone(&exchange.runtime);
-    let protection = &runtime.protection;
-    if client.peer_trusted {
-        // Behind a trusted proxy the client is known only now: the lists act per request, so
-        // that the proxy in front is never refused as a whole.
+) -> impl Future<Output = Result<Outcome, ProxyError>> {
+    async move {
+        // The request's own reference: `exchange` is changed as the request goes on.
+        let runtime = Arc::clone(&exchange.runtime);
+        let protection = &runtime.protection;
+        if client.peer_trusted {
+            // Behind a trusted proxy the client is known only now: the lists act per request, so
+            // that the proxy in front is never refused as a whole.
+            protection
+                .check_lists(client.ip)
+                .map_err(|refusal| ProxyError::Denied(refusal.per_request()))?;
+        }
+        // A ban also ends what a banned client still sends on connections opened before it.
         protection
-            .check_lists(client.ip)
+            .check_ban(client.ip)
             .map_err(|refusal| ProxyError::Denied(refusal.per_request()))?;
-    }
-    // A ban also ends what a banned client still sends on connections opened before it.
-    protection
-        .check_ban(client.ip)
-        .map_err(|refusal| ProxyError::Denied(refusal.per_request()))?;
-    check_framing(&request)?;
-    let host_source = request_host(&request)?;
-    let host = normalise_host(host_source.as_str())?;
-    exchange.host = Some(host_source.clone());
-    if let Some(certificate) = &ctx.sni_certificate
-        && !host.is_empty()
-        && !certificate.covers(host.trim_start_matches('[').trim_end_matches(']'))
-    {
-        return Err(ProxyError::Misdirected);
-    }
+        check_framing(&request)?;
+        let host_source = request_host(&request)?;
+        let host = normalise_host(host_source.as_str())?;
+        exchange.host = Some(host_source.clone());
+        if let Some(certificate) = &ctx.sni_certificate
+            && !host.is_empty()
+            && !certificate.covers(host.trim_start_matches('[').trim_end_matches(']'))
+        {
+            return Err(ProxyError::Misdirected);
+        }
 
-    let path =
-        normalise_path(request.uri().path()).map_err(|_| ProxyError::BadRequest("invalid path"))?;
-    let path_changed = matches!(path, Cow::Owned(_));
-    if protection.has_rules()
-        && let Some((rule, action)) =
-            protection.match_rule(request.method().as_str(), &path, request.headers())
-    {
-        apply_rule(protection, client.ip, rule, action).await?;
-    }
-    let route = Arc::clone(
-        runtime
-            .routes
-            .find(&host, &path)
-            .ok_or(ProxyError::NoRoute)?,
-    );
-    exchange.route = Some(Arc::clone(&route));
-    if protection.has_rate_limits() {
-        let checked = protection
-            .check_rate_limits(&RateSubject {
-                client: client.ip,
-                headers: request.headers(),
-                path: &path,
-                route: &route.name,
-            })
-            .await;
-        if let Err(limited) = checked {
-            protection.record_violation(client.ip);
-            return Err(ProxyError::RateLimited(limited));
+        let path = normalise_path(request.uri().path())
+            .map_err(|_| ProxyError::BadRequest("invalid path"))?;
+        let path_changed = matches!(path, Cow::Owned(_));
+        if protection.has_rules()
+            && let Some((rule, action)) =
+                protection.match_rule(request.method().as_str(), &path, request.headers())
+        {
+            apply_rule(protection, client.ip, rule, action).await?;
         }
-    }
-    if let Some(route_cache) = &route.cache
-        && request.method().as_str() == "PURGE"
-    {
-        return Ok(Outcome::Cached(crate::cache::purge(
-            route_cache,
-            client.ip,
-            &host,
-            &path,
-            request.uri().query(),
-            request.headers(),
-        )));
-    }
-    // A GET or HEAD without a body on a caching route goes through the cache.
-    let cache_target = route.cache.as_ref().and_then(|route_cache| {
-        let method = request.method();
-        (matches!(*method, Method::GET | Method::HEAD)
-            && request.body().is_end_stream()
-            && !is_websocket_upgrade(&request))
-        .then(|| {
-            route_cache.spec.key(&bouncer_cache_policy::KeyInput {
-                method,
-                host: &host,
-                normalised_path: &path,
-                query: request.uri().query(),
+        let route = Arc::clone(
+            runtime
+                .routes
+                .find(&host, &path)
+                .ok_or(ProxyError::NoRoute)?,
+        );
+        exchange.route = Some(Arc::clone(&route));
+        if protection.has_rate_limits() {
+            let checked = protection
+                .check_rate_limits(&RateSubject {
+                    client: client.ip,
+                    headers: request.headers(),
+                    path: &path,
+                    route: &route.name,
+                })
+                .await;
+            if let Err(limited) = checked {
+                protection.record_violation(client.ip);
+                return Err(ProxyError::RateLimited(limited));
+            }
+        }
+        if let Some(route_cache) = &route.cache
+            && request.method().as_str() == "PURGE"
+        {
+            return Ok(Outcome::Cached(crate::cache::purge(
+                route_cache,
+                client.ip,
+                &host,
+                &path,
+                request.uri().query(),
+                request.headers(),
+            )));
+        }
+        // A GET or HEAD without a body on a caching route goes through the cache.
+        let cache_target = route.cache.as_ref().and_then(|route_cache| {
+            let method = request.method();
+            (matches!(*method, Method::GET | Method::HEAD)
+                && request.body().is_end_stream()
+                && !is_websocket_upgrade(&request))
+            .then(|| {
+                route_cache.spec.key(&bouncer_cache_policy::KeyInput {
+                    method,
+                    host: &host,
+                    normalised_path: &path,
+                    query: request.uri().query(),
+                })
             })
-        })
-    });
-    // A fresh hit is answered before anything is prepared for a backend.
-    if let (Some(route_cache), Some(key)) = (&route.cache, &cache_target)
-        && let Some(answer) =
-            crate::cache::fresh_hit(route_cache, key, request.headers(), request.method())
-    {
-        if path_changed {
+        });
+        // A fresh hit is answered before anything is prepared for a backend.
+        if let (Some(route_cache), Some(key)) = (&route.cache, &cache_target)
+            && let Some(answer) =
+                crate::cache::fresh_hit(route_cache, key, request.headers(), request.method())
+        {
+            if path_changed {
+                exchange.normalised_path = Some(path.into_owned());
+            }
+            return Ok(Outcome::Cached(answer));
+        }
+        let cache_target = cache_target.map(|key| crate::cache::CacheRequest {
+            key: key.into(),
+            host: host.as_ref().into(),
+            path: path.as_ref().into(),
+            method: request.method().clone(),
+        });
+        // An unsafe method on a caching route invalidates what it changed, once it succeeds.
+        let invalidates = (route.cache.is_some() && !request.method().is_safe()).then(|| {
+            (
+                request.method().clone(),
+                host.to_string(),
+                request
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| path.to_string(), |target| target.as_str().to_string()),
+            )
+        });
+        let key_hash = route.upstream.hash_key.as_ref().and_then(|key| {
+            request_key_hash(
+                key,
+                client.ip,
+                request.headers(),
+                &path,
+                request.uri().query(),
+            )
+        });
+
+        let max_body = runtime.server.max_body_bytes;
+        if declared_length(&request).is_some_and(|length| length > max_body) {
+            return Err(ProxyError::BodyTooLarge { limit: max_body });
+        }
+
+        let path_and_query = if path_changed {
+            let text = match request.uri().query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path.to_string(),
+            };
             exchange.normalised_path = Some(path.into_owned());
-        }
-        return Ok(Outcome::Cached(answer));
-    }
-    let cache_target = cache_target.map(|key| crate::cache::CacheRequest {
-        key: key.into(),
-        host: host.as_ref().into(),
-        path: path.as_ref().into(),
-        method: request.method().clone(),
-    });
-    // An unsafe method on a caching route invalidates what it changed, once it succeeds.
-    let invalidates = (route.cache.is_some() && !request.method().is_safe()).then(|| {
-        (
-            request.method().clone(),
-            host.to_string(),
+            PathAndQuery::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))?
+        } else {
             request
                 .uri()
                 .path_and_query()
-                .map_or_else(|| path.to_string(), |target| target.as_str().to_string()),
-        )
-    });
-    let key_hash = route.upstream.hash_key.as_ref().and_then(|key| {
-        request_key_hash(
-            key,
-            client.ip,
-            request.headers(),
-            &path,
-            request.uri().query(),
-        )
-    });
-
-    let max_body = runtime.server.max_body_bytes;
-    if declared_length(&request).is_some_and(|length| length > max_body) {
-        return Err(ProxyError::BodyTooLarge { limit: max_body });
-    }
-
-    let path_and_query = if path_changed {
-        let text = match request.uri().query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path.to_string(),
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"))
         };
-        exchange.normalised_path = Some(path.into_owned());
-        PathAndQuery::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))?
-    } else {
-        request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"))
-    };
 
-    let websocket = is_websocket_upgrade(&request);
-    let client_upgrade =
-        websocket.then(|| (hyper::upgrade::on(&mut request), ctx.lifecycle.clone()));
+        let websocket = is_websocket_upgrade(&request);
+        let client_upgrade =
+            websocket.then(|| (hyper::upgrade::on(&mut request), ctx.lifecycle.clone()));
 
-    let upstream = &route.upstream;
-    // The lean HTTP/1 server took the request (it takes only bodiless ones) and writes the answer;
-    // it says what the fields hold.
-    let lean_facts = request.body().lean_facts();
-    let (mut parts, incoming) = request.into_parts();
-    let version = parts.version;
-    if lean_facts.is_none_or(|facts| facts.hop_by_hop) {
-        remove_hop_by_hop(&mut parts.headers, websocket);
-    }
-    // This proxy answers `Expect: 100-continue` itself when it starts reading the body. (The lean
-    // server leaves every request with an `Expect` to hyper.)
-    if lean_facts.is_none() {
-        parts.headers.remove(header::EXPECT);
-    }
-    // The host as the client sent it; an absolute-form target (or HTTP/2's :authority) names the
-    // host, and Host must agree with it.
-    let host_header = match &host_source {
-        HostSource::Header(value) => value.clone(),
-        HostSource::Authority(authority) => {
-            let value = HeaderValue::from_str(authority.as_str())
-                .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
-            parts.headers.insert(header::HOST, value.clone());
-            value
+        let upstream = &route.upstream;
+        // The lean HTTP/1 server took the request (it takes only bodiless ones) and writes the answer;
+        // it says what the fields hold.
+        let lean_facts = request.body().lean_facts();
+        let (mut parts, incoming) = request.into_parts();
+        let version = parts.version;
+        if lean_facts.is_none_or(|facts| facts.hop_by_hop) {
+            remove_hop_by_hop(&mut parts.headers, websocket);
         }
-    };
-    let forwarding = ForwardingFacts {
-        client,
-        peer: &ctx.peer_header,
-        forwarded_for: &ctx.forwarded_for,
-        host: &host_header,
-        scheme: ctx.scheme,
-        version,
-    };
-    // Nothing reads the forwarding fields of a request that no cache keeps, nor its answer's
-    // fields, when the lean client sends it (a plain HTTP/1 upstream) and the lean server answers:
-    // the lean client writes the forwarding fields, and the map is spared them.
-    let raw_answer = lean_facts.is_some() && route.cache.is_none() && route.upstream.plain_http1();
-    // Only when nothing the client sent is to be replaced or extended.
-    let deferrable = !client.peer_trusted && lean_facts.is_some_and(|facts| !facts.forwarding);
-    let deferred = if raw_answer && deferrable {
-        Some(DeferredFields {
-            facts: forwarding,
-            request_id: &exchange.request_id,
-        })
-    } else {
-        // Room for the fields added here, so that the map grows once rather than step by step.
-        parts.headers.reserve(6);
-        set_forwarding_headers(&mut parts.headers, &forwarding);
-        parts
-            .headers
-            .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
-        None
-    };
-    if let Some(name) = runtime
-        .tls
-        .as_ref()
-        .and_then(|tls| tls.subject_header.as_ref())
-    {
-        // Only the handshake may say who the client is: whatever the client sent is dropped.
-        parts.headers.remove(name);
-        if let Some(subject) = &ctx.client_subject {
-            parts.headers.insert(name.clone(), subject.clone());
+        // This proxy answers `Expect: 100-continue` itself when it starts reading the body. (The lean
+        // server leaves every request with an `Expect` to hyper.)
+        if lean_facts.is_none() {
+            parts.headers.remove(header::EXPECT);
         }
-    }
-    // An HTTP/1.0 request may come without a host; the backend's own name is sent then.
-    // (A `Connection` naming `Host` has had it removed with the hop-by-hop fields.)
-    let host_missing = match lean_facts {
-        Some(facts) if !facts.hop_by_hop => !facts.host,
-        _ => !parts.headers.contains_key(header::HOST),
-    };
-    // Backends get the origin form (`/path?query`); the host travels in `Host`.
-    parts.uri = http::Uri::from(path_and_query);
-    parts.version = Version::HTTP_11;
-
-    // A request may be sent again after a failure that may have reached the backend only when it
-    // is idempotent, some such failure is to be retried, and its whole body is held: bodiless,
-    // or kept while it streams because it fits in `retry_buffer`.
-    let replayable = upstream.replays && !websocket && is_idempotent(&parts.method);
-    let (body, progress, keep) = if let Some(incoming) = incoming.into_incoming() {
-        let keep = replayable
-            && upstream.retry_buffer > 0
-            && declared_length_of(&parts.headers)
-                .is_none_or(|length| length <= upstream.retry_buffer);
-        let progress = Arc::new(if keep {
-            BodyProgress::keeping(upstream.retry_buffer)
+        // The host as the client sent it; an absolute-form target (or HTTP/2's :authority) names the
+        // host, and Host must agree with it.
+        let host_header = match &host_source {
+            HostSource::Header(value) => value.clone(),
+            HostSource::Authority(authority) => {
+                let value = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+                parts.headers.insert(header::HOST, value.clone());
+                value
+            }
+        };
+        let forwarding = ForwardingFacts {
+            client,
+            peer: &ctx.peer_header,
+            forwarded_for: &ctx.forwarded_for,
+            host: &host_header,
+            scheme: ctx.scheme,
+            version,
+        };
+        // Nothing reads the forwarding fields of a request that no cache keeps, nor its answer's
+        // fields, when the lean client sends it (a plain HTTP/1 upstream) and the lean server answers:
+        // the lean client writes the forwarding fields, and the map is spared them.
+        let raw_answer =
+            lean_facts.is_some() && route.cache.is_none() && route.upstream.plain_http1();
+        // Only when nothing the client sent is to be replaced or extended.
+        let deferrable = !client.peer_trusted && lean_facts.is_some_and(|facts| !facts.forwarding);
+        let deferred = if raw_answer && deferrable {
+            Some(DeferredFields {
+                facts: forwarding,
+                request_id: &exchange.request_id,
+            })
         } else {
-            BodyProgress::default()
-        });
-        exchange.body_progress = Some(Arc::clone(&progress));
-        (
-            RequestBody::streaming(
-                incoming,
-                max_body,
-                Arc::clone(&progress),
-                BodyPace::new(runtime.server.min_body_rate, runtime.server.body_timeout),
-            ),
-            Some(progress),
-            keep,
-        )
-    } else {
-        (RequestBody::empty(), None, true)
-    };
-    // A request that goes on a lean connection is only read there, and comes back for a retry
-    // as it is: no copy is kept.
-    let lean = !websocket && progress.is_none() && upstream.plain_http1();
-    let replay = (replayable && keep && !lean).then(|| Replay {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        headers: parts.headers.clone(),
-    });
-    let sticky = upstream
-        .sticky
-        .as_ref()
-        .map(|sticky| (sticky, sticky.target(&parts.headers)));
+            // Room for the fields added here, so that the map grows once rather than step by step.
+            parts.headers.reserve(6);
+            set_forwarding_headers(&mut parts.headers, &forwarding);
+            parts
+                .headers
+                .insert(X_REQUEST_ID.clone(), exchange.request_id.clone());
+            None
+        };
+        if let Some(name) = runtime
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.subject_header.as_ref())
+        {
+            // Only the handshake may say who the client is: whatever the client sent is dropped.
+            parts.headers.remove(name);
+            if let Some(subject) = &ctx.client_subject {
+                parts.headers.insert(name.clone(), subject.clone());
+            }
+        }
+        // An HTTP/1.0 request may come without a host; the backend's own name is sent then.
+        // (A `Connection` naming `Host` has had it removed with the hop-by-hop fields.)
+        let host_missing = match lean_facts {
+            Some(facts) if !facts.hop_by_hop => !facts.host,
+            _ => !parts.headers.contains_key(header::HOST),
+        };
+        // Backends get the origin form (`/path?query`); the host travels in `Host`.
+        parts.uri = http::Uri::from(path_and_query);
+        parts.version = Version::HTTP_11;
 
-    let request = Request::from_parts(parts, body);
-    let dispatch = Dispatch {
-        runtime: &runtime,
-        route: &route,
-        secure: ctx.scheme == "https",
-        key_hash,
-        sticky,
-        replay,
-        resend: replayable && keep,
-        progress,
-        host_missing,
-        deferred,
-        raw_answer,
-    };
-    if let (Some(route_cache), Some(target)) = (&route.cache, cache_target) {
-        // Boxed: the cache's state machine is larger than the plain path's, which would
-        // otherwise carry its size on every request.
-        let served = Box::pin(crate::cache::serve(
-            route_cache,
-            &dispatch,
-            &mut exchange.attempt,
-            request,
-            target,
-        ))
-        .await?;
-        return Ok(match served {
-            crate::cache::Served::Answer(answer) => Outcome::Cached(answer),
-            crate::cache::Served::Backend {
-                response,
-                lease,
-                cache_status,
-            } => Outcome::Forwarded(Forwarded {
-                response,
-                lease,
-                read_timeout: route.upstream.read_timeout,
-                client_upgrade,
-                cache_status: Some(cache_status),
-            }),
+        // A request may be sent again after a failure that may have reached the backend only when it
+        // is idempotent, some such failure is to be retried, and its whole body is held: bodiless,
+        // or kept while it streams because it fits in `retry_buffer`.
+        let replayable = upstream.replays && !websocket && is_idempotent(&parts.method);
+        let (body, progress, keep) = if let Some(incoming) = incoming.into_incoming() {
+            let keep = replayable
+                && upstream.retry_buffer > 0
+                && declared_length_of(&parts.headers)
+                    .is_none_or(|length| length <= upstream.retry_buffer);
+            let progress = Arc::new(if keep {
+                BodyProgress::keeping(upstream.retry_buffer)
+            } else {
+                BodyProgress::default()
+            });
+            exchange.body_progress = Some(Arc::clone(&progress));
+            (
+                RequestBody::streaming(
+                    incoming,
+                    max_body,
+                    Arc::clone(&progress),
+                    BodyPace::new(runtime.server.min_body_rate, runtime.server.body_timeout),
+                ),
+                Some(progress),
+                keep,
+            )
+        } else {
+            (RequestBody::empty(), None, true)
+        };
+        // A request that goes on a lean connection is only read there, and comes back for a retry
+        // as it is: no copy is kept.
+        let lean = !websocket && progress.is_none() && upstream.plain_http1();
+        let replay = (replayable && keep && !lean).then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
         });
+        let sticky = upstream
+            .sticky
+            .as_ref()
+            .map(|sticky| (sticky, sticky.target(&parts.headers)));
+
+        let request = Request::from_parts(parts, body);
+        let dispatch = Dispatch {
+            runtime: &runtime,
+            route: &route,
+            secure: ctx.scheme == "https",
+            key_hash,
+            sticky,
+            replay,
+            resend: replayable && keep,
+            progress,
+            host_missing,
+            deferred,
+            raw_answer,
+        };
+        if let (Some(route_cache), Some(target)) = (&route.cache, cache_target) {
+            // Boxed: the cache's state machine is larger than the plain path's, which would
+            // otherwise carry its size on every request.
+            let served = Box::pin(crate::cache::serve(
+                route_cache,
+                &dispatch,
+                &mut exchange.attempt,
+                request,
+                target,
+            ))
+            .await?;
+            return Ok(match served {
+                crate::cache::Served::Answer(answer) => Outcome::Cached(answer),
+                crate::cache::Served::Backend {
+                    response,
+                    lease,
+                    cache_status,
+                } => Outcome::Forwarded(Forwarded {
+                    response,
+                    lease,
+                    read_timeout: route.upstream.read_timeout,
+                    client_upgrade,
+                    cache_status: Some(cache_status),
+                }),
+            });
+        }
+        let (response, lease) = send_to_backend(&dispatch, &mut exchange.attempt, request).await?;
+        if let (Some(route_cache), Some((method, host, target))) = (&route.cache, invalidates) {
+            crate::cache::invalidate_after(
+                route_cache,
+                &method,
+                response.status(),
+                &host,
+                &target,
+                response.headers(),
+            );
+        }
+        Ok(Outcome::Forwarded(Forwarded {
+            response,
+            lease,
+            read_timeout: route.upstream.read_timeout,
+            client_upgrade,
+            cache_status: None,
+        }))
     }
-    let (response, lease) = send_to_backend(&dispatch, &mut exchange.attempt, request).await?;
-    if let (Some(route_cache), Some((method, host, target))) = (&route.cache, invalidates) {
-        crate::cache::invalidate_after(
-            route_cache,
-            &method,
-            response.status(),
-            &host,
-            &target,
-            response.headers(),
-        );
-    }
-    Ok(Outcome::Forwarded(Forwarded {
-        response,
-        lease,
-        read_timeout: route.upstream.read_timeout,
-        client_upgrade,
-        cache_status: None,
-    }))
 }
 
 /// Where a request's answer comes from.
@@ -587,146 +605,152 @@ impl Dispatch<'_> {
 
 /// Sends a prepared request to a backend of the route's upstream, with the retries its upstream
 /// allows, and gives the answer with the connection it came on.
-pub(crate) async fn send_to_backend(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub(crate) fn send_to_backend(
     dispatch: &Dispatch<'_>,
     attempt: &mut Attempt,
     mut request: Request<RequestBody>,
-) -> Result<(Response<UpstreamBody>, Lease), ProxyError> {
-    let upstream = &dispatch.route.upstream;
-    let (key_hash, sticky, progress) = (dispatch.key_hash, dispatch.sticky, &dispatch.progress);
-    let set = upstream.current();
-    let mut tried = 0u64;
-    let mut attempt_number = 0u32;
-    let mut last_error: Option<ProxyError> = None;
-    loop {
-        let picked = upstream
-            .pick(&set, key_hash, tried, sticky.and_then(|(_, target)| target))
-            .await;
-        let Picked {
-            index: backend_index,
-            guard,
-            at: picked_at,
-        } = match picked {
-            Ok(picked) => picked,
-            // No other backend to try: the client learns what went wrong with the last one.
-            Err(none_left) => return Err(last_error.unwrap_or(none_left)),
-        };
-        let backend = Arc::clone(guard.backend());
-        attempt.backend = Some(Arc::clone(&backend.label));
-        attempt.in_flight = Some(guard);
-        if dispatch.host_missing {
-            let authority = HeaderValue::from_str(backend.authority.as_str())
-                .map_err(|_| ProxyError::BadRequest("invalid target"))?;
-            request.headers_mut().insert(header::HOST, authority);
-        }
-        let may_retry = attempt_number < upstream.retries;
-        let failure = match upstream
-            .send(
-                &set,
-                &backend,
-                request,
-                progress.clone(),
-                dispatch.wire(),
-                picked_at,
-            )
-            .await
-        {
-            Ok(Sent {
-                mut response,
-                lease,
-                elapsed: upstream_time,
-                request: returned,
-            }) => {
-                let status = response.status().as_u16();
-                // The backend's own answer is kept when there is no other backend to ask.
-                let again = (may_retry
-                    && upstream.retry_on.retries_status(status)
-                    && upstream.any_available(&set, tried | bit(backend_index)))
-                .then(|| dispatch.again(returned, progress.as_deref()))
-                .flatten();
-                match again {
-                    Some(again) if upstream.take_retry(&backend) => {
-                        tracing::debug!(backend = %backend.label, status, "retrying on another backend");
-                        // The failed answer is dropped; its connection closes unless it was done.
-                        drop((response, lease));
-                        // Its slot at the failed backend is freed before another is taken.
-                        attempt.in_flight = None;
-                        request = again;
-                        tried |= bit(backend_index);
-                        attempt_number += 1;
-                        continue;
+) -> impl Future<Output = Result<(Response<UpstreamBody>, Lease), ProxyError>> {
+    async move {
+        let upstream = &dispatch.route.upstream;
+        let (key_hash, sticky, progress) = (dispatch.key_hash, dispatch.sticky, &dispatch.progress);
+        let set = upstream.current();
+        let mut tried = 0u64;
+        let mut attempt_number = 0u32;
+        let mut last_error: Option<ProxyError> = None;
+        loop {
+            let picked = upstream
+                .pick(&set, key_hash, tried, sticky.and_then(|(_, target)| target))
+                .await;
+            let Picked {
+                index: backend_index,
+                guard,
+                at: picked_at,
+            } = match picked {
+                Ok(picked) => picked,
+                // No other backend to try: the client learns what went wrong with the last one.
+                Err(none_left) => return Err(last_error.unwrap_or(none_left)),
+            };
+            let backend = Arc::clone(guard.backend());
+            attempt.backend = Some(Arc::clone(&backend.label));
+            attempt.in_flight = Some(guard);
+            if dispatch.host_missing {
+                let authority = HeaderValue::from_str(backend.authority.as_str())
+                    .map_err(|_| ProxyError::BadRequest("invalid target"))?;
+                request.headers_mut().insert(header::HOST, authority);
+            }
+            let may_retry = attempt_number < upstream.retries;
+            let failure = match upstream
+                .send(
+                    &set,
+                    &backend,
+                    request,
+                    progress.clone(),
+                    dispatch.wire(),
+                    picked_at,
+                )
+                .await
+            {
+                Ok(Sent {
+                    mut response,
+                    lease,
+                    elapsed: upstream_time,
+                    request: returned,
+                }) => {
+                    let status = response.status().as_u16();
+                    // The backend's own answer is kept when there is no other backend to ask.
+                    let again = (may_retry
+                        && upstream.retry_on.retries_status(status)
+                        && upstream.any_available(&set, tried | bit(backend_index)))
+                    .then(|| dispatch.again(returned, progress.as_deref()))
+                    .flatten();
+                    match again {
+                        Some(again) if upstream.take_retry(&backend) => {
+                            tracing::debug!(backend = %backend.label, status, "retrying on another backend");
+                            // The failed answer is dropped; its connection closes unless it was done.
+                            drop((response, lease));
+                            // Its slot at the failed backend is freed before another is taken.
+                            attempt.in_flight = None;
+                            request = again;
+                            tried |= bit(backend_index);
+                            attempt_number += 1;
+                            continue;
+                        }
+                        _ => {}
                     }
-                    _ => {}
+                    if let Some((cookie, target)) = sticky
+                        && target != Some(backend.sticky_id)
+                        && let Some(value) = cookie.set_cookie(backend.sticky_id, dispatch.secure)
+                    {
+                        // A new client, or one whose backend is gone: it sticks to this one now.
+                        response.headers_mut().append(header::SET_COOKIE, value);
+                    }
+                    attempt.upstream_time = Some(upstream_time);
+                    dispatch
+                        .runtime
+                        .protection
+                        .observe_backend_latency(upstream_time);
+                    if let Some(progress) = &progress {
+                        // The answer is committed: a kept copy of the body is not needed any more.
+                        progress.release_kept();
+                    }
+                    return Ok((response, lease));
                 }
-                if let Some((cookie, target)) = sticky
-                    && target != Some(backend.sticky_id)
-                    && let Some(value) = cookie.set_cookie(backend.sticky_id, dispatch.secure)
-                {
-                    // A new client, or one whose backend is gone: it sticks to this one now.
-                    response.headers_mut().append(header::SET_COOKIE, value);
-                }
-                attempt.upstream_time = Some(upstream_time);
+                Err(failure) => failure,
+            };
+            let SendFailure {
+                error,
+                request: returned,
+                unsent,
+            } = failure;
+            if let ProxyError::ResponseTimeout { timeout, .. } = &error {
+                // A backend too slow to answer at all is the slowest answer of all.
                 dispatch
                     .runtime
                     .protection
-                    .observe_backend_latency(upstream_time);
-                if let Some(progress) = &progress {
-                    // The answer is committed: a kept copy of the body is not needed any more.
-                    progress.release_kept();
-                }
-                return Ok((response, lease));
+                    .observe_backend_latency(*timeout);
             }
-            Err(failure) => failure,
-        };
-        let SendFailure {
-            error,
-            request: returned,
-            unsent,
-        } = failure;
-        if let ProxyError::ResponseTimeout { timeout, .. } = &error {
-            // A backend too slow to answer at all is the slowest answer of all.
-            dispatch
-                .runtime
-                .protection
-                .observe_backend_latency(*timeout);
-        }
-        if may_retry
-            && unsent
-            && let Some(unsent) = returned
-        {
-            // It reached no backend, so any request may go to another, and doing so adds no load
-            // to the fleet: such retries are not counted against the budget.
-            tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "sending to another backend");
-            backend.metrics.retries.inc();
-            attempt.in_flight = None;
-            request = unsent;
-            tried |= bit(backend_index);
-            attempt_number += 1;
-            last_error = Some(error);
-            continue;
-        }
-        let next = if !may_retry {
-            None
-        } else {
-            let retryable = match &error {
-                ProxyError::UpstreamReset { .. } => upstream.retry_on.reset_before_response,
-                ProxyError::ResponseTimeout { .. } => upstream.retry_on.timeout,
-                _ => false,
-            };
-            retryable
-                .then(|| dispatch.again(returned, progress.as_deref()))
-                .flatten()
-        };
-        match next {
-            Some(again) if upstream.take_retry(&backend) => {
-                tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "retrying on another backend");
+            if may_retry
+                && unsent
+                && let Some(unsent) = returned
+            {
+                // It reached no backend, so any request may go to another, and doing so adds no load
+                // to the fleet: such retries are not counted against the budget.
+                tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "sending to another backend");
+                backend.metrics.retries.inc();
                 attempt.in_flight = None;
-                request = again;
+                request = unsent;
                 tried |= bit(backend_index);
                 attempt_number += 1;
                 last_error = Some(error);
+                continue;
             }
-            _ => return Err(error),
+            let next = if !may_retry {
+                None
+            } else {
+                let retryable = match &error {
+                    ProxyError::UpstreamReset { .. } => upstream.retry_on.reset_before_response,
+                    ProxyError::ResponseTimeout { .. } => upstream.retry_on.timeout,
+                    _ => false,
+                };
+                retryable
+                    .then(|| dispatch.again(returned, progress.as_deref()))
+                    .flatten()
+            };
+            match next {
+                Some(again) if upstream.take_retry(&backend) => {
+                    tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "retrying on another backend");
+                    attempt.in_flight = None;
+                    request = again;
+                    tried |= bit(backend_index);
+                    attempt_number += 1;
+                    last_error = Some(error);
+                }
+                _ => return Err(error),
+            }
         }
     }
 }

@@ -545,7 +545,13 @@ impl Upstream {
     /// The request comes back when it was only read (a lean exchange), or when none of it was sent.
     /// `wire` says what is left to the code that writes the request and reads the answer.
     /// `started` is a reading of the clock taken just before (when the backend was picked).
-    pub async fn send(
+    /// (An `async move` block rather than an `async fn`, which would keep the request twice in
+    /// its future: see `pipeline::handle`.)
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice"
+    )]
+    pub fn send(
         &self,
         set: &BackendSet,
         backend: &Backend,
@@ -553,78 +559,80 @@ impl Upstream {
         body_progress: Option<Arc<BodyProgress>>,
         wire: Wire<'_>,
         started: tokio::time::Instant,
-    ) -> Result<Sent, SendFailure> {
-        backend.metrics.requests.inc();
-        let response_timeout = self.response_timeout;
-        // The lean client only reads the request: it stays here, to come back whatever happens.
-        let (result, request) = if backend.pool.takes_lean(&request) {
-            // Without a body the deadline is known now; the lean connection keeps its own clock.
-            let result = backend
-                .pool
-                .send_lean(&request, started, started + response_timeout, wire)
+    ) -> impl Future<Output = Result<Sent, SendFailure>> {
+        async move {
+            backend.metrics.requests.inc();
+            let response_timeout = self.response_timeout;
+            // The lean client only reads the request: it stays here, to come back whatever happens.
+            let (result, request) = if backend.pool.takes_lean(&request) {
+                // Without a body the deadline is known now; the lean connection keeps its own clock.
+                let result = backend
+                    .pool
+                    .send_lean(&request, started, started + response_timeout, wire)
+                    .await
+                    .map_err(|(error, unsent)| match error {
+                        SendError::ResponseTimeout => {
+                            (response_timed_out(backend, response_timeout), unsent)
+                        }
+                        error => (classify(error, backend), unsent),
+                    });
+                (result, Some(request))
+            } else {
+                // hyper writes only the map.
+                if let Some(deferred) = wire.deferred {
+                    deferred.put_in(request.headers_mut());
+                }
+                // Boxed: hyper's exchange and its clock are large, and every request's future would
+                // otherwise carry their size, lean ones too.
+                Box::pin(send_with_hyper(
+                    backend,
+                    request,
+                    body_progress,
+                    started,
+                    response_timeout,
+                ))
                 .await
-                .map_err(|(error, unsent)| match error {
-                    SendError::ResponseTimeout => {
-                        (response_timed_out(backend, response_timeout), unsent)
-                    }
-                    error => (classify(error, backend), unsent),
-                });
-            (result, Some(request))
-        } else {
-            // hyper writes only the map.
-            if let Some(deferred) = wire.deferred {
-                deferred.put_in(request.headers_mut());
-            }
-            // Boxed: hyper's exchange and its clock are large, and every request's future would
-            // otherwise carry their size, lean ones too.
-            Box::pin(send_with_hyper(
-                backend,
-                request,
-                body_progress,
-                started,
-                response_timeout,
-            ))
-            .await
-        };
-        let elapsed = started.elapsed();
-        if self.tracks_latency {
-            // A failure counts as slow as it took, so that a failing backend is not preferred.
-            backend
-                .load
-                .observe_latency(elapsed, (started + elapsed).into_std());
-        }
-        match result {
-            Ok((response, lease)) => {
+            };
+            let elapsed = started.elapsed();
+            if self.tracks_latency {
+                // A failure counts as slow as it took, so that a failing backend is not preferred.
                 backend
-                    .metrics
-                    .response_duration
-                    .observe(elapsed.as_secs_f64());
-                backend.load.record_response_time(elapsed);
-                backend.metrics.responses_by_class
-                    [crate::metrics::status_class_index(response.status().as_u16())]
-                .inc();
-                if response.status().is_server_error() {
-                    self.record_failure(set, backend);
-                } else {
-                    backend.health.record_success();
-                }
-                Ok(Sent {
-                    response,
-                    lease,
-                    elapsed,
-                    request,
-                })
+                    .load
+                    .observe_latency(elapsed, (started + elapsed).into_std());
             }
-            Err((error, unsent)) => {
-                if error.side() == Side::Upstream {
-                    backend.metrics.failures.inc();
-                    self.record_failure(set, backend);
+            match result {
+                Ok((response, lease)) => {
+                    backend
+                        .metrics
+                        .response_duration
+                        .observe(elapsed.as_secs_f64());
+                    backend.load.record_response_time(elapsed);
+                    backend.metrics.responses_by_class
+                        [crate::metrics::status_class_index(response.status().as_u16())]
+                    .inc();
+                    if response.status().is_server_error() {
+                        self.record_failure(set, backend);
+                    } else {
+                        backend.health.record_success();
+                    }
+                    Ok(Sent {
+                        response,
+                        lease,
+                        elapsed,
+                        request,
+                    })
                 }
-                Err(SendFailure {
-                    error,
-                    request,
-                    unsent,
-                })
+                Err((error, unsent)) => {
+                    if error.side() == Side::Upstream {
+                        backend.metrics.failures.inc();
+                        self.record_failure(set, backend);
+                    }
+                    Err(SendFailure {
+                        error,
+                        request,
+                        unsent,
+                    })
+                }
             }
         }
     }
