@@ -669,85 +669,94 @@ enum Next {
 
 /// Writes the answer's head (already in `outgoing`) and its body, framed. Says whether the body
 /// was whole, so that the connection may carry another request.
-async fn write_body(
+/// (An `async move` block rather than an `async fn`, which would keep the body twice in its
+/// future: see `pipeline::handle`.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn write_body(
     io: &mut ClientIo,
     outgoing: &mut Outgoing,
-    body: ResponseBody,
+    mut body: ResponseBody,
     framing: Framing,
     trailer_names: Option<Vec<HeaderName>>,
-) -> io::Result<bool> {
-    let mut remaining = match framing {
-        Framing::Length(length) => length,
-        _ => 0,
-    };
-    let mut trailers: Option<HeaderMap> = None;
-    // It ends, with the request's accounting, when this function returns.
-    let mut body = std::pin::pin!(body);
-    let mut ended = framing == Framing::None || body.is_end_stream();
-    while !ended {
-        let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
-            Poll::Pending if outgoing.len() == 0 => Poll::Pending,
-            Poll::Pending => Poll::Ready(Next::Write),
-        })
-        .await;
-        let frame = match next {
-            Next::Write => {
-                outgoing.write(io).await?;
-                continue;
-            }
-            Next::Frame(None) => break,
-            Next::Frame(Some(Err(error))) => return Err(io::Error::other(error)),
-            Next::Frame(Some(Ok(frame))) => frame,
+) -> impl Future<Output = io::Result<bool>> {
+    async move {
+        let mut remaining = match framing {
+            Framing::Length(length) => length,
+            _ => 0,
         };
-        match frame.into_data() {
-            Ok(data) if data.is_empty() => {}
-            Ok(data) => {
-                let length = data.len();
-                match framing {
-                    Framing::Length(_) => {
-                        if length as u64 > remaining {
-                            return Err(io::Error::other(
-                                "the response body is longer than its Content-Length",
-                            ));
+        let mut trailers: Option<HeaderMap> = None;
+        // It ends, with the request's accounting, when the future is done. Pinned where it lies (it
+        // is `Unpin`), not moved again.
+        let mut body = Pin::new(&mut body);
+        let mut ended = framing == Framing::None || body.is_end_stream();
+        while !ended {
+            let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
+                Poll::Pending if outgoing.len() == 0 => Poll::Pending,
+                Poll::Pending => Poll::Ready(Next::Write),
+            })
+            .await;
+            let frame = match next {
+                Next::Write => {
+                    outgoing.write(io).await?;
+                    continue;
+                }
+                Next::Frame(None) => break,
+                Next::Frame(Some(Err(error))) => return Err(io::Error::other(error)),
+                Next::Frame(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    let length = data.len();
+                    match framing {
+                        Framing::Length(_) => {
+                            if length as u64 > remaining {
+                                return Err(io::Error::other(
+                                    "the response body is longer than its Content-Length",
+                                ));
+                            }
+                            remaining -= length as u64;
                         }
-                        remaining -= length as u64;
+                        Framing::Chunked => write_chunk_size(&mut outgoing.bytes, length),
+                        Framing::Close | Framing::None => {}
                     }
-                    Framing::Chunked => write_chunk_size(&mut outgoing.bytes, length),
-                    Framing::Close | Framing::None => {}
+                    outgoing.push_data(data);
+                    if framing == Framing::Chunked {
+                        outgoing.bytes.extend_from_slice(b"\r\n");
+                    }
                 }
-                outgoing.push_data(data);
-                if framing == Framing::Chunked {
-                    outgoing.bytes.extend_from_slice(b"\r\n");
-                }
-            }
-            Err(frame) => {
-                if let Ok(fields) = frame.into_trailers() {
-                    trailers = Some(fields);
+                Err(frame) => {
+                    if let Ok(fields) = frame.into_trailers() {
+                        trailers = Some(fields);
+                    }
                 }
             }
+            if outgoing.is_full() {
+                outgoing.write(io).await?;
+            }
+            ended = body.is_end_stream();
         }
-        if outgoing.is_full() {
-            outgoing.write(io).await?;
+        if framing == Framing::Chunked {
+            let out = &mut outgoing.bytes;
+            out.extend_from_slice(b"0\r\n");
+            if let (Some(names), Some(fields)) = (&trailer_names, &trailers) {
+                write_trailers(out, names, fields);
+            }
+            out.extend_from_slice(b"\r\n");
         }
-        ended = body.is_end_stream();
-    }
-    if framing == Framing::Chunked {
-        let out = &mut outgoing.bytes;
-        out.extend_from_slice(b"0\r\n");
-        if let (Some(names), Some(fields)) = (&trailer_names, &trailers) {
-            write_trailers(out, names, fields);
+        outgoing.write(io).await?;
+        if remaining > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the response body ended before its Content-Length",
+            ));
         }
-        out.extend_from_slice(b"\r\n");
+        Ok(framing != Framing::Close)
     }
-    outgoing.write(io).await?;
-    if remaining > 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the response body ended before its Content-Length",
-        ));
-    }
-    Ok(framing != Framing::Close)
 }
 
 fn write_chunk_size(out: &mut BytesMut, length: usize) {
