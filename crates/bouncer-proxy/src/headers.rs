@@ -294,11 +294,9 @@ impl DeferredFields<'_> {
         out.extend_from_slice(host);
         out.extend_from_slice(b"\r\nforwarded: ");
         write_forwarded(out, facts);
-        out.extend_from_slice(match facts.version {
-            http::Version::HTTP_2 => b"\r\nvia: 2 bouncer\r\nx-request-id: ",
-            http::Version::HTTP_10 => b"\r\nvia: 1.0 bouncer\r\nx-request-id: ",
-            _ => b"\r\nvia: 1.1 bouncer\r\nx-request-id: ",
-        });
+        out.extend_from_slice(b"\r\nvia: ");
+        out.extend_from_slice(via(facts.version).as_bytes());
+        out.extend_from_slice(b"\r\nx-request-id: ");
         out.extend_from_slice(self.request_id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
