@@ -44,6 +44,12 @@ const COPY_LIMIT: usize = 4096;
 const WRITE_AT: usize = 256 * 1024;
 /// Pieces gathered into one write at most.
 const MAX_SEGMENTS: usize = 16;
+/// How long an answer's head waits for the first bytes of its body before it is written alone.
+/// Backends often send the head and the body in two packets (nginx does, with `sendfile`); written
+/// as it comes, a small answer would leave in two packets too, and wake the client twice. As
+/// nginx's `postpone_output` does, the head waits for data, but here only briefly, so that a
+/// stream whose events come later (server-sent events) still gets its head at once.
+const HEAD_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Serves HTTP/1.1 requests on `io` until the connection ends, or until a request comes that this
 /// server does not take: then it returns the connection, with the bytes read so far put back, for
@@ -692,20 +698,38 @@ fn write_body(
         // is `Unpin`), not moved again.
         let mut body = Pin::new(&mut body);
         let mut ended = framing == Framing::None || body.is_end_stream();
+        // Until the body gives its first frame or the head is written: the head waits for it, up
+        // to `HEAD_HOLD`. The timer is made only for an answer whose body is not there yet.
+        let mut head_only = true;
+        let mut hold: Option<Pin<Box<tokio::time::Sleep>>> = None;
         while !ended {
             let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
                 Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
                 Poll::Pending if outgoing.len() == 0 => Poll::Pending,
+                Poll::Pending if head_only => {
+                    let timer = hold.get_or_insert_with(|| Box::pin(tokio::time::sleep(HEAD_HOLD)));
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Next::Write),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
                 Poll::Pending => Poll::Ready(Next::Write),
             })
             .await;
+            head_only = false;
             let frame = match next {
                 Next::Write => {
                     outgoing.write(io).await?;
                     continue;
                 }
                 Next::Frame(None) => break,
-                Next::Frame(Some(Err(error))) => return Err(io::Error::other(error)),
+                Next::Frame(Some(Err(error))) => {
+                    // A head held for its body still goes out, whenever the body failed: the
+                    // client learns of the failure from a body cut short, as it would have had the
+                    // head been written at once. (Best effort: the connection closes anyway.)
+                    let _ = outgoing.write(io).await;
+                    return Err(io::Error::other(error));
+                }
                 Next::Frame(Some(Ok(frame))) => frame,
             };
             match frame.into_data() {
@@ -846,6 +870,199 @@ mod tests {
             .expect("the waiting task was woken by the signal")
             .expect("the waiting task did not panic");
         assert!(matches!(signal, Signal::Lifecycle(Lifecycle::Draining)));
+    }
+
+    /// A backend that answers one request with the head of a five-byte answer, and sends the body
+    /// when told; the proxy's client socket; and the answer's writing, made but not yet polled.
+    struct HeldAnswer {
+        body_go: tokio::sync::oneshot::Sender<()>,
+        /// Not yet a tokio socket: its reads are real reads, not answers from cached readiness.
+        client: std::net::TcpStream,
+        io: ClientIo,
+        outgoing: Outgoing,
+        response: Response<ResponseBody>,
+        facts: RequestFacts,
+    }
+
+    async fn held_answer() -> HeldAnswer {
+        use crate::body::RequestBody;
+        use crate::pool::{ConnectionPool, PoolSettings};
+        use crate::upstream::Wire;
+        use tokio::io::AsyncWriteExt;
+        use tokio::time::{Duration, Instant};
+
+        let backend_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let backend_address = backend_listener.local_addr().expect("address");
+        let (body_go, body_wait) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut socket, _) = backend_listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                socket.read_exact(&mut byte).await.expect("request");
+                head.push(byte[0]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                .await
+                .expect("head");
+            if body_wait.await.is_ok() {
+                socket.write_all(b"hello").await.expect("body");
+            }
+            // Kept open until the proxy has read the body.
+            let _ = socket.read(&mut [0u8; 1]).await;
+        });
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(3600),
+        };
+        let pool = ConnectionPool::new(backend_address, "backend".into(), settings, None, false);
+        let request = Request::get("/")
+            .header(header::HOST, "backend")
+            .body(RequestBody::empty())
+            .expect("request");
+        let now = Instant::now();
+        let (response, lease) = pool
+            .send_lean(
+                &request,
+                now,
+                now + Duration::from_secs(60),
+                Wire::default(),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .expect("the backend answers");
+        let response =
+            response.map(|body| ResponseBody::detached(body, Some(lease), Duration::from_secs(60)));
+
+        let client_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = std::net::TcpStream::connect(client_listener.local_addr().expect("address"))
+            .expect("connect");
+        client.set_nonblocking(true).expect("non-blocking");
+        let (accepted, _) = client_listener.accept().await.expect("accept");
+        let timeouts = crate::conn::ClientTimeouts {
+            idle: Duration::from_secs(60),
+            header: Duration::from_secs(60),
+            write: Duration::from_secs(60),
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new().listener("test"));
+        let (io, _activity) = ClientIo::new(accepted, Bytes::new(), timeouts, metrics);
+        HeldAnswer {
+            body_go,
+            client,
+            io,
+            outgoing: Outgoing::default(),
+            response,
+            facts: RequestFacts {
+                http10: false,
+                head: false,
+                keep_alive: true,
+                trailers: false,
+            },
+        }
+    }
+
+    /// Polls a future once.
+    async fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+        let mut future = Some(future);
+        poll_fn(|cx| Poll::Ready(future.take().expect("polled once").poll(cx))).await
+    }
+
+    /// Reads an answer's head from the client socket, and checks that it is the backend's.
+    async fn read_head(client: &mut tokio::net::TcpStream) {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            client.read_exact(&mut byte).await.expect("the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).expect("text");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\ncontent-length: 5\r\n"), "{head}");
+    }
+
+    /// Reads the five-byte body from the client socket.
+    async fn read_body(client: &mut tokio::net::TcpStream) -> String {
+        let mut bytes = [0u8; 5];
+        client.read_exact(&mut bytes).await.expect("the body");
+        String::from_utf8(bytes.to_vec()).expect("text")
+    }
+
+    /// A backend sent the head and not yet the body: the head waits for the body, and both leave
+    /// in one write.
+    #[tokio::test(start_paused = true)]
+    async fn an_answers_head_waits_briefly_for_its_body() {
+        let HeldAnswer {
+            body_go,
+            client,
+            mut io,
+            mut outgoing,
+            response,
+            facts,
+        } = held_answer().await;
+        let (framing, _, trailers) = encode_head(&response, &facts, false, &mut outgoing.bytes);
+        let mut writing = std::pin::pin!(write_body(
+            &mut io,
+            &mut outgoing,
+            response.into_body(),
+            framing,
+            trailers
+        ));
+        assert!(poll_once(writing.as_mut()).await.is_pending());
+        let mut probe = [0u8; 64];
+        assert_eq!(
+            std::io::Read::read(&mut &client, &mut probe).map_err(|error| error.kind()),
+            Err(io::ErrorKind::WouldBlock),
+            "the head is held while the body is on its way"
+        );
+        let mut client = tokio::net::TcpStream::from_std(client).expect("a tokio socket");
+        body_go.send(()).expect("the backend waits");
+        assert!(
+            writing.await.expect("written"),
+            "the connection may be reused"
+        );
+        read_head(&mut client).await;
+        assert_eq!(read_body(&mut client).await, "hello");
+    }
+
+    /// The head waits for the body only briefly: a stream whose first bytes come later gets its
+    /// head at once all the same.
+    #[tokio::test(start_paused = true)]
+    async fn an_answers_head_is_written_alone_when_its_body_is_late() {
+        let HeldAnswer {
+            body_go,
+            client,
+            mut io,
+            mut outgoing,
+            response,
+            facts,
+        } = held_answer().await;
+        let (framing, _, trailers) = encode_head(&response, &facts, false, &mut outgoing.bytes);
+        let mut writing = std::pin::pin!(write_body(
+            &mut io,
+            &mut outgoing,
+            response.into_body(),
+            framing,
+            trailers
+        ));
+        assert!(poll_once(writing.as_mut()).await.is_pending());
+        let mut client = tokio::net::TcpStream::from_std(client).expect("a tokio socket");
+        tokio::time::advance(HEAD_HOLD).await;
+        assert!(
+            poll_once(writing.as_mut()).await.is_pending(),
+            "the body is still to come"
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(10), read_head(&mut client))
+            .await
+            .expect("the head came without its body");
+        body_go.send(()).expect("the backend waits");
+        assert!(writing.await.expect("written"));
+        assert_eq!(read_body(&mut client).await, "hello");
     }
 
     fn parse(text: &str) -> Parsed {
