@@ -1027,7 +1027,18 @@ async fn the_accept_loop_survives_running_out_of_descriptors() {
         hogs.push(tokio::net::TcpStream::connect(proxy.public).await.unwrap());
     }
     let clients = Clients::new();
-    // Every descriptor is taken: accept() fails with EMFILE, and the proxy keeps trying.
+    // Every descriptor is taken: accept() fails with EMFILE, and the proxy keeps trying. The hogs
+    // stay until it has said so: dropped earlier, they could free descriptors before the proxy
+    // ever ran out.
+    eventually(
+        Duration::from_secs(10),
+        "the proxy runs out of descriptors",
+        || {
+            let failed = proxy.stderr_lines("accept failed") > 0;
+            async move { failed }
+        },
+    )
+    .await;
     drop(hogs);
     let url = format!("http://{}/", proxy.public);
     eventually(
