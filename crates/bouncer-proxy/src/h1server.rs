@@ -878,15 +878,40 @@ mod tests {
     }
 
     /// A backend that answers one request with the head of a five-byte answer, and sends the body
-    /// when told; the proxy's client socket; and the answer's writing, made but not yet polled.
+    /// when told; the proxy's client socket; and what writing the answer needs.
     struct HeldAnswer {
         body_go: tokio::sync::oneshot::Sender<()>,
         /// Not yet a tokio socket: its reads are real reads, not answers from cached readiness.
         client: std::net::TcpStream,
+        answer: Answer,
+    }
+
+    struct Answer {
         io: ClientIo,
         outgoing: Outgoing,
-        response: Response<ResponseBody>,
-        facts: RequestFacts,
+        response: Option<Response<ResponseBody>>,
+    }
+
+    impl Answer {
+        /// Encodes the head, as `serve` does, and gives the body's writing, not yet polled.
+        fn writing(&mut self) -> impl Future<Output = io::Result<bool>> + '_ {
+            let response = self.response.take().expect("written once");
+            let facts = RequestFacts {
+                http10: false,
+                head: false,
+                keep_alive: true,
+                trailers: false,
+            };
+            let (framing, _, trailers) =
+                encode_head(&response, &facts, false, &mut self.outgoing.bytes);
+            write_body(
+                &mut self.io,
+                &mut self.outgoing,
+                response.into_body(),
+                framing,
+                trailers,
+            )
+        }
     }
 
     async fn held_answer() -> HeldAnswer {
@@ -960,14 +985,10 @@ mod tests {
         HeldAnswer {
             body_go,
             client,
-            io,
-            outgoing: Outgoing::default(),
-            response,
-            facts: RequestFacts {
-                http10: false,
-                head: false,
-                keep_alive: true,
-                trailers: false,
+            answer: Answer {
+                io,
+                outgoing: Outgoing::default(),
+                response: Some(response),
             },
         }
     }
@@ -1011,19 +1032,9 @@ mod tests {
         let HeldAnswer {
             body_go,
             client,
-            mut io,
-            mut outgoing,
-            response,
-            facts,
+            mut answer,
         } = held_answer().await;
-        let (framing, _, trailers) = encode_head(&response, &facts, false, &mut outgoing.bytes);
-        let mut writing = std::pin::pin!(write_body(
-            &mut io,
-            &mut outgoing,
-            response.into_body(),
-            framing,
-            trailers
-        ));
+        let mut writing = std::pin::pin!(answer.writing());
         assert!(poll_once(writing.as_mut()).await.is_pending());
         let mut probe = [0u8; 64];
         assert_eq!(
@@ -1047,19 +1058,9 @@ mod tests {
         let HeldAnswer {
             body_go,
             client,
-            mut io,
-            mut outgoing,
-            response,
-            facts,
+            mut answer,
         } = held_answer().await;
-        let (framing, _, trailers) = encode_head(&response, &facts, false, &mut outgoing.bytes);
-        let mut writing = std::pin::pin!(write_body(
-            &mut io,
-            &mut outgoing,
-            response.into_body(),
-            framing,
-            trailers
-        ));
+        let mut writing = std::pin::pin!(answer.writing());
         assert!(poll_once(writing.as_mut()).await.is_pending());
         // Past the timer's millisecond rounding.
         tokio::time::advance(HEAD_HOLD * 2).await;
