@@ -142,6 +142,7 @@ impl Fill {
             next: state.base,
             leader,
             length,
+            given: 0,
         }
     }
 
@@ -308,6 +309,8 @@ pub(crate) struct FillReader {
     next: usize,
     leader: bool,
     length: Option<u64>,
+    /// Body bytes given so far: the size hint is what remains.
+    given: u64,
 }
 
 /// The backend's body broke off while a fill was being read.
@@ -331,6 +334,7 @@ impl Body for FillReader {
         }
         if let Some(chunk) = state.chunks.get(this.next - state.base).cloned() {
             this.next += 1;
+            this.given += chunk.len() as u64;
             if state.overflowed && this.leader {
                 while state.base < this.next {
                     if let Some(gone) = state.chunks.pop_front() {
@@ -362,7 +366,7 @@ impl Body for FillReader {
 
     fn size_hint(&self) -> SizeHint {
         match self.length {
-            Some(length) => SizeHint::with_exact(length),
+            Some(length) => SizeHint::with_exact(length.saturating_sub(self.given)),
             None => SizeHint::default(),
         }
     }
