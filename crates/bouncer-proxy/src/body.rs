@@ -467,20 +467,9 @@ pin_project! {
         send_watch: Option<crate::conn::SendWatch>,
         // A response read from a cache fill in progress.
         shared: Option<crate::cache::FillReader>,
-        // What the body gave while its head waited for it (see `wait_for_first_frame`), given
-        // again by the next poll.
-        first: Option<Option<Result<Frame<Bytes>, ResponseBodyError>>>,
         exchange: Option<Box<Exchange>>,
     }
 }
-
-/// How long an answer's head waits for the first bytes of its body (1 to 2 ms: tokio's timer rounds
-/// a deadline up to its next millisecond). Backends often send the head and the body in two packets
-/// (nginx does, with `sendfile`); an HTTP server writes the head once the body has nothing ready,
-/// so a small answer would leave in two packets too, and wake the client twice. As nginx's
-/// `postpone_output` does, the head waits for data, but only briefly, so that a stream whose
-/// events come later (server-sent events) still gets its head at once.
-pub const HEAD_HOLD: Duration = Duration::from_millis(1);
 
 impl ResponseBody {
     /// A body with nothing to send, the base of the others.
@@ -494,7 +483,6 @@ impl ResponseBody {
             silence: None,
             send_watch: None,
             shared: None,
-            first: None,
             exchange,
         }
     }
@@ -555,30 +543,6 @@ impl ResponseBody {
     }
 }
 
-impl ResponseBody {
-    /// Waits, up to `limit`, until the body has its first frame (or its end, or a failure), and
-    /// keeps it for the next poll: the server that writes the answer then finds the head and the
-    /// first bytes ready together (see `HEAD_HOLD`). The timer is made only when the body has
-    /// nothing ready.
-    pub async fn wait_for_first_frame(&mut self, limit: Duration) {
-        if self.first.is_some() || self.is_end_stream() {
-            return;
-        }
-        let mut hold: Option<Pin<Box<Sleep>>> = None;
-        std::future::poll_fn(|cx| match Pin::new(&mut *self).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                self.first = Some(frame);
-                Poll::Ready(())
-            }
-            Poll::Pending => hold
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)))
-                .as_mut()
-                .poll(cx),
-        })
-        .await;
-    }
-}
-
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = ResponseBodyError;
@@ -588,10 +552,6 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        // Counted when it was first taken.
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(first);
-        }
         if let Some(text) = this.fixed.take() {
             if let Some(exchange) = this.exchange.as_mut() {
                 exchange.bytes_out += text.len() as u64;
@@ -687,37 +647,19 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        if let Some(first) = &self.first {
-            return first.is_none();
-        }
         self.fixed.is_none()
             && self.upstream.as_ref().is_none_or(Body::is_end_stream)
             && self.shared.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = if let Some(reader) = &self.shared {
-            reader.size_hint()
-        } else {
-            match (&self.fixed, &self.upstream) {
-                (Some(text), _) => SizeHint::with_exact(text.len() as u64),
-                (None, Some(upstream)) => upstream.size_hint(),
-                (None, None) => SizeHint::with_exact(0),
-            }
-        };
-        // A frame kept while the head waited is still to be sent. A failure kept there says
-        // nothing of the size: the body was cut short.
-        let kept = match &self.first {
-            Some(None) => return SizeHint::with_exact(0),
-            Some(Some(Err(_))) => return SizeHint::default(),
-            Some(Some(Ok(frame))) => frame.data_ref().map_or(0, |data| data.len() as u64),
-            None => 0,
-        };
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + kept);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + kept);
+        if let Some(reader) = &self.shared {
+            return reader.size_hint();
         }
-        hint
+        match (&self.fixed, &self.upstream) {
+            (Some(text), _) => SizeHint::with_exact(text.len() as u64),
+            (None, Some(upstream)) => upstream.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
+        }
     }
 }

@@ -131,20 +131,11 @@ pub fn handle(
         {
             return redirect_to_https(&request, port, exchange);
         }
-        let mut response = match forward(ctx, &client, &mut exchange, request).await {
+        match forward(ctx, &client, &mut exchange, request).await {
             Ok(Outcome::Forwarded(forwarded)) => respond(exchange, forwarded),
             Ok(Outcome::Cached(answer)) => respond_cached(exchange, answer),
             Err(error) => answer_error(&error, exchange),
-        };
-        // The head waits briefly for the body's first bytes, so that both leave together (a
-        // tunnel's answer has no body to wait for).
-        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            response
-                .body_mut()
-                .wait_for_first_frame(crate::body::HEAD_HOLD)
-                .await;
         }
-        response
     }
 }
 
