@@ -471,10 +471,13 @@ fn forward(
         // A request that goes on a lean connection is only read there, and comes back for a retry
         // as it is: no copy is kept.
         let lean = !websocket && progress.is_none() && upstream.plain_http1();
-        let replay = (replayable && keep && !lean).then(|| Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
+        // Boxed: most requests keep none, and the dispatch is held across the send.
+        let replay = (replayable && keep && !lean).then(|| {
+            Box::new(Replay {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+            })
         });
         let sticky = upstream
             .sticky
@@ -565,7 +568,7 @@ pub(crate) struct Dispatch<'a> {
     pub secure: bool,
     pub key_hash: Option<u64>,
     pub sticky: Option<(&'a crate::sticky::StickyCookie, Option<u64>)>,
-    pub replay: Option<Replay>,
+    pub replay: Option<Box<Replay>>,
     /// The request may be sent again after a failure that may have reached the backend (see
     /// `replay`), as it is when it comes back from a lean exchange.
     pub resend: bool,
