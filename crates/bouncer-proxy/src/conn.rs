@@ -371,6 +371,16 @@ impl ClientIo {
         self.io.poll_read_ready(cx)
     }
 
+    /// Resolves when the socket may have something to read, or when the idle clock has run out
+    /// (the read that follows then ends the connection), without reading.
+    pub fn poll_idle_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Readiness first: when it is there, the read that follows runs the clock anyway.
+        match self.poll_read_ready(cx) {
+            Poll::Pending => self.poll_deadline(cx).map(|_| Ok(())),
+            ready => ready,
+        }
+    }
+
     /// Part of a request head has been read, though not through this reader's clocks (while the
     /// previous request was in flight): the header clock runs, and its end earns a 408.
     pub fn head_pending(&mut self) {

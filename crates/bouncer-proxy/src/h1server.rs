@@ -21,12 +21,13 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, StatusCode, Version};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::body::{ClientBody, LeanFacts, ResponseBody};
+use crate::buffers;
 use crate::conn::{ClientIo, ConnectionActivity};
 use crate::error::Refusal;
 use crate::h1client::{FieldSpans, MAX_HEADERS};
@@ -34,9 +35,8 @@ use crate::listener::Lifecycle;
 use crate::metrics::ListenerMetrics;
 use crate::pipeline::{ConnectionContext, handle};
 
-/// What a read asks room for: most request heads fit in one (browsers send 500 to 1,500 bytes
-/// without large cookies). An idle keep-alive connection keeps what is left of it.
-const READ_SIZE: usize = 2048;
+/// What a read asks room for, when the buffer has too little left.
+const READ_SIZE: usize = buffers::BUFFER_SIZE;
 /// A data frame up to this size is copied next to what precedes it, so that both leave in one
 /// write; a larger one is written from where it lies.
 const COPY_LIMIT: usize = 4096;
@@ -55,140 +55,124 @@ const HEAD_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
 /// Serves HTTP/1.1 requests on `io` until the connection ends, or until a request comes that this
 /// server does not take: then it returns the connection, with the bytes read so far put back, for
 /// hyper to serve.
-pub(crate) async fn serve(
+///
+/// (An `async move` block rather than an `async fn`, which would keep the connection twice in the
+/// task of every connection: see `pipeline::handle`.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub(crate) fn serve<'a>(
     mut io: ClientIo,
-    context: &ConnectionContext,
-    metrics: &ListenerMetrics,
+    context: &'a ConnectionContext,
+    metrics: &'a ListenerMetrics,
     lifecycle: watch::Receiver<Lifecycle>,
     max_header_bytes: usize,
-) -> Option<(ClientIo, watch::Receiver<Lifecycle>)> {
-    let activity = &context.activity;
-    // Given to hyper with the connection. It has seen no change yet, so hyper acts on whatever
-    // state the proxy is in by then.
-    let handover = lifecycle.clone();
-    // One wait for the proxy's signals that lives across requests, so that it is registered once
-    // per signal rather than once per request.
-    let mut gate = SignalGate {
-        lifecycle: lifecycle.clone(),
-        activity: Arc::clone(activity),
-        registered: false,
-    };
-    let mut signals = std::pin::pin!(signal_wait(lifecycle, Arc::clone(activity)));
-    let mut buffer = BytesMut::new();
-    let mut outgoing = Outgoing::default();
-    loop {
-        let (request, facts) = loop {
-            if !buffer.is_empty() {
-                match parse_request(&mut buffer, max_header_bytes) {
-                    Parsed::Request(request, facts) => break (request, facts),
-                    // Part of a head, perhaps read while the last answer was in flight: the
-                    // header clock runs (a no-op when it already does).
-                    Parsed::Partial if buffer.len() < max_header_bytes => io.head_pending(),
-                    Parsed::Partial | Parsed::NotLean => {
-                        io.unread(buffer.freeze());
-                        return Some((io, handover));
-                    }
-                }
-            }
-            if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
-                buffer.reserve(READ_SIZE);
-            }
-            tokio::select! {
-                biased;
-                read = io.read_buf(&mut buffer) => match read {
-                    // The client closed, or the idle clock ended the connection. A head cut off
-                    // is left to hyper, which answers it as it always has.
-                    Ok(0) if buffer.is_empty() => return None,
-                    Ok(0) => {
-                        io.unread(buffer.freeze());
-                        return Some((io, handover));
-                    }
-                    Ok(_) => {}
-                    Err(error) => {
-                        // A header timeout was counted (and answered) by the socket wrapper.
-                        if error.kind() != io::ErrorKind::TimedOut {
-                            tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
-                        }
-                        return None;
-                    }
-                },
-                (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
-                    gate.rearm();
-                    signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
-                    match signal {
-                        Signal::Lifecycle(Lifecycle::Running) => {}
-                        // Between requests: the next answer is the last.
-                        Signal::Lifecycle(Lifecycle::HandingOver) => activity.close_after_answer(),
-                        Signal::Lifecycle(Lifecycle::Draining | Lifecycle::Closing) => return None,
-                        Signal::Reaped => {
-                            if activity.idle_since().is_some() {
-                                metrics.refused(Refusal::IdleReaped);
-                                return None;
-                            }
-                            activity.spared();
+) -> impl Future<Output = Option<(ClientIo, watch::Receiver<Lifecycle>)>> + 'a {
+    async move {
+        let activity = &context.activity;
+        // Given to hyper with the connection. It has seen no change yet, so hyper acts on whatever
+        // state the proxy is in by then.
+        let handover = lifecycle.clone();
+        // One wait for the proxy's signals that lives across requests, so that it is registered once
+        // per signal rather than once per request.
+        let mut gate = SignalGate {
+            lifecycle: lifecycle.clone(),
+            activity: Arc::clone(activity),
+            registered: false,
+        };
+        let mut signals = std::pin::pin!(signal_wait(lifecycle, Arc::clone(activity)));
+        let mut buffer = BytesMut::new();
+        let mut outgoing = Outgoing::default();
+        loop {
+            let (request, facts) = loop {
+                if !buffer.is_empty() {
+                    match parse_request(&mut buffer, max_header_bytes) {
+                        Parsed::Request(request, facts) => break (request, facts),
+                        // Part of a head, perhaps read while the last answer was in flight: the
+                        // header clock runs (a no-op when it already does).
+                        Parsed::Partial if buffer.len() < max_header_bytes => io.head_pending(),
+                        Parsed::Partial | Parsed::NotLean => {
+                            io.unread(buffer.freeze());
+                            return Some((io, handover));
                         }
                     }
                 }
-            }
-        };
-        // Draining: this answer is the connection's last, whatever its head says.
-        let mut draining = false;
-        // Boxed: the pipeline's future is large, and the connection's task, which lives as long
-        // as the connection, would otherwise be as large for the whole life of an idle one.
-        let mut responding = Box::pin(handle(context, request));
-        let response = loop {
-            if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
-                buffer.reserve(READ_SIZE);
-            }
-            tokio::select! {
-                biased;
-                response = &mut responding => break response,
-                // Bytes the client sends meanwhile (a pipelined request) wait in the buffer. An end
-                // means that the client left: its request is dropped, and counted as such.
-                // Readiness is waited for first: it costs less than a read, and usually nothing
-                // comes before the answer.
-                read = async {
-                    std::future::poll_fn(|cx| io.poll_read_ready(cx)).await?;
-                    io.read_buf(&mut buffer).await
-                }, if buffer.len() < max_header_bytes => match read {
-                    Ok(0) => return None,
-                    Ok(_) => {}
-                    Err(error) => {
-                        tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
-                        return None;
-                    }
-                },
-                (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
-                    gate.rearm();
-                    signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
-                    if busy_signal(signal, &activity, &mut draining) {
-                        return None;
-                    }
-                }
-            }
-        };
-        drop(responding);
-        let answered = {
-            let closing = activity.closing() || draining;
-            // The head is encoded here and only the body's writing is a future: a future is
-            // copied whole when it is made, and one layer fewer is one copy fewer per request.
-            let (framing, keep_alive, trailers) =
-                encode_head(&response, &facts, closing, &mut outgoing.bytes);
-            let mut answering = std::pin::pin!(write_body(
-                &mut io,
-                &mut outgoing,
-                response.into_body(),
-                framing,
-                trailers
-            ));
-            loop {
                 tokio::select! {
                     biased;
-                    // Another request may follow when the head said keep-alive and the body
-                    // was whole.
-                    answered = &mut answering => {
-                        break answered.map(|complete| keep_alive && complete);
+                    read = poll_fn(|cx| {
+                        // A buffer let go while the connection was idle is taken again only when
+                        // there is something to read into it.
+                        if buffer.capacity() == 0 {
+                            std::task::ready!(io.poll_idle_ready(cx))?;
+                            buffer = buffers::take();
+                        } else if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
+                            buffer.reserve(READ_SIZE);
+                        }
+                        tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buffer)
+                    }) => match read {
+                        // The client closed, or the idle clock ended the connection. A head cut off
+                        // is left to hyper, which answers it as it always has.
+                        Ok(0) if buffer.is_empty() => return None,
+                        Ok(0) => {
+                            io.unread(buffer.freeze());
+                            return Some((io, handover));
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            // A header timeout was counted (and answered) by the socket wrapper.
+                            if error.kind() != io::ErrorKind::TimedOut {
+                                tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
+                            }
+                            return None;
+                        }
+                    },
+                    (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
+                        gate.rearm();
+                        signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
+                        match signal {
+                            Signal::Lifecycle(Lifecycle::Running) => {}
+                            // Between requests: the next answer is the last.
+                            Signal::Lifecycle(Lifecycle::HandingOver) => activity.close_after_answer(),
+                            Signal::Lifecycle(Lifecycle::Draining | Lifecycle::Closing) => return None,
+                            Signal::Reaped => {
+                                if activity.idle_since().is_some() {
+                                    metrics.refused(Refusal::IdleReaped);
+                                    return None;
+                                }
+                                activity.spared();
+                            }
+                        }
                     }
+                }
+            };
+            // Draining: this answer is the connection's last, whatever its head says.
+            let mut draining = false;
+            // Boxed: the pipeline's future is large, and the connection's task, which lives as long
+            // as the connection, would otherwise be as large for the whole life of an idle one.
+            let mut responding = Box::pin(handle(context, request));
+            let response = loop {
+                if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
+                    buffer.reserve(READ_SIZE);
+                }
+                tokio::select! {
+                    biased;
+                    response = &mut responding => break response,
+                    // Bytes the client sends meanwhile (a pipelined request) wait in the buffer. An end
+                    // means that the client left: its request is dropped, and counted as such.
+                    // Readiness is waited for first: it costs less than a read, and usually nothing
+                    // comes before the answer.
+                    read = async {
+                        std::future::poll_fn(|cx| io.poll_read_ready(cx)).await?;
+                        io.read_buf(&mut buffer).await
+                    }, if buffer.len() < max_header_bytes => match read {
+                        Ok(0) => return None,
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
+                            return None;
+                        }
+                    },
                     (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
                         gate.rearm();
                         signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
@@ -197,24 +181,65 @@ pub(crate) async fn serve(
                         }
                     }
                 }
+            };
+            drop(responding);
+            let answered = {
+                let closing = activity.closing() || draining;
+                // The head is encoded here and only the body's writing is a future: a future is
+                // copied whole when it is made, and one layer fewer is one copy fewer per request.
+                // That future is boxed, as the pipeline's is: in the task, it would make every
+                // idle connection as large as one that writes an answer. The answer's parts are
+                // let go in this block, so that the task keeps no room for them either.
+                let (mut answering, keep_alive) = {
+                    let (parts, body) = response.into_parts();
+                    if outgoing.bytes.capacity() == 0 {
+                        outgoing.bytes = buffers::take();
+                    }
+                    let (framing, keep_alive, trailers) =
+                        encode_head(&parts, &body, &facts, closing, &mut outgoing.bytes);
+                    let writing = write_body(&mut io, &mut outgoing, body, framing, trailers);
+                    (Box::pin(writing), keep_alive)
+                };
+                loop {
+                    tokio::select! {
+                        biased;
+                        // Another request may follow when the head said keep-alive and the body
+                        // was whole.
+                        answered = &mut answering => {
+                            break answered.map(|complete| keep_alive && complete);
+                        }
+                        (signal, lifecycle, activity) = poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => {
+                            gate.rearm();
+                            signals.set(signal_wait(lifecycle, Arc::clone(&activity)));
+                            if busy_signal(signal, &activity, &mut draining) {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            };
+            // An idle connection keeps no buffer, as nginx's do not: the next request, if one comes,
+            // takes one when it arrives. Bytes already read (a pipelined request) are kept.
+            buffers::give(std::mem::take(&mut outgoing.bytes));
+            if outgoing.segments.capacity() > 0 {
+                outgoing.segments = Vec::new();
             }
-        };
-        // A connection that grew a large write buffer for one answer does not keep it idle.
-        if outgoing.bytes.capacity() > READ_SIZE * 4 {
-            outgoing.bytes = BytesMut::new();
-        }
-        match answered {
-            // The head said keep-alive. A handover that began while it was written closes the
-            // connection after the next answer, which says so; draining closes it now.
-            Ok(true) if !draining => {}
-            Ok(_) => {
-                // Best effort: the connection closes whether or not the client hears the FIN.
-                let _ = io.shutdown().await;
-                return None;
+            if buffer.is_empty() {
+                buffers::give(std::mem::take(&mut buffer));
             }
-            Err(error) => {
-                tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
-                return None;
+            match answered {
+                // The head said keep-alive. A handover that began while it was written closes the
+                // connection after the next answer, which says so; draining closes it now.
+                Ok(true) if !draining => {}
+                Ok(_) => {
+                    // Best effort: the connection closes whether or not the client hears the FIN.
+                    let _ = io.shutdown().await;
+                    return None;
+                }
+                Err(error) => {
+                    tracing::debug!(peer = %context.peer, %error, "client connection ended with an error");
+                    return None;
+                }
             }
         }
     }
@@ -464,12 +489,13 @@ enum Framing {
 /// fields the answer needs, as hyper would. Returns the framing, whether the connection stays
 /// open after it, and the trailer fields that may be sent.
 fn encode_head(
-    response: &Response<ResponseBody>,
+    parts: &http::response::Parts,
+    body: &ResponseBody,
     facts: &RequestFacts,
     closing: bool,
     out: &mut BytesMut,
 ) -> (Framing, bool, Option<Vec<HeaderName>>) {
-    let status = response.status();
+    let status = parts.status;
     if !facts.http10 && status == StatusCode::OK {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
@@ -487,7 +513,7 @@ fn encode_head(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let bodiless = facts.head || no_length;
-    let exact = response.body().size_hint().exact();
+    let exact = body.size_hint().exact();
     let mut keep_alive = facts.keep_alive && !closing;
     let mut says_close = false;
     let mut says_keep_alive = false;
@@ -495,13 +521,13 @@ fn encode_head(
     let mut has_length = false;
     let mut declared: Option<u64> = None;
     let mut trailer_names: Option<Vec<HeaderName>> = None;
-    if let Some(raw) = response.body().raw_fields() {
+    if let Some(raw) = body.raw_fields() {
         // The backend's fields, less those the lean client read (framing, `Connection`): written
         // as they came, before those the proxy added to the map.
         raw.write_to(out);
         has_date = raw.has_date;
     }
-    for (name, value) in response.headers() {
+    for (name, value) in &parts.headers {
         if *name == header::CONTENT_LENGTH {
             has_length = true;
             // A HEAD answer keeps the length of what a GET would get; otherwise the body's own
@@ -837,6 +863,7 @@ fn write_trailers(out: &mut BytesMut, names: &[HeaderName], fields: &HeaderMap) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Response;
 
     /// A long answer written in one poll can spend the task's budget before the gate first polls a
     /// new wait; the wait must register the task all the same, or the signal is never heard.
@@ -902,15 +929,10 @@ mod tests {
                 keep_alive: true,
                 trailers: false,
             };
+            let (parts, body) = response.into_parts();
             let (framing, _, trailers) =
-                encode_head(&response, &facts, false, &mut self.outgoing.bytes);
-            write_body(
-                &mut self.io,
-                &mut self.outgoing,
-                response.into_body(),
-                framing,
-                trailers,
-            )
+                encode_head(&parts, &body, &facts, false, &mut self.outgoing.bytes);
+            write_body(&mut self.io, &mut self.outgoing, body, framing, trailers)
         }
     }
 
@@ -1196,7 +1218,8 @@ mod tests {
 
     fn head_of(response: Response<ResponseBody>, facts: RequestFacts) -> (String, Framing, bool) {
         let mut out = BytesMut::new();
-        let (framing, keep_alive, _) = encode_head(&response, &facts, false, &mut out);
+        let (parts, body) = response.into_parts();
+        let (framing, keep_alive, _) = encode_head(&parts, &body, &facts, false, &mut out);
         let text = String::from_utf8(out.to_vec()).expect("ASCII head");
         // The date changes; its presence is what matters.
         let (before, after) = text.split_once("date: ").expect("a date field");

@@ -7,6 +7,7 @@ pub mod acme;
 mod admin;
 mod balance;
 mod body;
+mod buffers;
 pub mod cache;
 pub mod cluster;
 mod conn;

@@ -187,92 +187,108 @@ fn is_transient_peer_error(error: &io::Error) -> bool {
     )
 }
 
-async fn serve_connection(
+/// Serves one accepted connection to its end. (An `async move` block rather than an `async fn`,
+/// which would keep its arguments twice in a task that lives as long as the connection: see
+/// `pipeline::handle`.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     runtime: Arc<ListenerRuntime>,
     slot: Arc<ArcSwap<ListenerRuntime>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     lifecycle: watch::Receiver<Lifecycle>,
-) {
-    let _ = stream.set_nodelay(true);
-    // Owned, so that the runtime itself can be let go once the connection is set up: after a
-    // reload, a long-lived connection must not keep the old config's upstreams (and their health
-    // checks) alive.
-    let metrics = Arc::clone(&runtime.metrics);
-    metrics.connections_open.inc();
-    let _open = OpenConnection(Arc::clone(&metrics));
-    let (peer, replay) = if runtime.config.proxy_protocol {
-        match read_proxy_header(&mut stream, peer, &runtime).await {
-            Ok(found) => found,
+) -> impl Future<Output = ()> {
+    async move {
+        let _ = stream.set_nodelay(true);
+        // Owned, so that the runtime itself can be let go once the connection is set up: after a
+        // reload, a long-lived connection must not keep the old config's upstreams (and their health
+        // checks) alive.
+        let metrics = Arc::clone(&runtime.metrics);
+        metrics.connections_open.inc();
+        let _open = OpenConnection(Arc::clone(&metrics));
+        let (peer, replay) = if runtime.config.proxy_protocol {
+            match read_proxy_header(&mut stream, peer, &runtime).await {
+                Ok(found) => found,
+                Err(reason) => {
+                    metrics.refused(Refusal::ProxyProtocol);
+                    tracing::info!(%peer, reason, "refused a connection without a valid PROXY protocol header");
+                    return;
+                }
+            }
+        } else {
+            (peer, Bytes::new())
+        };
+        // The first layer, before TLS or any parsing. A trusted proxy's connections carry many
+        // clients named in headers: for those, the lists act per request and the per-address cap
+        // does not apply.
+        let client_ip = bouncer_config::canonical_ip(peer.ip());
+        let forwarder = !runtime.config.proxy_protocol && runtime.config.trusts(client_ip);
+        let protection = &runtime.protection;
+        let admitted = if forwarder {
+            Ok(())
+        } else {
+            protection
+                .check_lists(client_ip)
+                .and_then(|()| protection.check_ban(client_ip))
+        }
+        .and_then(|()| protection.admit_connection(client_ip, !forwarder));
+        let _permit = match admitted {
+            Ok(permit) => permit,
             Err(reason) => {
-                metrics.refused(Refusal::ProxyProtocol);
-                tracing::info!(%peer, reason, "refused a connection without a valid PROXY protocol header");
+                metrics.refused(reason);
+                if let Some(suppressed) = protection.may_log_refusal() {
+                    tracing::info!(%peer, reason = reason.label(), suppressed, "connection refused");
+                }
                 return;
             }
+        };
+        let (io, activity) = ClientIo::new(
+            stream,
+            replay,
+            crate::conn::ClientTimeouts {
+                idle: runtime.server.idle_timeout,
+                header: runtime.server.header_timeout,
+                write: runtime.server.write_timeout,
+            },
+            Arc::clone(&metrics),
+        );
+        runtime.protection.register_connection(&activity);
+        if runtime.tls.is_none() {
+            let max_header_bytes = runtime.server.max_header_bytes;
+            drop(runtime);
+            let context = Arc::new(ConnectionContext::new(
+                slot,
+                peer,
+                activity,
+                "http",
+                lifecycle.clone(),
+            ));
+            // Bodiless requests are served by the lean server; the first request it does not take
+            // hands the connection to hyper. Boxed, as TLS is below: most connections never need
+            // it. (Made inside a block, so that the task keeps no room for what the lean server
+            // handed over.)
+            let fallback = {
+                let handed =
+                    crate::h1server::serve(io, &context, &metrics, lifecycle, max_header_bytes)
+                        .await;
+                let Some((io, lifecycle)) = handed else {
+                    return;
+                };
+                Box::pin(serve_http(io, context, &metrics, &builder, lifecycle))
+            };
+            fallback.await;
+        } else {
+            // Boxed: the handshake and the TLS stream would otherwise make every plain connection's
+            // task, which lives as long as the connection, as large as a TLS one's.
+            Box::pin(serve_tls(
+                io, peer, activity, runtime, slot, &builder, lifecycle,
+            ))
+            .await;
         }
-    } else {
-        (peer, Bytes::new())
-    };
-    // The first layer, before TLS or any parsing. A trusted proxy's connections carry many
-    // clients named in headers: for those, the lists act per request and the per-address cap
-    // does not apply.
-    let client_ip = bouncer_config::canonical_ip(peer.ip());
-    let forwarder = !runtime.config.proxy_protocol && runtime.config.trusts(client_ip);
-    let protection = &runtime.protection;
-    let admitted = if forwarder {
-        Ok(())
-    } else {
-        protection
-            .check_lists(client_ip)
-            .and_then(|()| protection.check_ban(client_ip))
-    }
-    .and_then(|()| protection.admit_connection(client_ip, !forwarder));
-    let _permit = match admitted {
-        Ok(permit) => permit,
-        Err(reason) => {
-            metrics.refused(reason);
-            if let Some(suppressed) = protection.may_log_refusal() {
-                tracing::info!(%peer, reason = reason.label(), suppressed, "connection refused");
-            }
-            return;
-        }
-    };
-    let (io, activity) = ClientIo::new(
-        stream,
-        replay,
-        crate::conn::ClientTimeouts {
-            idle: runtime.server.idle_timeout,
-            header: runtime.server.header_timeout,
-            write: runtime.server.write_timeout,
-        },
-        Arc::clone(&metrics),
-    );
-    runtime.protection.register_connection(&activity);
-    if runtime.tls.is_none() {
-        let max_header_bytes = runtime.server.max_header_bytes;
-        drop(runtime);
-        let context = Arc::new(ConnectionContext::new(
-            slot,
-            peer,
-            activity,
-            "http",
-            lifecycle.clone(),
-        ));
-        // Bodiless requests are served by the lean server; the first request it does not take
-        // hands the connection to hyper.
-        if let Some((io, lifecycle)) =
-            crate::h1server::serve(io, &context, &metrics, lifecycle, max_header_bytes).await
-        {
-            serve_http(io, context, &metrics, &builder, lifecycle).await;
-        }
-    } else {
-        // Boxed: the handshake and the TLS stream would otherwise make every plain connection's
-        // task, which lives as long as the connection, as large as a TLS one's.
-        Box::pin(serve_tls(
-            io, peer, activity, runtime, slot, &builder, lifecycle,
-        ))
-        .await;
     }
 }
 
