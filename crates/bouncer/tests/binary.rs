@@ -453,38 +453,67 @@ struct UpgradeLoad {
     failed: AtomicUsize,
     /// Keep-alive connections closed by the proxy after a `Connection: close` answer.
     closed_politely: AtomicUsize,
+    /// HTTP/2 requests that the old process did not take up as it went away, sent again.
+    retried: AtomicUsize,
     stop: std::sync::atomic::AtomicBool,
 }
 
 /// Waits up to 10 s for one answer and counts it: `None` when it failed (a request that was
-/// sent and got no 200), else whether the answer said `Connection: close`.
+/// sent and got no 200), else whether the answer said `Connection: close`. With
+/// `retry_unprocessed`, a request the server never took up (see [`not_processed`]) is counted as
+/// retried rather than failed, and the answer is `Some(true)`: the client moves to a new
+/// connection and sends again, as browsers do.
 async fn count_answer(
     load: &UpgradeLoad,
     response: impl std::future::Future<
         Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>,
     >,
+    retry_unprocessed: bool,
 ) -> Option<bool> {
     let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        let response = response.await.ok()?;
+        let response = match response.await {
+            Ok(response) => response,
+            Err(error) => return Err(retry_unprocessed && not_processed(&error)),
+        };
         let status = response.status();
         let close = response
             .headers()
             .get(http::header::CONNECTION)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
-        response.into_body().collect().await.ok()?;
-        Some((status, close))
+        response.into_body().collect().await.map_err(|_| false)?;
+        Ok((status, close))
     })
     .await;
     match answered {
-        Ok(Some((StatusCode::OK, close))) => {
+        Ok(Ok((StatusCode::OK, close))) => {
             load.ok.fetch_add(1, Ordering::Relaxed);
             Some(close)
+        }
+        Ok(Err(true)) => {
+            load.retried.fetch_add(1, Ordering::Relaxed);
+            Some(true)
         }
         _ => {
             load.failed.fetch_add(1, Ordering::Relaxed);
             None
         }
     }
+}
+
+/// Whether an HTTP/2 request failed before the server took it up, so that the client may send it
+/// again (RFC 9113 section 6.8): hyper never sent it (the connection closed first), or the
+/// server's GOAWAY or a refused stream says that it was not processed.
+fn not_processed(error: &hyper::Error) -> bool {
+    if error.is_canceled() {
+        return true;
+    }
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| match h2.reason() {
+            Some(h2::Reason::REFUSED_STREAM) => true,
+            Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+            _ => false,
+        })
 }
 
 /// A new connection to `proxy`; a refused one is counted as a failure.
@@ -533,7 +562,7 @@ async fn upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>, fr
             .header("host", "app")
             .body(bouncer_testkit::empty())
             .unwrap();
-        match count_answer(&load, current.send_request(request)).await {
+        match count_answer(&load, current.send_request(request), false).await {
             None => return,
             // The proxy said this answer is the connection's last: a client must not send
             // another on it (its own connection task may not have seen the close yet).
@@ -583,11 +612,15 @@ async fn h2_upgrade_client(proxy: SocketAddr, load: std::sync::Arc<UpgradeLoad>)
         let request = Request::get(format!("http://{proxy}/"))
             .body(bouncer_testkit::empty())
             .unwrap();
-        if count_answer(&load, current.send_request(request))
-            .await
-            .is_none()
-        {
-            return;
+        match count_answer(&load, current.send_request(request), true).await {
+            None => return,
+            // Not taken up, as the old process went away: the next request (this one again)
+            // goes on a new connection.
+            Some(true) => {
+                sender = None;
+                load.closed_politely.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(false) => {}
         }
     }
 }
@@ -690,9 +723,10 @@ async fn an_upgrade_under_load_loses_no_request_and_no_connection_attempt() {
         "no request or connection failed"
     );
     eprintln!(
-        "upgrade under load: {} requests answered, {} failed, {} connections told to move on (HTTP/1 Connection: close, HTTP/2 GOAWAY)",
+        "upgrade under load: {} requests answered, {} failed, {} HTTP/2 requests not taken up and sent again, {} connections told to move on (HTTP/1 Connection: close, HTTP/2 GOAWAY)",
         load.ok.load(Ordering::Relaxed),
         load.failed.load(Ordering::Relaxed),
+        load.retried.load(Ordering::Relaxed),
         load.closed_politely.load(Ordering::Relaxed)
     );
     assert!(
