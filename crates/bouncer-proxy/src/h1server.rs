@@ -27,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::body::{ClientBody, LeanFacts, ResponseBody};
+use crate::boxed_in_place;
 use crate::buffers;
 use crate::conn::{ClientIo, ConnectionActivity};
 use crate::error::Refusal;
@@ -150,7 +151,7 @@ pub(crate) fn serve<'a>(
             let mut draining = false;
             // Boxed: the pipeline's future is large, and the connection's task, which lives as long
             // as the connection, would otherwise be as large for the whole life of an idle one.
-            let mut responding = Box::pin(handle(context, request));
+            let mut responding = boxed_in_place(|| handle(context, request));
             let response = loop {
                 if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
                     buffer.reserve(READ_SIZE);
@@ -197,8 +198,10 @@ pub(crate) fn serve<'a>(
                     }
                     let (framing, keep_alive, trailers) =
                         encode_head(&parts, &body, &facts, closing, &mut outgoing.bytes);
-                    let writing = write_body(&mut io, &mut outgoing, body, framing, trailers);
-                    (Box::pin(writing), keep_alive)
+                    let writing = boxed_in_place(|| {
+                        write_body(&mut io, &mut outgoing, body, framing, trailers)
+                    });
+                    (writing, keep_alive)
                 };
                 loop {
                     tokio::select! {
