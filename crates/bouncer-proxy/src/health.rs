@@ -89,7 +89,10 @@ impl BackendHealth {
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > self.millis(now)
+        // Zero: never ejected, the common case, which needs no clock arithmetic (every pick asks
+        // this of each backend it considers).
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > self.millis(now)
     }
 
     /// Sets the active checks' verdict; returns whether it changed. A backend that the checks
