@@ -9,6 +9,7 @@ mod balance;
 mod body;
 mod buffers;
 pub mod cache;
+mod clock;
 pub mod cluster;
 mod conn;
 mod dashboard;

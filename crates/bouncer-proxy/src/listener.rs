@@ -152,14 +152,15 @@ pub(crate) async fn accept_loop(
                 }
                 drop(current);
                 runtime.metrics.connections_accepted.inc();
-                tokio::spawn(serve_connection(
+                // Each poll of a connection's task reads the clock at most once (`clock`).
+                tokio::spawn(crate::clock::OneReadingPerPoll::new(serve_connection(
                     stream,
                     peer,
                     Arc::clone(&runtime),
                     Arc::clone(&slot),
                     Arc::clone(&builder),
                     lifecycle.clone(),
-                ));
+                )));
             }
             Err(error) => {
                 runtime.metrics.accept_errors.inc();

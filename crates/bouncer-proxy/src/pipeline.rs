@@ -97,12 +97,12 @@ pub fn handle(
         // Boxed: it travels with the response body, which stays small to move.
         let mut exchange = Box::new(Exchange {
             _in_flight: in_flight,
-            started: Instant::now(),
+            started: crate::clock::now(),
             request_id: request_id(request.headers(), client.peer_trusted),
             client: client.ip,
             method: request.method().clone(),
             host: None,
-            uri: request.uri().clone(),
+            uri: runtime.access_log.enabled().then(|| request.uri().clone()),
             normalised_path: None,
             status: 0,
             body_progress: None,
@@ -222,8 +222,8 @@ fn forward(
     mut request: Request<ClientBody>,
 ) -> impl Future<Output = Result<Outcome, ProxyError>> {
     async move {
-        // The request's own reference: `exchange` is changed as the request goes on.
-        let runtime = Arc::clone(&exchange.runtime);
+        // Borrowed: only other fields of `exchange` change as the request goes on.
+        let runtime = &exchange.runtime;
         let protection = &runtime.protection;
         if client.peer_trusted {
             // Behind a trusted proxy the client is known only now: the lists act per request, so
@@ -239,7 +239,9 @@ fn forward(
         check_framing(&request)?;
         let host_source = request_host(&request)?;
         let host = normalise_host(host_source.as_str())?;
-        exchange.host = Some(host_source.clone());
+        if runtime.access_log.enabled() {
+            exchange.host = Some(host_source.clone());
+        }
         if let Some(certificate) = &ctx.sni_certificate
             && !host.is_empty()
             && !certificate.covers(host.trim_start_matches('[').trim_end_matches(']'))
@@ -256,13 +258,11 @@ fn forward(
         {
             apply_rule(protection, client.ip, rule, action).await?;
         }
-        let route = Arc::clone(
-            runtime
-                .routes
-                .find(&host, &path)
-                .ok_or(ProxyError::NoRoute)?,
-        );
-        exchange.route = Some(Arc::clone(&route));
+        let route = runtime
+            .routes
+            .find(&host, &path)
+            .ok_or(ProxyError::NoRoute)?;
+        exchange.route = Some(Arc::clone(route));
         if protection.has_rate_limits() {
             let checked = protection
                 .check_rate_limits(&RateSubject {
@@ -346,19 +346,16 @@ fn forward(
             return Err(ProxyError::BodyTooLarge { limit: max_body });
         }
 
-        let path_and_query = if path_changed {
+        // The target to forward when normalising changed it; otherwise the client's is kept.
+        let normalised_target = if path_changed {
             let text = match request.uri().query() {
                 Some(query) => format!("{path}?{query}"),
                 None => path.to_string(),
             };
             exchange.normalised_path = Some(path.into_owned());
-            PathAndQuery::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))?
+            Some(PathAndQuery::try_from(text).map_err(|_| ProxyError::BadRequest("invalid path"))?)
         } else {
-            request
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            None
         };
 
         let websocket = is_websocket_upgrade(&request);
@@ -381,20 +378,22 @@ fn forward(
         }
         // The host as the client sent it; an absolute-form target (or HTTP/2's :authority) names the
         // host, and Host must agree with it.
+        let authority_value;
         let host_header = match &host_source {
-            HostSource::Header(value) => value.clone(),
+            HostSource::Header(value) => value,
             HostSource::Authority(authority) => {
                 let value = HeaderValue::from_str(authority.as_str())
                     .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
                 parts.headers.insert(header::HOST, value.clone());
-                value
+                authority_value = value;
+                &authority_value
             }
         };
         let forwarding = ForwardingFacts {
             client,
             peer: &ctx.peer_header,
             forwarded_for: &ctx.forwarded_for,
-            host: &host_header,
+            host: host_header,
             scheme: ctx.scheme,
             version,
         };
@@ -437,7 +436,10 @@ fn forward(
             _ => !parts.headers.contains_key(header::HOST),
         };
         // Backends get the origin form (`/path?query`); the host travels in `Host`.
-        parts.uri = http::Uri::from(path_and_query);
+        parts.uri = match normalised_target {
+            Some(target) => http::Uri::from(target),
+            None => origin_form(std::mem::take(&mut parts.uri)),
+        };
         parts.version = Version::HTTP_11;
 
         // A request may be sent again after a failure that may have reached the backend only when it
@@ -486,8 +488,8 @@ fn forward(
 
         let request = Request::from_parts(parts, body);
         let dispatch = Dispatch {
-            runtime: &runtime,
-            route: &route,
+            runtime,
+            route,
             secure: ctx.scheme == "https",
             key_hash,
             sticky,
@@ -524,7 +526,8 @@ fn forward(
                 }),
             });
         }
-        let (response, lease) = send_to_backend(&dispatch, &mut exchange.attempt, request).await?;
+        let (response, lease) =
+            send_to_backend(&dispatch, &mut exchange.attempt, Some(request)).await?;
         if let (Some(route_cache), Some((method, host, target))) = (&route.cache, invalidates) {
             crate::cache::invalidate_after(
                 route_cache,
@@ -615,7 +618,9 @@ impl Dispatch<'_> {
 pub(crate) fn send_to_backend(
     dispatch: &Dispatch<'_>,
     attempt: &mut Attempt,
-    mut request: Request<RequestBody>,
+    // An `Option` because it is lent to each attempt and stays here unless hyper's client takes it
+    // (see `Upstream::send`); taken as one, so that the future keeps one slot for it.
+    mut request: Option<Request<RequestBody>>,
 ) -> impl Future<Output = Result<(Response<UpstreamBody>, Lease), ProxyError>> {
     async move {
         let upstream = &dispatch.route.upstream;
@@ -637,10 +642,18 @@ pub(crate) fn send_to_backend(
                 // No other backend to try: the client learns what went wrong with the last one.
                 Err(none_left) => return Err(last_error.unwrap_or(none_left)),
             };
-            let backend = Arc::clone(guard.backend());
+            // Borrowed from the set this loop holds (the slot's guard keeps its own reference for as
+            // long as the answer lasts), so that no reference count is touched for it.
+            let Some(backend) = set.backends.get(backend_index) else {
+                return Err(last_error.unwrap_or(ProxyError::NoBackendAvailable {
+                    upstream: upstream.name.to_string(),
+                }));
+            };
             attempt.backend = Some(Arc::clone(&backend.label));
             attempt.in_flight = Some(guard);
-            if dispatch.host_missing {
+            if dispatch.host_missing
+                && let Some(request) = &mut request
+            {
                 let authority = HeaderValue::from_str(backend.authority.as_str())
                     .map_err(|_| ProxyError::BadRequest("invalid target"))?;
                 request.headers_mut().insert(header::HOST, authority);
@@ -649,8 +662,8 @@ pub(crate) fn send_to_backend(
             let failure = match upstream
                 .send(
                     &set,
-                    &backend,
-                    request,
+                    backend,
+                    &mut request,
                     progress.clone(),
                     dispatch.wire(),
                     picked_at,
@@ -661,23 +674,22 @@ pub(crate) fn send_to_backend(
                     mut response,
                     lease,
                     elapsed: upstream_time,
-                    request: returned,
                 }) => {
                     let status = response.status().as_u16();
                     // The backend's own answer is kept when there is no other backend to ask.
                     let again = (may_retry
                         && upstream.retry_on.retries_status(status)
                         && upstream.any_available(&set, tried | bit(backend_index)))
-                    .then(|| dispatch.again(returned, progress.as_deref()))
+                    .then(|| dispatch.again(request.take(), progress.as_deref()))
                     .flatten();
                     match again {
-                        Some(again) if upstream.take_retry(&backend) => {
+                        Some(again) if upstream.take_retry(backend) => {
                             tracing::debug!(backend = %backend.label, status, "retrying on another backend");
                             // The failed answer is dropped; its connection closes unless it was done.
                             drop((response, lease));
                             // Its slot at the failed backend is freed before another is taken.
                             attempt.in_flight = None;
-                            request = again;
+                            request = Some(again);
                             tried |= bit(backend_index);
                             attempt_number += 1;
                             continue;
@@ -704,11 +716,7 @@ pub(crate) fn send_to_backend(
                 }
                 Err(failure) => failure,
             };
-            let SendFailure {
-                error,
-                request: returned,
-                unsent,
-            } = failure;
+            let SendFailure { error, unsent } = failure;
             if let ProxyError::ResponseTimeout { timeout, .. } = &error {
                 // A backend too slow to answer at all is the slowest answer of all.
                 dispatch
@@ -716,16 +724,12 @@ pub(crate) fn send_to_backend(
                     .protection
                     .observe_backend_latency(*timeout);
             }
-            if may_retry
-                && unsent
-                && let Some(unsent) = returned
-            {
+            if may_retry && unsent && request.is_some() {
                 // It reached no backend, so any request may go to another, and doing so adds no load
                 // to the fleet: such retries are not counted against the budget.
                 tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "sending to another backend");
                 backend.metrics.retries.inc();
                 attempt.in_flight = None;
-                request = unsent;
                 tried |= bit(backend_index);
                 attempt_number += 1;
                 last_error = Some(error);
@@ -740,14 +744,14 @@ pub(crate) fn send_to_backend(
                     _ => false,
                 };
                 retryable
-                    .then(|| dispatch.again(returned, progress.as_deref()))
+                    .then(|| dispatch.again(request.take(), progress.as_deref()))
                     .flatten()
             };
             match next {
-                Some(again) if upstream.take_retry(&backend) => {
+                Some(again) if upstream.take_retry(backend) => {
                     tracing::debug!(backend = %backend.label, error = %ErrorChain(&error), "retrying on another backend");
                     attempt.in_flight = None;
-                    request = again;
+                    request = Some(again);
                     tried |= bit(backend_index);
                     attempt_number += 1;
                     last_error = Some(error);
@@ -861,7 +865,7 @@ fn respond(mut exchange: Box<Exchange>, forwarded: Forwarded) -> Response<Respon
     remove_hop_by_hop(&mut parts.headers, switching);
     // An HTTP/2 backend's answer goes to the client in the client's own version.
     parts.version = Version::HTTP_11;
-    add_proxy_headers(&mut parts.headers, &exchange, incoming.raw_fields_mut());
+    add_proxy_headers(&mut parts.headers, &mut exchange, incoming.raw_fields_mut());
     if let Some(cache_status) = cache_status {
         parts.headers.insert(CACHE_STATUS.clone(), cache_status);
     }
@@ -874,15 +878,34 @@ fn respond(mut exchange: Box<Exchange>, forwarded: Forwarded) -> Response<Respon
 
 static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
 
+/// `uri` in origin form (`/path?query`), which is what backends get: an absolute-form target
+/// (or HTTP/2's) loses its scheme and authority, the host travelling in `Host`.
+fn origin_form(uri: http::Uri) -> http::Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
+    let target = uri
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    http::Uri::from(target)
+}
+
 /// What this proxy adds to every answer it passes on: the request id, and HSTS on a TLS listener
 /// that sets it (unless the answer has its own). An answer whose fields are kept as the bytes read
 /// (`raw`) carries the request id with them.
 fn add_proxy_headers(
     headers: &mut http::HeaderMap,
-    exchange: &Exchange,
+    exchange: &mut Exchange,
     raw: Option<&mut crate::raw_fields::RawFields>,
 ) {
-    let request_id = exchange.request_id.clone();
+    // Only the access log reads the request's id after this: without it, the id moves to the
+    // answer rather than being shared with it.
+    let request_id = if exchange.runtime.access_log.enabled() {
+        exchange.request_id.clone()
+    } else {
+        std::mem::replace(&mut exchange.request_id, HeaderValue::from_static(""))
+    };
     let raw_hsts = match raw {
         Some(raw) => {
             raw.request_id = Some(request_id);
@@ -912,7 +935,7 @@ fn respond_cached(
     answer: crate::cache::CacheAnswer,
 ) -> Response<ResponseBody> {
     let crate::cache::CacheAnswer { mut parts, body } = answer;
-    add_proxy_headers(&mut parts.headers, &exchange, None);
+    add_proxy_headers(&mut parts.headers, &mut exchange, None);
     exchange.status = parts.status.as_u16();
     let body = match body {
         crate::cache::CacheBody::Bytes(bytes) => ResponseBody::fixed(bytes, Some(exchange)),
@@ -1202,8 +1225,9 @@ pub struct Exchange {
     request_id: HeaderValue,
     client: IpAddr,
     method: Method,
+    /// The host and the target, for the access log only: kept when it writes.
     host: Option<HostSource>,
-    uri: http::Uri,
+    uri: Option<http::Uri>,
     normalised_path: Option<String>,
     status: u16,
     body_progress: Option<Arc<BodyProgress>>,
@@ -1237,7 +1261,7 @@ impl Drop for Exchange {
             self.status = CLIENT_CLOSED_REQUEST;
         }
         // One reading of the clock serves the request's duration and the connection's idle clock.
-        let now = Instant::now();
+        let now = crate::clock::now();
         let total = now.saturating_duration_since(self.started);
         self._in_flight.finish_at(now);
         let runtime = &self.runtime;
@@ -1255,7 +1279,8 @@ impl Drop for Exchange {
         let path = self
             .normalised_path
             .as_deref()
-            .unwrap_or_else(|| self.uri.path());
+            .or_else(|| self.uri.as_ref().map(http::Uri::path))
+            .unwrap_or("");
         runtime.access_log.write(&crate::access_log::AccessRecord {
             request_id: self.request_id.to_str().unwrap_or("-"),
             client: self.client,

@@ -349,7 +349,7 @@ impl ConnectionPool {
         }
         idle.lean.push_back(IdleLean {
             connection,
-            since: Instant::now(),
+            since: crate::clock::now(),
         });
     }
 

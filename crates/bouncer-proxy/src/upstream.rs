@@ -80,8 +80,6 @@ pub struct Sent {
     pub lease: Lease,
     /// How long the backend took to answer.
     pub elapsed: Duration,
-    /// The request, when it was only read (a lean exchange): it can be sent again as it is.
-    pub request: Option<Request<RequestBody>>,
 }
 
 /// What is left to the code that writes a request and reads its answer.
@@ -97,8 +95,6 @@ pub struct Wire<'a> {
 /// Why a request got no answer from a backend.
 pub struct SendFailure {
     pub error: ProxyError,
-    /// The request, when it was only read or none of it was sent.
-    pub request: Option<Request<RequestBody>>,
     /// None of the request reached the backend: it may go to another, whatever its method.
     pub unsent: bool,
 }
@@ -466,7 +462,7 @@ impl Upstream {
         sticky: Option<u64>,
         max_in_flight: u32,
     ) -> Option<Picked> {
-        let now = tokio::time::Instant::now();
+        let now = crate::clock::now();
         let usable =
             |index: usize| not_tried(tried, index) && set.backends[index].health.is_available(now);
         let use_backups = !(0..set.backends.len())
@@ -540,60 +536,75 @@ impl Upstream {
         self.tls.is_none() && !self.config.protocol.is_http2()
     }
 
-    /// Sends `request` to `backend` and waits for its response headers. The response clock starts
-    /// once the request body has been sent, so that a slow upload is not mistaken for a slow backend.
-    /// The request comes back when it was only read (a lean exchange), or when none of it was sent.
+    /// Sends the request in `request` to `backend` and waits for its response headers. The
+    /// response clock starts once the request body has been sent, so that a slow upload is not
+    /// mistaken for a slow backend. The request stays in `request` when it was only read (a lean
+    /// exchange), or when none of it was sent; hyper's client takes it otherwise. It is lent rather
+    /// than moved in and out, because every level of the request's future would carry its size.
     /// `wire` says what is left to the code that writes the request and reads the answer.
     /// `started` is a reading of the clock taken just before (when the backend was picked).
-    /// (An `async move` block rather than an `async fn`, which would keep the request twice in
+    /// (An `async move` block rather than an `async fn`, which would keep its arguments twice in
     /// its future: see `pipeline::handle`.)
     #[allow(
         clippy::manual_async_fn,
         reason = "an async fn keeps its arguments twice"
     )]
-    pub fn send(
-        &self,
-        set: &BackendSet,
-        backend: &Backend,
-        mut request: Request<RequestBody>,
+    pub fn send<'a>(
+        &'a self,
+        set: &'a BackendSet,
+        backend: &'a Backend,
+        request: &'a mut Option<Request<RequestBody>>,
         body_progress: Option<Arc<BodyProgress>>,
-        wire: Wire<'_>,
+        wire: Wire<'a>,
         started: tokio::time::Instant,
-    ) -> impl Future<Output = Result<Sent, SendFailure>> {
+    ) -> impl Future<Output = Result<Sent, SendFailure>> + 'a {
         async move {
             backend.metrics.requests.inc();
             let response_timeout = self.response_timeout;
-            // The lean client only reads the request: it stays here, to come back whatever happens.
-            let (result, request) = if backend.pool.takes_lean(&request) {
-                // Without a body the deadline is known now; the lean connection keeps its own clock.
-                let result = backend
-                    .pool
-                    .send_lean(&request, started, started + response_timeout, wire)
-                    .await
-                    .map_err(|(error, unsent)| match error {
-                        SendError::ResponseTimeout => {
-                            (response_timed_out(backend, response_timeout), unsent)
-                        }
-                        error => (classify(error, backend), unsent),
-                    });
-                (result, Some(request))
-            } else {
-                // hyper writes only the map.
-                if let Some(deferred) = wire.deferred {
-                    deferred.put_in(request.headers_mut());
+            let result = match request.take_if(|request| !backend.pool.takes_lean(request)) {
+                None => {
+                    // The caller always lends a request; an empty slot finds no backend to take it.
+                    let Some(lean) = request.as_ref() else {
+                        return Err(SendFailure {
+                            error: ProxyError::NoBackendAvailable {
+                                upstream: self.name.to_string(),
+                            },
+                            unsent: true,
+                        });
+                    };
+                    // Without a body the deadline is known now; the lean connection keeps its own
+                    // clock. The lean client only reads the request.
+                    backend
+                        .pool
+                        .send_lean(lean, started, started + response_timeout, wire)
+                        .await
+                        .map_err(|(error, unsent)| match error {
+                            SendError::ResponseTimeout => {
+                                (response_timed_out(backend, response_timeout), unsent)
+                            }
+                            error => (classify(error, backend), unsent),
+                        })
                 }
-                // Boxed: hyper's exchange and its clock are large, and every request's future would
-                // otherwise carry their size, lean ones too.
-                Box::pin(send_with_hyper(
-                    backend,
-                    request,
-                    body_progress,
-                    started,
-                    response_timeout,
-                ))
-                .await
+                Some(mut owned) => {
+                    // hyper writes only the map.
+                    if let Some(deferred) = wire.deferred {
+                        deferred.put_in(owned.headers_mut());
+                    }
+                    // Boxed: hyper's exchange and its clock are large, and every request's future
+                    // would otherwise carry their size, lean ones too.
+                    let (result, unsent) = Box::pin(send_with_hyper(
+                        backend,
+                        owned,
+                        body_progress,
+                        started,
+                        response_timeout,
+                    ))
+                    .await;
+                    *request = unsent;
+                    result
+                }
             };
-            let elapsed = started.elapsed();
+            let elapsed = crate::clock::now().saturating_duration_since(started);
             if self.tracks_latency {
                 // A failure counts as slow as it took, so that a failing backend is not preferred.
                 backend
@@ -619,7 +630,6 @@ impl Upstream {
                         response,
                         lease,
                         elapsed,
-                        request,
                     })
                 }
                 Err((error, unsent)) => {
@@ -627,11 +637,7 @@ impl Upstream {
                         backend.metrics.failures.inc();
                         self.record_failure(set, backend);
                     }
-                    Err(SendFailure {
-                        error,
-                        request,
-                        unsent,
-                    })
+                    Err(SendFailure { error, unsent })
                 }
             }
         }
@@ -697,6 +703,7 @@ pub struct InFlight {
     queue: Option<Arc<Queue>>,
 }
 
+#[cfg(test)]
 impl InFlight {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend

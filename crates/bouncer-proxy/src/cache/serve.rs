@@ -355,7 +355,7 @@ async fn fetch(
         }
     }
     let request_time = SystemTime::now();
-    let sent = send_to_backend(dispatch, attempt, Request::from_parts(parts, body)).await;
+    let sent = send_to_backend(dispatch, attempt, Some(Request::from_parts(parts, body))).await;
     let response_time = SystemTime::now();
     let (response, lease) = match sent {
         Ok(answer) => answer,
@@ -537,7 +537,7 @@ async fn pass_through(
     request: Request<RequestBody>,
     mut status: CacheStatus,
 ) -> Result<Served, ProxyError> {
-    let (response, lease) = send_to_backend(dispatch, attempt, request).await?;
+    let (response, lease) = send_to_backend(dispatch, attempt, Some(request)).await?;
     status.forward_status = Some(response.status().as_u16());
     Ok(Served::Backend {
         response,
