@@ -403,6 +403,37 @@ impl ClientIo {
         }
     }
 
+    /// The current phase, when its time is up already (by this poll's reading of the clock).
+    fn phase_expired(&self) -> Option<u8> {
+        let (deadline, phase) = self.activity.deadline(&self.timeouts)?;
+        (crate::clock::now() >= deadline).then_some(phase)
+    }
+
+    /// What a read returns when the time of `phase` is up: the connection ends.
+    fn end_phase(&mut self, phase: u8, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if phase == PHASE_STALLED {
+            self.metrics.refused(Refusal::WriteTimeout);
+            tracing::debug!("closing an HTTP/2 connection whose client takes no data");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no data for the write timeout",
+            )));
+        }
+        let http2 = self.activity.is_http2.load(Ordering::Relaxed);
+        if phase == PHASE_HEAD && !http2 && self.head_bytes_seen {
+            self.metrics.refused(Refusal::HeaderTimeout);
+            // Best effort: the socket is about to close whether or not the client reads this.
+            let _ = Pin::new(&mut self.io).poll_write(cx, REQUEST_TIMEOUT_RESPONSE);
+            tracing::debug!("closing a connection whose request headers were too slow");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request headers too slow",
+            )));
+        }
+        // An idle connection (or one that never sent a byte) simply ends, like a clean close.
+        Poll::Ready(Ok(()))
+    }
+
     /// Runs the clock of the current phase; `Ready` means the phase's time is up.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<u8> {
         let Some((deadline, phase)) = self.activity.deadline(&self.timeouts) else {
@@ -437,28 +468,11 @@ impl AsyncRead for ClientIo {
             this.activity.reader.register(cx.waker());
         }
         let waiting_for_request = !this.activity.busy();
-        if let Poll::Ready(phase) = this.poll_deadline(cx) {
-            if phase == PHASE_STALLED {
-                this.metrics.refused(Refusal::WriteTimeout);
-                tracing::debug!("closing an HTTP/2 connection whose client takes no data");
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client took no data for the write timeout",
-                )));
-            }
-            let http2 = this.activity.is_http2.load(Ordering::Relaxed);
-            if phase == PHASE_HEAD && !http2 && this.head_bytes_seen {
-                this.metrics.refused(Refusal::HeaderTimeout);
-                // Best effort: the socket is about to close whether or not the client reads this.
-                let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT_RESPONSE);
-                tracing::debug!("closing a connection whose request headers were too slow");
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "request headers too slow",
-                )));
-            }
-            // An idle connection (or one that never sent a byte) simply ends, like a clean close.
-            return Poll::Ready(Ok(()));
+        // The phase's time is checked before every read, so that a client whose bytes keep coming
+        // cannot outlast it; the timer itself is polled (which registers it) only when the read
+        // has to wait.
+        if let Some(phase) = this.phase_expired() {
+            return this.end_phase(phase, cx);
         }
         if !this.replay.is_empty() {
             let take = this.replay.len().min(buf.remaining());
@@ -469,7 +483,12 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(Ok(()));
         }
         let filled_before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        if Pin::new(&mut this.io).poll_read(cx, buf)?.is_pending() {
+            return match this.poll_deadline(cx) {
+                Poll::Ready(phase) => this.end_phase(phase, cx),
+                Poll::Pending => Poll::Pending,
+            };
+        }
         let read_something = buf.filled().len() > filled_before;
         if !waiting_for_request {
             this.head_bytes_seen = false;
