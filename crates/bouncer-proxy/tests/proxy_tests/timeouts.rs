@@ -23,6 +23,47 @@ async fn a_client_too_slow_with_its_headers_gets_408_and_is_disconnected() {
 }
 
 #[tokio::test]
+async fn a_client_dripping_its_headers_without_pause_still_gets_408_at_the_header_timeout() {
+    let backends = Backend::start_many(1).await;
+    let proxy = TestProxy::for_backends(&backends, "[server]\nheader_timeout = \"300ms\"").await;
+    let stream = TcpStream::connect(proxy.address).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    // Read all along, so that the 408 is taken before the socket is reset by the writes after it.
+    let reply = tokio::spawn(async move {
+        let mut reply = Vec::new();
+        let _ = reader.read_to_end(&mut reply).await;
+        reply
+    });
+    writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Drip: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // A byte every 10 ms for at most 3 s: the head never ends, and the socket never stays quiet
+    // for long, so the header clock must be checked on reads that find data too.
+    let mut cut_off = None;
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if writer.write_all(b"a").await.is_err() {
+            cut_off = Some(started.elapsed());
+            break;
+        }
+    }
+    let reply = tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .expect("the proxy closed the connection")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    let cut_off = cut_off.expect("the proxy let a 3 s drip through a 300 ms header timeout");
+    assert!(
+        cut_off < Duration::from_secs(2),
+        "cut off after {cut_off:?}"
+    );
+    assert_eq!(backends[0].count(), 0);
+}
+
+#[tokio::test]
 async fn an_idle_keep_alive_connection_outlives_the_header_timeout_then_closes_at_the_idle_timeout()
 {
     let backends = Backend::start_many(1).await;
